@@ -1,0 +1,76 @@
+"""The MAR-B/L/H presets: component configs, recommended sampling settings and the paper's numbers.
+
+Sizes are those of LTH14/mar `models/mar.py` (`mar_base`, `mar_large`, `mar_huge`) with the DiffLoss MLP of the
+released checkpoints (README: B 6x1024, L 8x1280, H 12x1536). ImageNet 256x256, KL-16 VAE (16x16x16 latents).
+"""
+
+from __future__ import annotations
+
+import copy
+
+_COMMON_TRANSFORMER = {
+    "sample_size": 16,
+    "patch_size": 1,
+    "in_channels": 16,
+    "mlp_ratio": 4.0,
+    "buffer_size": 64,
+    "num_classes": 1000,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "norm_eps": 1e-6,
+}
+
+MAR_PRESETS: dict[str, dict] = {
+    "mar-base": {
+        "transformer": {**_COMMON_TRANSFORMER, "num_layers": 12, "num_attention_heads": 12, "attention_head_dim": 64},
+        "diffusion_head": {"in_channels": 16, "model_channels": 1024, "condition_channels": 768, "num_res_blocks": 6},
+        "sampling": {"guidance_scale": 2.9, "guidance_schedule": "linear", "temperature": 1.0},
+        "paper": {
+            "num_parameters": 207_924_768,
+            "fid_no_guidance": 3.48,
+            "is_no_guidance": 192.4,
+            "fid": 2.31,
+            "is": 281.7,
+        },
+    },
+    "mar-large": {
+        "transformer": {**_COMMON_TRANSFORMER, "num_layers": 16, "num_attention_heads": 16, "attention_head_dim": 64},
+        "diffusion_head": {"in_channels": 16, "model_channels": 1280, "condition_channels": 1024, "num_res_blocks": 8},
+        "sampling": {"guidance_scale": 3.0, "guidance_schedule": "linear", "temperature": 1.0},
+        "paper": {
+            "num_parameters": 478_326_304,
+            "fid_no_guidance": 2.60,
+            "is_no_guidance": 221.4,
+            "fid": 1.78,
+            "is": 296.0,
+        },
+    },
+    "mar-huge": {
+        "transformer": {**_COMMON_TRANSFORMER, "num_layers": 20, "num_attention_heads": 16, "attention_head_dim": 80},
+        "diffusion_head": {
+            "in_channels": 16,
+            "model_channels": 1536,
+            "condition_channels": 1280,
+            "num_res_blocks": 12,
+        },
+        "sampling": {"guidance_scale": 3.2, "guidance_schedule": "linear", "temperature": 1.0},
+        "paper": {
+            "num_parameters": 942_403_104,
+            "fid_no_guidance": 2.35,
+            "is_no_guidance": 227.8,
+            "fid": 1.55,
+            "is": 303.7,
+        },
+    },
+}
+
+
+def get_preset_config(name: str) -> dict:
+    """A deep copy of a preset: `{"transformer": ..., "diffusion_head": ..., "sampling": ..., "paper": ...}`.
+
+    Build the models with `MARTransformer2DModel.from_config(config["transformer"])` and
+    `MARDiffusionHead.from_config(config["diffusion_head"])`.
+    """
+    if name not in MAR_PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(MAR_PRESETS)}.")
+    return copy.deepcopy(MAR_PRESETS[name])

@@ -1,0 +1,146 @@
+"""MARDiffusionHead: the per-token denoiser of MAR's Diffusion Loss.
+
+Numerics follow LTH14/mar `models/diffloss.py` (`SimpleMLPAdaLN`); the AdaLN modulations of all residual blocks
+and of the final layer are one `Linear`, so a step costs one modulation GEMM instead of one per block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class MARResBlock(nn.Module):
+    """LayerNorm -> AdaLN modulate -> MLP -> gated residual (shift, scale, gate come from outside)."""
+
+    def __init__(self, channels: int, norm_eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=norm_eps)
+        self.linear_1 = nn.Linear(channels, channels, bias=True)
+        self.linear_2 = nn.Linear(channels, channels, bias=True)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x) * (1 + scale) + shift
+        h = self.linear_2(F.silu(self.linear_1(h)))
+        return x + gate * h
+
+
+class MARDiffusionHead(ModelMixin, ConfigMixin):
+    r"""
+    A denoiser for ONE token given its condition: `(sample, timestep, condition) -> (N, 2 * in_channels)`.
+
+    The output is `[eps, v]`: the predicted noise and the learned-range variance interpolation value in `[-1, 1]`
+    (diffusers' `variance_type="learned_range"`).
+
+    Parameters:
+        in_channels (`int`, *optional*, defaults to 16):
+            Values per token (`in_channels * patch_size**2` of the transformer).
+        model_channels (`int`, *optional*, defaults to 1024):
+            Width of the MLP (the original's `diffloss_w`).
+        condition_channels (`int`, *optional*, defaults to 768):
+            Width of the condition, i.e. the transformer's decoder width.
+        num_res_blocks (`int`, *optional*, defaults to 6):
+            Residual AdaLN blocks (the original's `diffloss_d`).
+        out_channels (`int`, *optional*):
+            Output channels; defaults to `2 * in_channels` (noise and learned variance).
+        frequency_embedding_size (`int`, *optional*, defaults to 256):
+            Size of the sinusoidal timestep features (`[cos, sin]`).
+        norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the LayerNorms.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        model_channels: int = 1024,
+        condition_channels: int = 768,
+        num_res_blocks: int = 6,
+        out_channels: int | None = None,
+        frequency_embedding_size: int = 256,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        out_channels = 2 * in_channels if out_channels is None else out_channels
+        self.gradient_checkpointing = False
+
+        self.time_proj = Timesteps(frequency_embedding_size, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(frequency_embedding_size, model_channels, act_fn="silu")
+        self.cond_proj = nn.Linear(condition_channels, model_channels, bias=True)
+        self.proj_in = nn.Linear(in_channels, model_channels, bias=True)
+        self.res_blocks = nn.ModuleList([MARResBlock(model_channels, norm_eps) for _ in range(num_res_blocks)])
+        # (shift, scale, gate) for every block, then (shift, scale) for the final layer.
+        self.adaln_modulation = nn.Linear(model_channels, (3 * num_res_blocks + 2) * model_channels, bias=True)
+        self.norm_out = nn.LayerNorm(model_channels, elementwise_affine=False, eps=norm_eps)
+        self.proj_out = nn.Linear(model_channels, out_channels, bias=True)
+
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The original's initialisation: Xavier linears, N(0, 0.02) timestep MLP, zeroed AdaLN and output."""
+        # As in LTH14/mar models/diffloss.py SimpleMLPAdaLN.initialize_weights.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_embedding.linear_1.weight, std=0.02)
+        nn.init.normal_(self.time_embedding.linear_2.weight, std=0.02)
+        for layer in (self.adaln_modulation, self.proj_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def embed_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """Project the transformer condition (N, D) to (N, model_channels); fixed across the diffusion steps."""
+        return self.cond_proj(condition)
+
+    def embed_timestep(self, timestep: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+        """Timestep embedding: (N, model_channels), or (1, model_channels) for one shared timestep."""
+        timestep = torch.as_tensor(timestep, device=self.proj_in.weight.device)
+        return self.time_embedding(self.time_proj(timestep.reshape(-1)).to(dtype))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int,
+        condition: torch.Tensor | None = None,
+        condition_embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        Predict the noise and the variance value of noisy tokens.
+
+        Args:
+            sample (`torch.Tensor` of shape `(N, in_channels)`):
+                Noisy tokens `x_t`.
+            timestep (`torch.Tensor` of shape `(N,)` or `()`, or `int`):
+                Integer timesteps of the 1000-step training process (0..999). One shared timestep is embedded once.
+            condition (`torch.Tensor` of shape `(N, condition_channels)`, *optional*):
+                The transformer's per-token conditions.
+            condition_embedding (`torch.Tensor` of shape `(N, model_channels)`, *optional*):
+                `embed_condition(condition)`, precomputed once for all diffusion steps. Give exactly one of
+                `condition` and `condition_embedding`.
+
+        Returns:
+            `torch.Tensor` of shape `(N, out_channels)`: `[eps, v]`.
+        """
+        if (condition is None) == (condition_embedding is None):
+            raise ValueError("Pass exactly one of `condition` and `condition_embedding`.")
+        if condition_embedding is None:
+            condition_embedding = self.embed_condition(condition)
+        x = self.proj_in(sample)  # (N, W)
+        y = F.silu(self.embed_timestep(timestep, x.dtype) + condition_embedding)  # (N, W)
+        modulation = self.adaln_modulation(y).chunk(3 * len(self.res_blocks) + 2, dim=-1)
+        for i, block in enumerate(self.res_blocks):
+            shift, scale, gate = modulation[3 * i : 3 * i + 3]
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, shift, scale, gate)
+            else:
+                x = block(x, shift, scale, gate)
+        shift, scale = modulation[-2:]
+        x = self.norm_out(x) * (1 + scale) + shift
+        return self.proj_out(x)  # (N, 2C)

@@ -1,0 +1,3 @@
+from diffusers_mar.pipelines.pipeline_mar import MARPipeline
+
+__all__ = ["MARPipeline"]

@@ -1,0 +1,237 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+
+from diffusers_mar import MARDDPMScheduler, MARPipeline, mask_by_order, mask_schedule
+from diffusers_mar.pipelines.pipeline_mar import guidance_schedule_values
+from tests.testing_utils import (
+    fixture_io,
+    fixture_pipeline,
+    fixture_trace_noise,
+    make_tiny_pipeline,
+    relative_error,
+    requires_fixtures,
+)
+
+FAST = {"num_inference_steps": 4, "num_diffusion_steps": 5}
+
+
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@requires_fixtures
+@pytest.mark.parity
+@pytest.mark.parametrize("case, guidance_scale, temperature", [("sample_cfg3", 3.0, 0.9), ("sample_cfg1", 1.0, 1.0)])
+def test_replayed_sampling_trace_matches_original(case, guidance_scale, temperature):
+    io = fixture_io()
+    pipe = fixture_pipeline()
+    latents = pipe(
+        io[f"{case}.labels"],
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        temperature=temperature,
+        orders=io[f"{case}.orders"],
+        noise=fixture_trace_noise(case, 4),
+        output_type="latent",
+    ).images
+    # Tokens reach ~7e4 (random weights blow up x0 at t = 999), so compare relatively (observed ~5e-7).
+    assert relative_error(latents, io[f"{case}.latents"]) < 1e-5
+    assert relative_error(pipe.transformer.patchify(latents), io[f"{case}.tokens"]) < 1e-5
+
+
+@requires_fixtures
+@pytest.mark.parity
+@pytest.mark.parametrize("num_tokens", [16, 256])
+@pytest.mark.parametrize("num_steps", [1, 4, 8, 16, 64])
+def test_mask_and_guidance_schedules_match_original(num_tokens, num_steps):
+    io = fixture_io()
+    key = f"schedule.L{num_tokens}.iter{num_steps}"
+    if num_steps > num_tokens:
+        pytest.skip("the original crashes for num_iter > seq_len; the pipeline refuses it (tested below)")
+    mask_lens = mask_schedule(num_tokens, num_steps)
+    assert mask_lens == io[f"{key}.mask_len"].int().tolist()
+    unknown, predicted = num_tokens, []
+    for step, mask_len in enumerate(mask_lens):
+        remaining = 0 if step == num_steps - 1 else mask_len
+        predicted.append(unknown - remaining)
+        unknown = remaining
+    assert predicted == io[f"{key}.num_pred"].tolist()
+    for schedule in ("linear", "constant"):
+        values = torch.tensor(guidance_schedule_values(4.0, mask_lens, num_tokens, schedule), dtype=torch.float32)
+        assert torch.equal(values, io[f"{key}.cfg_{schedule}"])
+
+
+def test_mask_by_order_keeps_the_first_entries_unknown():
+    orders = torch.tensor([[3, 0, 2, 1], [1, 2, 3, 0]])
+    assert mask_by_order(2, orders).tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_output_types(output_type):
+    pipe = make_tiny_pipeline()
+    images = pipe([1, 2], generator=_seeded(0), output_type=output_type, **FAST).images
+    if output_type == "pil":
+        assert len(images) == 2 and all(isinstance(im, PIL.Image.Image) for im in images)
+        assert images[0].size == (8, 8) and images[0].mode == "L"
+    elif output_type == "np":
+        assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
+    else:
+        assert images.shape == (2, 1, 8, 8)
+        if output_type == "pt":
+            assert images.min() >= 0 and images.max() <= 1
+
+
+def test_generator_list_equals_single_image_calls():
+    pipe = make_tiny_pipeline()
+    batch = pipe([0, 5, 10], generator=[_seeded(s) for s in (1, 2, 3)], output_type="latent", **FAST).images
+    singles = [
+        pipe([label], generator=_seeded(s), output_type="latent", **FAST).images
+        for label, s in ((0, 1), (5, 2), (10, 3))
+    ]
+    torch.testing.assert_close(batch, torch.cat(singles), rtol=0, atol=1e-5)
+
+
+def test_same_seed_same_images_and_different_seeds_differ():
+    pipe = make_tiny_pipeline()
+    first = pipe([3, 4], generator=_seeded(7), output_type="np", **FAST).images
+    again = pipe([3, 4], generator=_seeded(7), output_type="np", **FAST).images
+    other = pipe([3, 4], generator=_seeded(8), output_type="np", **FAST).images
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_no_guidance_does_not_double_the_batch():
+    pipe = make_tiny_pipeline()
+    batch_sizes = []
+    pipe.transformer.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+    pipe([1, 2], generator=_seeded(0), guidance_scale=1.0, **FAST)
+    assert batch_sizes == [2] * 4
+    batch_sizes.clear()
+    pipe([1, 2], generator=_seeded(0), guidance_scale=2.0, **FAST)
+    assert batch_sizes == [4] * 4
+
+
+def test_save_and_reload_give_identical_images(tmp_path):
+    pipe = make_tiny_pipeline()
+    pipe.register_to_config(id2label={0: "zero, nought", 1: "one"})
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "diffusion_head" / "diffusion_pytorch_model.safetensors").exists()
+    expected = pipe([0, 1], generator=_seeded(3), output_type="np", **FAST).images
+    for loader in (MARPipeline, DiffusionPipeline):
+        loaded = loader.from_pretrained(tmp_path)
+        assert isinstance(loaded, MARPipeline)
+        loaded.set_progress_bar_config(disable=True)
+        np.testing.assert_array_equal(loaded([0, 1], generator=_seeded(3), output_type="np", **FAST).images, expected)
+        assert loaded.get_label_ids(["nought", "one"]) == [0, 1]
+
+
+def test_label_names():
+    pipe = make_tiny_pipeline()
+    with pytest.raises(ValueError, match="id2label"):
+        pipe.get_label_ids(["cat"])
+    pipe = MARPipeline(pipe.transformer, pipe.diffusion_head, pipe.scheduler, id2label={"2": "two, deux"})
+    assert pipe.get_label_ids("deux") == [2]
+    assert pipe.id2label == {2: "two, deux"}
+    with pytest.raises(ValueError, match="unknown names.*'three'"):
+        pipe.get_label_ids(["two", "three"])
+
+
+def _point_mass_head(pipe, value):
+    """Replace the head by the exact denoiser of a point mass at `value`: every sampler must land on it."""
+    alphas_cumprod = torch.from_numpy(MARDDPMScheduler().alphas_cumprod_float64)
+
+    def forward(sample, timestep, condition=None, condition_embedding=None):
+        abar = alphas_cumprod[int(timestep)].float()
+        eps = (sample - abar.sqrt() * value) / (1 - abar).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+    pipe.diffusion_head.forward = forward
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
+def test_other_schedulers_can_be_swapped_in(scheduler_class, tmp_path):
+    pipe = make_tiny_pipeline()
+    pipe.save_pretrained(tmp_path)
+    scheduler = scheduler_class.from_pretrained(tmp_path, subfolder="scheduler")
+    swapped = MARPipeline.from_pretrained(tmp_path, scheduler=scheduler)
+    swapped.set_progress_bar_config(disable=True)
+    _point_mass_head(swapped, 0.25)
+    generator = _seeded(0) if scheduler_class is DDPMScheduler else [_seeded(0), _seeded(1)]
+    latents = swapped(
+        [1, 2][: 1 if scheduler_class is DDPMScheduler else 2], generator=generator, output_type="latent", **FAST
+    ).images
+    assert torch.isfinite(latents).all()
+    torch.testing.assert_close(latents, torch.full_like(latents, 0.25), rtol=0, atol=1e-4)
+    assert swapped.scheduler.config.get("variance_type") == scheduler.config.get("variance_type")  # not mutated
+
+
+def test_stock_ddpm_scheduler_takes_a_single_generator():
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    images = pipe([1], generator=_seeded(0), output_type="latent", **FAST).images
+    again = pipe([1], generator=_seeded(0), output_type="latent", **FAST).images
+    torch.testing.assert_close(images, again, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not a list"):
+        pipe([1, 2], generator=[_seeded(0), _seeded(1)], **FAST)
+    with pytest.raises(ValueError, match="temperature"):
+        pipe([1], generator=_seeded(0), temperature=0.9, **FAST)
+
+
+def test_vae_decodes_scaled_latents():
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        latent_channels=1,
+        norm_num_groups=4,
+        scaling_factor=0.5,
+    ).eval()
+    pipe = make_tiny_pipeline(vae=vae)
+    latents = pipe([1], generator=_seeded(0), output_type="latent", **FAST).images
+    images = pipe([1], generator=_seeded(0), output_type="pt", **FAST).images
+    with torch.no_grad():
+        expected = (vae.decode(latents / 0.5).sample / 2 + 0.5).clamp(0, 1)
+    assert images.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"class_labels": [11]}, r"class_labels.*\[0, 10\]"),
+        ({"class_labels": [-1]}, r"class_labels.*\[0, 10\]"),
+        ({"class_labels": ["cat"]}, "class_labels"),
+        ({"class_labels": [1.5]}, "class_labels"),
+        ({"class_labels": []}, "class_labels"),
+        ({"class_labels": torch.tensor([1.0])}, "class_labels"),
+        ({"num_inference_steps": 0}, r"num_inference_steps.*\[1, 16\]"),
+        ({"num_inference_steps": 17}, r"num_inference_steps.*\[1, 16\]"),
+        ({"num_diffusion_steps": 0}, r"num_diffusion_steps.*\[1, 1000\]"),
+        ({"guidance_scale": -0.5}, "guidance_scale.*>= 0"),
+        ({"guidance_schedule": "cosine"}, r"guidance_schedule.*\('linear', 'constant'\)"),
+        ({"temperature": 0.0}, "temperature.*> 0"),
+        ({"temperature": -1.0}, "temperature.*> 0"),
+        ({"generator": [torch.Generator()]}, "generator.*one generator per image"),
+        ({"output_type": "jpeg"}, r"output_type.*\('pil', 'np', 'pt', 'latent'\)"),
+        ({"orders": torch.zeros(2, 16, dtype=torch.long)}, "orders.*permutations"),
+        ({"noise": [torch.zeros(1)]}, "noise.*one tensor per step"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    pipe = make_tiny_pipeline()
+    arguments = {"class_labels": [1, 2], **FAST, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe(**arguments)
+
+
+def test_num_inference_steps_equal_to_token_count_predicts_one_token_per_step():
+    pipe = make_tiny_pipeline()
+    images = pipe([1], num_inference_steps=16, num_diffusion_steps=2, generator=_seeded(0), output_type="latent")
+    assert torch.isfinite(images.images).all()
+    assert mask_schedule(16, 16)[:-1] == list(range(15, 0, -1))

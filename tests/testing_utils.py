@@ -1,0 +1,112 @@
+"""Tiny configs and fixture loaders shared by the tests."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_DIR = Path(os.environ.get("MAR_FIXTURES_DIR", REPO_ROOT.parent / "shared" / "fixtures" / "mar_tiny"))
+
+requires_fixtures = pytest.mark.skipif(
+    not (FIXTURES_DIR / "io.safetensors").exists(), reason=f"LTH14/mar fixtures not found in {FIXTURES_DIR}"
+)
+
+# The fixture model: LTH14/mar MAR(img_size=64, vae_stride=16, 64 wide, 2+2 blocks, 4 heads, buffer 4, 10 classes).
+FIXTURE_TRANSFORMER_CONFIG = {
+    "sample_size": 4,
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "buffer_size": 4,
+    "num_classes": 10,
+}
+FIXTURE_HEAD_CONFIG = {"in_channels": 16, "model_channels": 64, "condition_channels": 64, "num_res_blocks": 2}
+
+# A tiny pixel-space model: 8x8 single-channel images cut into 2x2 patches (16 tokens of 4 values).
+TINY_PIXEL_TRANSFORMER_CONFIG = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 1,
+    "num_layers": 1,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "buffer_size": 2,
+    "num_classes": 10,
+}
+TINY_PIXEL_HEAD_CONFIG = {"in_channels": 4, "model_channels": 16, "condition_channels": 16, "num_res_blocks": 1}
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Random weights everywhere (the original zero-inits the head's AdaLN and output, which hides code paths)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+    return module
+
+
+def make_tiny_pipeline(seed: int = 0, vae=None, **scheduler_kwargs) -> MARPipeline:
+    """A random tiny pixel-space pipeline (or latent-space if a `vae` is given with matching configs)."""
+    transformer = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG), seed).eval()
+    head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG), seed + 1).eval()
+    pipe = MARPipeline(transformer, head, MARDDPMScheduler(**scheduler_kwargs), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache
+def fixture_io() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES_DIR / "io.safetensors")
+
+
+@lru_cache
+def fixture_checkpoint() -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(FIXTURES_DIR / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+
+
+def fixture_models(weights: str = "model_ema") -> tuple[MARTransformer2DModel, MARDiffusionHead]:
+    """The fixture MAR mapped by the converter's state-dict functions (EMA weights, as the fixtures use)."""
+    from conversion.convert_mar_to_diffusers import convert_mar_state_dict
+
+    transformer_sd, head_sd = convert_mar_state_dict(fixture_checkpoint()[weights])
+    transformer = MARTransformer2DModel(**FIXTURE_TRANSFORMER_CONFIG).eval()
+    head = MARDiffusionHead(**FIXTURE_HEAD_CONFIG).eval()
+    transformer.load_state_dict(transformer_sd, strict=True)
+    head.load_state_dict(head_sd, strict=True)
+    return transformer, head
+
+
+def fixture_pipeline() -> MARPipeline:
+    transformer, head = fixture_models()
+    pipe = MARPipeline(transformer, head, MARDDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fixture_trace_noise(case: str, num_steps: int) -> list[torch.Tensor]:
+    """Recorded x_T and step noises of a `sample_tokens` trace, in the pipeline's `noise` layout."""
+    io = fixture_io()
+    batch_size = io[f"{case}.labels"].shape[0]
+    noise = []
+    for step in range(num_steps):
+        x_t = io[f"{case}.step{step}.x_T"]  # (B * n, C), batch-major rows
+        n = x_t.shape[0] // batch_size
+        step_noise = io[f"{case}.step{step}.noise"][:, : batch_size * n]  # conditional rows only
+        noise.append(torch.cat([x_t[None], step_noise]).reshape(-1, batch_size, n, x_t.shape[1]))
+    return noise
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
