@@ -152,20 +152,40 @@ class MARPipeline(DiffusionPipeline):
         temperature: float,
         generator: torch.Generator | list[torch.Generator] | None,
         output_type: str,
+        latents: torch.Tensor | None,
+        mask: torch.Tensor | None,
         orders: torch.Tensor | None,
         noise: list[torch.Tensor] | None,
-    ) -> None:
+    ) -> int:
+        """Validate the arguments of `__call__`; returns the number of tokens to generate per image."""
         num_classes = self.transformer.config.num_classes
         num_tokens = self.transformer.num_tokens
+        batch_size = len(class_labels)
+        config = self.transformer.config
+        grid_shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        if latents is not None and tuple(latents.shape) != grid_shape:
+            raise ValueError(f"`latents` must have shape {grid_shape}; got {tuple(latents.shape)}.")
+        num_unknown = num_tokens
+        if mask is not None:
+            if tuple(mask.shape) != (batch_size, num_tokens) or not ((mask == 0) | (mask == 1)).all():
+                raise ValueError(f"`mask` must be a ({batch_size}, {num_tokens}) tensor of 0 (keep) and 1 (generate).")
+            counts = mask.sum(dim=1).long().tolist()
+            if len(set(counts)) > 1 or counts[0] == 0:
+                raise ValueError(
+                    f"Every row of `mask` must mark the same number (>= 1) of tokens to generate; got {counts}."
+                )
+            num_unknown = counts[0]
+            if latents is None and num_unknown < num_tokens:
+                raise ValueError("`mask` keeps some tokens, so `latents` must give their values.")
         bad = [label for label in class_labels if not 0 <= label <= num_classes]
         if bad:
             raise ValueError(
                 f"`class_labels` must be in [0, {num_classes}] ({num_classes} = unconditional); got {bad}."
             )
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_tokens:
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_unknown:
             raise ValueError(
-                f"`num_inference_steps` must be an int in [1, {num_tokens}] (one step predicts at least one of the "
-                f"{num_tokens} tokens); got {num_inference_steps!r}."
+                f"`num_inference_steps` must be an int in [1, {num_unknown}] (one step predicts at least one of the "
+                f"{num_unknown} tokens to generate); got {num_inference_steps!r}."
             )
         max_steps = self.scheduler.config.num_train_timesteps
         if not isinstance(num_diffusion_steps, int) or not 1 <= num_diffusion_steps <= max_steps:
@@ -192,6 +212,7 @@ class MARPipeline(DiffusionPipeline):
                 )
         if noise is not None and len(noise) != num_inference_steps:
             raise ValueError(f"`noise` must hold one tensor per step ({num_inference_steps}); got {len(noise)}.")
+        return num_unknown
 
     def _prepare_class_labels(self, class_labels: int | list[int] | torch.Tensor) -> list[int]:
         if isinstance(class_labels, torch.Tensor):
@@ -246,6 +267,8 @@ class MARPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         orders: torch.Tensor | None = None,
         noise: list[torch.Tensor] | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -272,9 +295,15 @@ class MARPipeline(DiffusionPipeline):
                 `"pil"`, `"np"`, `"pt"` or `"latent"` (the token grid `(B, C, H, W)`, scaled latents with a VAE).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Whether to return an [`ImagePipelineOutput`] or a tuple.
+            latents (`torch.Tensor` of shape `(batch, in_channels, sample_size, sample_size)`, *optional*):
+                A starting token grid, in the space of `output_type="latent"`: the values of the tokens that `mask`
+                keeps. They are copied to the output unchanged.
+            mask (`torch.Tensor` of shape `(batch, num_tokens)`, *optional*):
+                1 = generate the token, 0 = keep it from `latents`. Every row must generate the same number of
+                tokens; the mask schedule then runs over those tokens only. Defaults to generating all tokens.
             orders (`torch.LongTensor` of shape `(batch, num_tokens)`, *optional*):
                 Generation orders, one permutation per image; the first entries stay unknown longest. Drawn with
-                `generator` (`torch.randperm`) if not given.
+                `generator` (`torch.randperm`) if not given. With `mask`, kept tokens are moved (stably) to the end.
             noise (`list[torch.Tensor]`, *optional*):
                 Per step `k`, a `(1 + num_diffusion_steps, batch, n_k, C)` tensor: `[0]` the initial noise and
                 `[1 + i]` the noise of diffusion step `i` for the `n_k` tokens predicted at step `k` (raster order).
@@ -287,7 +316,7 @@ class MARPipeline(DiffusionPipeline):
         """
         # 1. Check inputs
         class_labels = self._prepare_class_labels(class_labels)
-        self.check_inputs(
+        num_unknown = self.check_inputs(
             class_labels,
             num_inference_steps,
             num_diffusion_steps,
@@ -296,6 +325,8 @@ class MARPipeline(DiffusionPipeline):
             temperature,
             generator,
             output_type,
+            latents,
+            mask,
             orders,
             noise,
         )
@@ -318,23 +349,29 @@ class MARPipeline(DiffusionPipeline):
                 [torch.randperm(num_tokens, generator=g, device=g.device if g else "cpu") for g in generators]
             )
         orders = orders.to(device=device, dtype=torch.long)
+        if mask is not None:
+            # Tokens to keep go to the end of each order (stable, so the random order of the others is kept).
+            keep = (mask.to(device).gather(1, orders) == 0).to(torch.uint8)
+            orders = orders.gather(1, torch.argsort(keep, dim=1, stable=True))
 
-        # 4. Mask and guidance schedules
-        mask_lens = mask_schedule(num_tokens, num_inference_steps)
+        # 4. Mask and guidance schedules, over the tokens to generate
+        mask_lens = mask_schedule(num_unknown, num_inference_steps)
         guidance = guidance_schedule_values(guidance_scale, mask_lens, num_tokens, guidance_schedule)
 
         # 5. Masked-autoregressive loop; inside it, the diffusion head's scheduler loop
-        tokens = torch.zeros(batch_size, num_tokens, token_dim, device=device)  # (B, L, C), float32 canvas
-        num_unknown = num_tokens
+        if latents is None:
+            tokens = torch.zeros(batch_size, num_tokens, token_dim, device=device)  # (B, L, C), float32 canvas
+        else:
+            tokens = self.transformer.patchify(latents.to(device=device, dtype=torch.float32))
         for step in self.progress_bar(range(num_inference_steps)):
             next_unknown = 0 if step == num_inference_steps - 1 else mask_lens[step]
             # Tokens predicted now: order[next_unknown:num_unknown], in raster order as the original's nonzero().
             predict = orders[:, next_unknown:num_unknown].sort(dim=1).values  # (B, n)
             n = predict.shape[1]
-            mask = mask_by_order(num_unknown, orders)
-            tokens_in, mask_in, predict_in = tokens, mask, predict
+            step_mask = mask_by_order(num_unknown, orders)
+            tokens_in, mask_in, predict_in = tokens, step_mask, predict
             if do_guidance:
-                tokens_in, mask_in, predict_in = (torch.cat([x, x]) for x in (tokens, mask, predict))
+                tokens_in, mask_in, predict_in = (torch.cat([x, x]) for x in (tokens, step_mask, predict))
             condition = self.transformer(
                 tokens_in.to(self.transformer.dtype), mask_in, labels, predict_indices=predict_in
             )  # (B', n, D)

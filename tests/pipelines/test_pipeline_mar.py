@@ -230,6 +230,55 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
         pipe(**arguments)
 
 
+def test_all_generate_mask_equals_the_plain_call():
+    pipe = make_tiny_pipeline()
+    plain = pipe([1, 2], generator=[_seeded(0), _seeded(1)], output_type="latent", **FAST).images
+    masked = pipe(
+        [1, 2], generator=[_seeded(0), _seeded(1)], mask=torch.ones(2, 16), output_type="latent", **FAST
+    ).images
+    torch.testing.assert_close(masked, plain, rtol=0, atol=0)
+
+
+def test_kept_tokens_are_copied_unchanged_and_the_rest_generated():
+    pipe = make_tiny_pipeline()
+    latents = torch.rand(2, 1, 8, 8) * 2 - 1
+    mask = torch.zeros(2, 16)
+    mask[:, 8:] = 1  # generate the bottom half of the 4x4 token grid
+    mask[1, [0, 15]] = 1 - mask[1, [0, 15]]  # the second image keeps a different set, same count
+    out = pipe([3, 4], latents=latents, mask=mask, generator=_seeded(0), output_type="latent", **FAST).images
+    tokens, original = pipe.transformer.patchify(out), pipe.transformer.patchify(latents)
+    keep = mask == 0
+    assert torch.equal(tokens[keep], original[keep])
+    assert (tokens[~keep] - original[~keep]).abs().min() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"latents": torch.zeros(2, 1, 4, 4)}, r"latents.*\(2, 1, 8, 8\)"),
+        ({"mask": torch.ones(2, 15)}, r"mask.*\(2, 16\)"),
+        ({"mask": torch.full((2, 16), 0.5)}, "mask.*0 \\(keep\\) and 1"),
+        ({"mask": torch.zeros(2, 16), "latents": torch.zeros(2, 1, 8, 8)}, "mask.*same number \\(>= 1\\)"),
+        (
+            {
+                "mask": torch.eye(2, 16) + torch.tensor([[0.0] * 15 + [1.0], [0.0] * 16]),
+                "latents": torch.zeros(2, 1, 8, 8),
+            },
+            "mask.*same number",
+        ),
+        ({"mask": torch.cat([torch.ones(2, 3), torch.zeros(2, 13)], 1)}, "latents"),
+        (
+            {"mask": torch.cat([torch.ones(2, 3), torch.zeros(2, 13)], 1), "latents": torch.zeros(2, 1, 8, 8)},
+            r"num_inference_steps.*\[1, 3\]",
+        ),
+    ],
+)
+def test_bad_starting_canvas_raises(kwargs, match):
+    pipe = make_tiny_pipeline()
+    with pytest.raises(ValueError, match=match):
+        pipe([1, 2], **{**FAST, **kwargs})
+
+
 def test_num_inference_steps_equal_to_token_count_predicts_one_token_per_step():
     pipe = make_tiny_pipeline()
     images = pipe([1], num_inference_steps=16, num_diffusion_steps=2, generator=_seeded(0), output_type="latent")
