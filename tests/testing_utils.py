@@ -58,8 +58,10 @@ def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
 
 def make_tiny_pipeline(seed: int = 0, vae=None, **scheduler_kwargs) -> MARPipeline:
     """A random tiny pixel-space pipeline (or latent-space if a `vae` is given with matching configs)."""
-    transformer = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG), seed).eval()
-    head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG), seed + 1).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the initialisation draws from the global RNG
+        transformer = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG), seed).eval()
+        head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG), seed + 1).eval()
     pipe = MARPipeline(transformer, head, MARDDPMScheduler(**scheduler_kwargs), vae=vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -233,8 +233,10 @@ class MARPipeline(DiffusionPipeline):
             )
         return [int(label) for label in class_labels]
 
-    def _head_scheduler(self, temperature: float, generator: torch.Generator | list | None):
-        """The scheduler to run per token, and how to call its `step`."""
+    def _head_scheduler(
+        self, temperature: float, generator: torch.Generator | list | None
+    ) -> tuple[SchedulerMixin, bool, str | None]:
+        """The scheduler to run per token, whether it takes the learned variance, and how it gets its noise."""
         scheduler = self.scheduler
         learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
         keep_variance = learned and isinstance(scheduler, DDPMScheduler)
@@ -253,7 +255,11 @@ class MARPipeline(DiffusionPipeline):
                     f"{scheduler.__class__.__name__} draws its own noise and takes one generator, not a list; pass "
                     "a single `generator` or use MARDDPMScheduler."
                 )
-        return scheduler, keep_variance, step_params
+        if "variance_noise" in step_params:
+            noise_mode = "temperature" if "temperature" in step_params else "variance_noise"
+        else:
+            noise_mode = "generator" if "generator" in step_params else None
+        return scheduler, keep_variance, noise_mode
 
     @torch.no_grad()
     def __call__(
@@ -330,7 +336,7 @@ class MARPipeline(DiffusionPipeline):
             orders,
             noise,
         )
-        scheduler, keep_variance, step_params = self._head_scheduler(temperature, generator)
+        scheduler, keep_variance, noise_mode = self._head_scheduler(temperature, generator)
         device = self._execution_device
         batch_size, num_tokens = len(class_labels), self.transformer.num_tokens
         token_dim = self.transformer.token_dim
@@ -387,14 +393,18 @@ class MARPipeline(DiffusionPipeline):
                 step_noise = noise[step].to(device=device, dtype=torch.float32)
             step_noise = step_noise.reshape(1 + num_diffusion_steps, batch_size * n, token_dim)
 
-            scheduler.set_timesteps(num_diffusion_steps, device=device)
+            # Timesteps stay on the host for the scheduler (no device sync per step); the head gets a device copy.
+            scheduler.set_timesteps(num_diffusion_steps)
+            head_timesteps = scheduler.timesteps.to(device)
             sample = step_noise[0] * scheduler.init_noise_sigma  # (B * n, C), not scaled by temperature
             for i, t in enumerate(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(sample, t)
                 if do_guidance:
                     model_input = torch.cat([model_input, model_input])
                 model_output = self.diffusion_head(
-                    model_input.to(self.diffusion_head.dtype), t, condition_embedding=condition_embedding
+                    model_input.to(self.diffusion_head.dtype),
+                    head_timesteps[i],
+                    condition_embedding=condition_embedding,
                 ).float()  # (B' * n, 2C)
                 if do_guidance:
                     # Guide eps only; keep the conditional rows' variance, as the original's forward_with_cfg.
@@ -403,15 +413,12 @@ class MARPipeline(DiffusionPipeline):
                     model_output = torch.cat([eps, cond[:, token_dim:]], dim=1)
                 if not keep_variance:
                     model_output = model_output[:, :token_dim]
-                step_kwargs = {}
-                if "variance_noise" in step_params:
-                    step_kwargs["variance_noise"] = step_noise[1 + i]
-                    if "temperature" in step_params:
-                        step_kwargs["temperature"] = temperature
-                    else:
-                        step_kwargs["variance_noise"] = step_noise[1 + i] * temperature
-                elif "generator" in step_params:
-                    step_kwargs["generator"] = generator
+                if noise_mode == "temperature":
+                    step_kwargs = {"variance_noise": step_noise[1 + i], "temperature": temperature}
+                elif noise_mode == "variance_noise":
+                    step_kwargs = {"variance_noise": step_noise[1 + i] * temperature}
+                else:
+                    step_kwargs = {"generator": generator} if noise_mode == "generator" else {}
                 sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
 
             tokens = tokens.scatter(1, predict.unsqueeze(-1).expand(-1, -1, token_dim), sample.view(batch_size, n, -1))
