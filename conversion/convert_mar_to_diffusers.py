@@ -762,8 +762,8 @@ def make_model_card(
         paper = MAR_PRESETS[preset_name]["paper"]
         results = (
             "## Results in the paper\n\n"
-            "ImageNet 256x256, 50k samples, `num_inference_steps=256`, EMA weights (Table 4 of the paper and the "
-            "original README):\n\n"
+            "ImageNet 256x256, FID-50K and Inception Score, `num_inference_steps=256`, EMA weights (the paper and "
+            "the original README):\n\n"
             "| model | params | FID (no guidance) | IS (no guidance) | FID (guidance) | IS (guidance) |\n"
             "|---|---:|---:|---:|---:|---:|\n"
             f"| {title} | {paper['num_parameters'] / 1e6:.1f}M | {paper['fid_no_guidance']} | "
@@ -790,6 +790,8 @@ checkpoint `{checkpoint_name}` into a diffusers-mar `MARPipeline` folder.
 
 {results}
 ## Usage
+
+With the `diffusers-mar` package installed:
 
 ```python
 import torch
@@ -868,48 +870,61 @@ def verify_pipeline_folder(
 ) -> dict[str, float]:
     """Reload `folder` with `MARPipeline.from_pretrained` and compare it with the in-memory `pipeline`.
 
-    Checks the stored dtype and runs the transformer, the diffusion head (and the VAE, if any) of both on the same
-    random inputs in float32. Returns the max abs differences; raises `ValueError` if one exceeds `atol`.
+    Checks the stored dtype and the tensors, then runs the transformer, the diffusion head (and the VAE's encoder and
+    decoder, if any) of both on the same random inputs in float32. Returns the max abs output differences; raises
+    `ValueError` if a tensor differs or an output differs by more than `atol`.
     """
     stored = _stored_dtypes(folder)
     if stored != {dtype}:
         raise ValueError(f"Verification failed: the folder stores {sorted(map(str, stored))}, asked for {dtype}.")
-    reloaded = MARPipeline.from_pretrained(folder)  # loads float32 copies of the stored weights
-    reloaded.set_progress_bar_config(disable=True)
+    reloaded = MARPipeline.from_pretrained(folder)  # float32 copies of the stored weights
+    if (pipeline.vae is None) != (reloaded.vae is None):
+        raise ValueError("Verification failed: the VAE was not saved or not reloaded.")
+    names = ["transformer", "diffusion_head"] + (["vae"] if pipeline.vae is not None else [])
+    expected = {name: _float_copy(getattr(pipeline, name)) for name in names}
+    actual = {name: _float_copy(getattr(reloaded, name)) for name in names}
+    changed = [
+        f"{name}.{key}"
+        for name in names
+        for key, value in expected[name].state_dict().items()
+        if not torch.equal(actual[name].state_dict()[key], value)
+    ]
+    if changed:
+        raise ValueError(f"Verification failed: reloaded tensors differ from the converted weights: {changed[:10]}.")
+
     generator = torch.Generator().manual_seed(0)
-    transformer, head = pipeline.transformer, pipeline.diffusion_head
-    batch, num_tokens = 2, transformer.num_tokens
-    tokens = torch.randn(batch, num_tokens, transformer.token_dim, generator=generator)
+    transformer, head = expected["transformer"], expected["diffusion_head"]
+    batch, num_tokens, rows = 2, transformer.num_tokens, 8
     order = torch.rand(batch, num_tokens, generator=generator).argsort(dim=1)
-    mask = torch.zeros(batch, num_tokens).scatter(1, order[:, : max(1, num_tokens // 2)], 1.0)
-    labels = torch.tensor([0, transformer.config.num_classes])  # a class and the unconditional row
-    rows = 8
-    sample = torch.randn(rows, head.config.in_channels, generator=generator)
-    timestep = torch.randint(0, 1000, (rows,), generator=generator)
-    condition = torch.randn(rows, head.config.condition_channels, generator=generator)
+    inputs = {
+        "transformer": (
+            torch.randn(batch, num_tokens, transformer.token_dim, generator=generator),
+            torch.zeros(batch, num_tokens).scatter(1, order[:, : max(1, num_tokens // 2)], 1.0),  # half unknown
+            torch.tensor([0, transformer.config.num_classes]),  # a class and the unconditional row
+        ),
+        "diffusion_head": (
+            torch.randn(rows, head.config.in_channels, generator=generator),
+            torch.randint(0, 1000, (rows,), generator=generator),
+            torch.randn(rows, head.config.condition_channels, generator=generator),
+        ),
+    }
+    calls = {name: lambda model, args: model(*args) for name in inputs}
+    if "vae" in names:
+        config = expected["vae"].config
+        side = 2 ** len(config.block_out_channels)
+        image = torch.rand(1, config.in_channels, side, side, generator=generator) * 2 - 1
+        inputs["vae.encode"], inputs["vae.decode"] = (
+            image,
+            torch.randn(1, config.latent_channels, 2, 2, generator=generator),
+        )
+        calls["vae.encode"] = lambda model, x: model.encode(x).latent_dist.parameters
+        calls["vae.decode"] = lambda model, z: model.decode(z).sample
     diffs = {}
     with torch.no_grad():
-        for name, inputs in (
-            ("transformer", (tokens, mask, labels)),
-            ("diffusion_head", (sample, timestep, condition)),
-        ):
-            expected = _float_copy(getattr(pipeline, name))(*inputs)
-            actual = _float_copy(getattr(reloaded, name))(*inputs)
-            diffs[name] = (actual - expected).abs().max().item()
-        if (pipeline.vae is None) != (reloaded.vae is None):
-            raise ValueError("Verification failed: the VAE was not saved or not reloaded.")
-        if pipeline.vae is not None:
-            vae, reloaded_vae = _float_copy(pipeline.vae), _float_copy(reloaded.vae)
-            side = 2 ** len(vae.config.block_out_channels)
-            image = torch.rand(1, vae.config.in_channels, side, side, generator=generator) * 2 - 1
-            latents = torch.randn(1, vae.config.latent_channels, 2, 2, generator=generator)
-            diffs["vae.encode"] = (
-                (reloaded_vae.encode(image).latent_dist.parameters - vae.encode(image).latent_dist.parameters)
-                .abs()
-                .max()
-                .item()
-            )
-            diffs["vae.decode"] = (reloaded_vae.decode(latents).sample - vae.decode(latents).sample).abs().max().item()
+        for name, call in calls.items():
+            component = name.split(".")[0]
+            output = call(actual[component], inputs[name])
+            diffs[name] = (output - call(expected[component], inputs[name])).abs().max().item()
     bad = {name: diff for name, diff in diffs.items() if not diff <= atol}
     if bad:
         raise ValueError(f"Verification failed: reloaded outputs differ from the converted weights by {bad}.")

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiffusionPipeline
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
@@ -190,6 +190,7 @@ def test_folder_layout_and_model_card_metadata(converted_fixture):
     assert index["diffusion_head"] == ["diffusers_mar", "MARDiffusionHead"]
     assert index["scheduler"] == ["diffusers_mar", "MARDDPMScheduler"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert isinstance(DiffusionPipeline.from_pretrained(converted_fixture), MARPipeline)
     for component in ("transformer", "diffusion_head", "vae"):
         assert (converted_fixture / component / "diffusion_pytorch_model.safetensors").is_file()
     config = json.loads((converted_fixture / "transformer" / "config.json").read_text())
@@ -251,10 +252,16 @@ def test_verification_fails_when_the_folder_differs(converted_fixture):
     }
     with torch.no_grad():
         pipe.diffusion_head.proj_out.bias.add_(1e-3)
-    with pytest.raises(ValueError, match="Verification failed.*diffusion_head"):
+    with pytest.raises(ValueError, match=r"tensors differ .*\['diffusion_head.proj_out.bias'\]"):
         convert.verify_pipeline_folder(converted_fixture, pipe)
     with pytest.raises(ValueError, match=r"stores \['torch.float32'\], asked for torch.float16"):
         convert.verify_pipeline_folder(converted_fixture, pipe, dtype=torch.float16)
+    # Same tensors, other head split (as if the saved config were wrong): the outputs differ.
+    pipe = load_pipeline(converted_fixture)
+    for block in pipe.transformer.encoder_blocks:
+        block.attn.num_heads, block.attn.head_dim = 2, 32
+    with pytest.raises(ValueError, match="reloaded outputs differ from the converted weights by {'transformer'"):
+        convert.verify_pipeline_folder(converted_fixture, pipe)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -605,6 +612,22 @@ def test_untrusted_pickle_needs_trust_checkpoint(tmp_path, capsys):
     assert_nothing_written(tmp_path)
     rc, err = run_main(fixture_argv(tmp_path / "out", "--trust_checkpoint", vae=None, checkpoint=checkpoint), capsys)
     assert rc == 0, err
+
+
+@requires_fixtures
+def test_failed_verification_exits_non_zero_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    from_pretrained = MARPipeline.from_pretrained.__func__
+
+    def reload_with_a_changed_weight(cls, *args, **kwargs):  # as if the saved folder had a wrong tensor
+        pipe = from_pretrained(cls, *args, **kwargs)
+        with torch.no_grad():
+            pipe.transformer.mask_token.add_(1e-2)  # a constant shift: invisible after the LayerNorms
+        return pipe
+
+    monkeypatch.setattr(MARPipeline, "from_pretrained", classmethod(reload_with_a_changed_weight))
+    rc, err = run_main(fixture_argv(tmp_path / "out", "--verify", vae=None), capsys)
+    assert rc == 1 and "reloaded tensors differ from the converted weights: ['transformer.mask_token']" in err
+    assert_nothing_written(tmp_path)
 
 
 @requires_fixtures
