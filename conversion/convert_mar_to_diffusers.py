@@ -836,15 +836,28 @@ License: MIT, as the original code and weights.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing non-empty output folder (or a file) unless `overwrite`."""
+def check_output_dir(
+    output_dir: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike | None, ...] = ()
+) -> Path:
+    """Refuse an existing non-empty output folder (or a file) unless `overwrite`.
+
+    Even with `overwrite`, a folder that holds the current directory or one of the `inputs` is never replaced.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"`--output_dir` {str(output_dir)!r} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"`--output_dir` {str(output_dir)!r} exists and is not empty; pass `--overwrite` to replace it."
-        )
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"`--output_dir` {str(output_dir)!r} exists and is not empty; pass `--overwrite` to replace it."
+            )
+        resolved = output_dir.resolve()
+        protected = [Path.cwd(), *(Path(path) for path in inputs if path is not None)]
+        if any(path.resolve().is_relative_to(resolved) for path in protected):
+            raise FileExistsError(
+                f"`--output_dir` {str(output_dir)!r} holds the current folder or an input file; `--overwrite` would "
+                "delete it. Choose a new folder."
+            )
     return output_dir
 
 
@@ -938,6 +951,7 @@ def save_pipeline_folder(
     safe_serialization: bool = True,
     overwrite: bool = False,
     verify_dtype: torch.dtype | None = None,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
 ) -> Path:
     """Save `pipeline` and its model card to `output_dir`, atomically.
 
@@ -945,7 +959,7 @@ def save_pipeline_folder(
     to `output_dir` only at the end, so a failure leaves no half-written folder; with `overwrite` the previous folder
     is replaced only once the new one is complete.
     """
-    output_dir = check_output_dir(output_dir, overwrite).resolve()
+    output_dir = check_output_dir(output_dir, overwrite, inputs).resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     old_dir = None
@@ -1038,7 +1052,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def convert(args: argparse.Namespace) -> Path:
     """Run the conversion described by the parsed command-line `args`; returns the output folder."""
     # 1. Check the output folder before any heavy work
-    check_output_dir(args.output_dir, args.overwrite)
+    inputs = (args.checkpoint_path, args.vae_path, args.id2label_path)
+    check_output_dir(args.output_dir, args.overwrite, inputs)
     dtype = DTYPES[args.dtype]
 
     # 2. Load the original checkpoint and choose the weights
@@ -1102,6 +1117,7 @@ def convert(args: argparse.Namespace) -> Path:
         safe_serialization=args.safe_serialization,
         overwrite=args.overwrite,
         verify_dtype=dtype if args.verify else None,
+        inputs=inputs,
     )
     num_parameters = sum(p.numel() for p in transformer.parameters()) + sum(p.numel() for p in head.parameters())
     print(

@@ -546,7 +546,7 @@ def test_checkpoint_without_ema_needs_use_non_ema(tmp_path, capsys):
 
 
 @requires_fixtures
-def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys):
+def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")
     rc, err = run_main(fixture_argv(tmp_path / "out", vae=None), capsys)
@@ -558,6 +558,14 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys):
     assert not (tmp_path / "out" / "keep.txt").exists()
     assert (tmp_path / "out" / "model_index.json").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+    # --overwrite never replaces a folder that holds an input file or the current folder.
+    checkpoint = save_checkpoint(tmp_path / "out" / "checkpoint-last.pth", **fixture_checkpoint())
+    rc, err = run_main(fixture_argv(tmp_path / "out", "--overwrite", vae=None, checkpoint=checkpoint), capsys)
+    assert rc == 1 and "holds the current folder or an input file" in err and checkpoint.is_file()
+    monkeypatch.chdir(tmp_path / "out")
+    rc, err = run_main(fixture_argv(pathlib.Path("."), "--overwrite", vae=None), capsys)
+    assert rc == 1 and "holds the current folder or an input file" in err
+    assert (tmp_path / "out" / "model_index.json").is_file()
     (tmp_path / "empty").mkdir()  # an empty folder is fine
     rc, err = run_main(fixture_argv(tmp_path / "empty", vae=None), capsys)
     assert rc == 0, err
