@@ -1,0 +1,432 @@
+"""Sampling speed and memory: diffusers-mar `MARPipeline` against the official LTH14/mar `sample_tokens`.
+
+Both run the same weights (a random initialisation of a preset in the original layout, converted with our converter)
+and the same settings, side by side in one run; each measurement runs in a fresh subprocess so that peak memory is its
+own. Reports images/s, peak memory, the ratio, and where the time goes (encoder, decoder, diffusion head + scheduler).
+
+    pip install timm==0.9.12 --no-deps      # the official code's only extra dependency (torchvision is stubbed)
+    python benchmarks/bench_sampling.py --original-repo /path/to/LTH14/mar [--model mar-base] [--write-docs]
+
+Without `--original-repo` only ours is timed. Defaults: CPU float32, batch 1 and 8, 16 x 25 steps, guidance 3.0;
+on CUDA also batch 64 and 64 x 100 steps (`--dtype bfloat16` for mixed precision). `--check-equal` replays the
+official run's random draws through our pipeline and reports the largest relative difference of the tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from conversion.convert_mar_to_diffusers import (  # noqa: E402
+    convert_diffusers_to_mar_state_dict,
+    convert_mar_state_dict,
+)
+from diffusers_mar import (  # noqa: E402
+    MARDDPMScheduler,
+    MARDiffusionHead,
+    MARPipeline,
+    MARTransformer2DModel,
+    get_preset_config,
+)
+
+ORIGINAL_FACTORIES = {"mar-base": "mar_base", "mar-large": "mar_large", "mar-huge": "mar_huge"}
+DOCS_BEGIN = "<!-- bench_sampling:begin -->"
+DOCS_END = "<!-- bench_sampling:end -->"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--original-repo", type=Path, help="LTH14/mar checkout (commit fe470ac).")
+    parser.add_argument("--model", default="mar-base", choices=sorted(ORIGINAL_FACTORIES))
+    parser.add_argument("--batch-sizes", type=int, nargs="+")
+    parser.add_argument("--num-inference-steps", type=int, nargs="+")
+    parser.add_argument("--num-diffusion-steps", type=int, nargs="+")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--check-equal", action="store_true", help="Replay the official draws through ours.")
+    parser.add_argument("--output-json", type=Path)
+    parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
+    parser.add_argument("--worker", choices=["ours", "official", "check"], help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = args.device == "cuda"
+    args.batch_sizes = args.batch_sizes or ([1, 8, 64] if on_gpu else [1, 8])
+    args.num_inference_steps = args.num_inference_steps or ([16, 64] if on_gpu else [16])
+    args.num_diffusion_steps = args.num_diffusion_steps or ([25, 100] if on_gpu else [25])
+    if (args.worker in ("official", "check") or args.check_equal) and args.original_repo is None:
+        parser.error("--check-equal and the official timings need --original-repo.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights: one random initialisation in the original layout, shared by every measurement.
+
+
+def make_original_weights(args: argparse.Namespace, path: Path) -> None:
+    preset = get_preset_config(args.model)
+    torch.manual_seed(0)
+    if args.original_repo is not None:
+        mar = _original_module(args)
+        model = _original_model(mar, args.model, num_sampling_steps=25)
+        state_dict = model.state_dict()
+    else:
+        transformer = MARTransformer2DModel.from_config(preset["transformer"])
+        head = MARDiffusionHead.from_config(preset["diffusion_head"])
+        state_dict = convert_diffusers_to_mar_state_dict(transformer.state_dict(), head.state_dict())
+    # The original zero-initialises the head's AdaLN and output layers; random values keep every path busy.
+    generator = torch.Generator().manual_seed(1)
+    for key, value in state_dict.items():
+        if key.startswith("diffloss."):
+            value.add_(torch.randn(value.shape, generator=generator) * 0.02)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+
+
+def _original_module(args: argparse.Namespace):
+    from benchmarks.original_mar import load_original_mar
+
+    return load_original_mar(args.original_repo)
+
+
+def _original_model(mar, preset_name: str, num_sampling_steps: int):
+    head = get_preset_config(preset_name)["diffusion_head"]
+    factory = getattr(mar, ORIGINAL_FACTORIES[preset_name])
+    return factory(
+        buffer_size=64,
+        diffloss_d=head["num_res_blocks"],
+        diffloss_w=head["model_channels"],
+        num_sampling_steps=str(num_sampling_steps),
+    ).eval()
+
+
+def _load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARPipeline:
+    preset = get_preset_config(args.model)
+    transformer_sd, head_sd = convert_mar_state_dict(load_file(str(args.weights)))
+    with torch.device("meta"):
+        transformer = MARTransformer2DModel.from_config(preset["transformer"])
+        head = MARDiffusionHead.from_config(preset["diffusion_head"])
+    # Real (resident) tensors, so that peak memory measures sampling, not pages of a memory-mapped file.
+    transformer, head = transformer.to_empty(device="cpu"), head.to_empty(device="cpu")
+    transformer.load_state_dict(transformer_sd, strict=True)
+    head.load_state_dict(head_sd, strict=True)
+    pipe = MARPipeline(transformer.eval(), head.eval(), MARDDPMScheduler()).to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing helpers.
+
+
+class Timer:
+    """Accumulates wall time of named sections; synchronises CUDA at the edges."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self._starts: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self, name: str) -> None:
+        self._starts[name] = self._now()
+
+    def stop(self, name: str) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + self._now() - self._starts.pop(name)
+
+    def wrap(self, name: str, fn):
+        def wrapped(*args, **kwargs):
+            self.start(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stop(name)
+
+        return wrapped
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def _measure_memory(device: str, result: dict):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield
+        result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        result["memory_kind"] = "CUDA max_memory_allocated above the weights"
+        return
+    # CPU: poll the resident set while sampling runs (ru_maxrss would include the weight loading).
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def poll():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss_mb())
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    result["peak_memory_mb"] = max(peak[0], _rss_mb()) - base
+    result["memory_kind"] = "peak RSS above the loaded weights"
+
+
+def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
+    device, dtype = args.device, getattr(torch, args.dtype)
+    pipe = _load_ours(args, device, dtype)
+    timer = Timer(device)
+    transformer = pipe.transformer
+    transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
+    transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
+    transformer.proj_in.register_forward_pre_hook(lambda *a: timer.start("encoder"))
+    transformer.encoder_norm.register_forward_hook(lambda *a: timer.stop("encoder"))
+    labels = [i % 1000 for i in range(batch_size)]
+    call = {
+        "num_inference_steps": steps,
+        "num_diffusion_steps": diffusion_steps,
+        "guidance_scale": args.guidance_scale,
+        "output_type": "latent",
+    }
+    if device == "cuda":  # warm-up: kernels, allocator
+        pipe(labels, generator=torch.Generator().manual_seed(1), **{**call, "num_inference_steps": 2})
+        timer.totals.clear()
+    result: dict = {}
+    with _measure_memory(device, result):
+        timer.start("total")
+        pipe(labels, generator=torch.Generator().manual_seed(0), **call)
+        timer.stop("total")
+    return _summarise(timer.totals, batch_size, result)
+
+
+def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
+    device = args.device
+    mar = _original_module(args)
+    model = _original_model(mar, args.model, diffusion_steps)
+    model.load_state_dict(load_file(str(args.weights)), strict=True)
+    model.to(device)
+    timer = Timer(device)
+    model.forward_mae_encoder = timer.wrap("encoder", model.forward_mae_encoder)
+    model.forward_mae_decoder = timer.wrap("decoder", model.forward_mae_decoder)
+    labels = torch.tensor([i % 1000 for i in range(batch_size)], device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
+    if device == "cuda":
+        with torch.no_grad(), autocast:
+            model.sample_tokens(batch_size, num_iter=2, cfg=args.guidance_scale, labels=labels)
+        timer.totals.clear()
+    np.random.seed(0)
+    torch.manual_seed(0)
+    result: dict = {}
+    with _measure_memory(device, result), torch.no_grad(), autocast:
+        timer.start("total")
+        model.sample_tokens(batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels)
+        timer.stop("total")
+    totals = dict(timer.totals)
+    totals["transformer"] = totals.get("encoder", 0.0) + totals.get("decoder", 0.0)
+    return _summarise(totals, batch_size, result)
+
+
+def _summarise(totals: dict[str, float], batch_size: int, result: dict) -> dict:
+    total = totals["total"]
+    encoder = totals.get("encoder", 0.0)
+    transformer = totals.get("transformer", 0.0)
+    result.update(
+        seconds=total,
+        images_per_second=batch_size / total,
+        encoder_seconds=encoder,
+        decoder_seconds=transformer - encoder,
+        head_seconds=total - transformer,
+    )
+    return result
+
+
+def run_check(args: argparse.Namespace) -> dict:
+    """Record the official run's random draws, replay them through ours, compare the final tokens."""
+    mar = _original_module(args)
+    batch_size, steps, diffusion_steps = 2, 4, 5
+    model = _original_model(mar, args.model, diffusion_steps)
+    model.load_state_dict(load_file(str(args.weights)), strict=True)
+    orders, x_t, step_noise = [], [], []
+    shuffle, randn, randn_like = np.random.shuffle, torch.randn, torch.randn_like
+
+    def recording_shuffle(array):
+        shuffle(array)
+        orders.append(np.array(array))
+
+    def recording_randn(*shape, **kwargs):
+        out = randn(*shape, **kwargs)
+        x_t.append(out.clone())
+        step_noise.append([])
+        return out
+
+    def recording_randn_like(tensor, **kwargs):
+        out = randn_like(tensor, **kwargs)
+        step_noise[-1].append(out.clone())
+        return out
+
+    labels = torch.tensor([3, 207])
+    np.random.seed(0)
+    torch.manual_seed(0)
+    np.random.shuffle, torch.randn, torch.randn_like = recording_shuffle, recording_randn, recording_randn_like
+    try:
+        with torch.no_grad():
+            expected = model.sample_tokens(batch_size, num_iter=steps, cfg=args.guidance_scale, labels=labels)
+    finally:
+        np.random.shuffle, torch.randn, torch.randn_like = shuffle, randn, randn_like
+
+    noise = []
+    for x0, draws in zip(x_t, step_noise):
+        n = x0.shape[0] // batch_size
+        stacked = torch.stack([draw[: x0.shape[0]] for draw in draws])  # conditional rows only
+        noise.append(torch.cat([x0[None], stacked]).reshape(1 + diffusion_steps, batch_size, n, -1))
+    pipe = _load_ours(args, "cpu", torch.float32)
+    actual = pipe(
+        labels,
+        num_inference_steps=steps,
+        num_diffusion_steps=diffusion_steps,
+        guidance_scale=args.guidance_scale,
+        orders=torch.from_numpy(np.stack(orders)),
+        noise=noise,
+        output_type="latent",
+    ).images
+    difference = ((actual - expected).abs().max() / expected.abs().max()).item()
+    return {"max_relative_difference": difference, "setting": "batch 2, 4 x 5 steps, guidance on, float32 CPU"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver: one subprocess per measurement.
+
+
+def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
+    command = [sys.executable, __file__, "--worker", worker, "--weights", str(args.weights)]
+    command += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
+    command += ["--guidance-scale", str(args.guidance_scale)] + extra
+    if args.original_repo is not None:
+        command += ["--original-repo", str(args.original_repo)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _machine(args: argparse.Namespace) -> str:
+    if args.device == "cuda":
+        return f"{torch.cuda.get_device_name()} ({args.dtype}), torch {torch.__version__}"
+    threads = args.threads or torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads, {args.dtype}, torch {torch.__version__}"
+
+
+def _table(rows: list[dict], have_official: bool) -> str:
+    header = "| batch | steps (outer x inner) | ours img/s | ours peak MB |"
+    rule = "|---:|---|---:|---:|"
+    if have_official:
+        header += " official img/s | official peak MB | speed-up |"
+        rule += "---:|---:|---:|"
+    header += " ours: encoder / decoder / head+scheduler (s) |"
+    rule += "---|"
+    if have_official:
+        header += " official: encoder / decoder / head+sampler (s) |"
+        rule += "---|"
+    lines = [header, rule]
+    for row in rows:
+        ours, official = row["ours"], row.get("official")
+        line = f"| {row['batch_size']} | {row['steps']} x {row['diffusion_steps']} | {ours['images_per_second']:.3f} | {ours['peak_memory_mb']:.0f} |"
+        if official:
+            ratio = ours["images_per_second"] / official["images_per_second"]
+            line += f" {official['images_per_second']:.3f} | {official['peak_memory_mb']:.0f} | {ratio:.2f}x |"
+        line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**ours)
+        if official:
+            line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**official)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_docs(section: str) -> None:
+    path = REPO_ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{DOCS_BEGIN}\n{section}\n{DOCS_END}"
+    if DOCS_BEGIN in text:
+        before, rest = text.split(DOCS_BEGIN, 1)
+        text = before + block + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker is not None:
+        if args.worker == "check":
+            result = run_check(args)
+        else:
+            run = run_ours if args.worker == "ours" else run_official
+            result = run(args, args.batch_sizes[0], args.num_inference_steps[0], args.num_diffusion_steps[0])
+        print(json.dumps(result))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.weights = Path(tmp) / "weights.safetensors"
+        make_original_weights(args, args.weights)
+        have_official = args.original_repo is not None
+        rows = []
+        for steps in args.num_inference_steps:
+            for diffusion_steps in args.num_diffusion_steps:
+                for batch_size in args.batch_sizes:
+                    setting = ["--batch-sizes", str(batch_size), "--num-inference-steps", str(steps)]
+                    setting += ["--num-diffusion-steps", str(diffusion_steps)]
+                    row = {"batch_size": batch_size, "steps": steps, "diffusion_steps": diffusion_steps}
+                    if have_official:
+                        row["official"] = _spawn(args, "official", setting)
+                    row["ours"] = _spawn(args, "ours", setting)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        check = _spawn(args, "check", []) if args.check_equal else None
+
+    command = "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {_machine(args)}. Guidance {args.guidance_scale} (linear).\n"
+    section += f"Command: `{command}`\n\n{_table(rows, have_official)}\n"
+    if check:
+        section += f"\nEquality: replaying the official draws ({check['setting']}), max |ours - official| / max |official| = {check['max_relative_difference']:.1e}.\n"
+    print(section)
+    if args.output_json:
+        args.output_json.write_text(json.dumps({"rows": rows, "check": check, "machine": _machine(args)}, indent=2))
+    if args.write_docs:
+        write_docs(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
