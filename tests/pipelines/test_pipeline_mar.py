@@ -342,3 +342,13 @@ def test_inductor_compiled_head_matches_eager():
     pipe.diffusion_head.compile(fullgraph=True)
     actual = pipe([1, 2], generator=_seeded(0), output_type="latent", **FAST).images
     assert relative_error(actual, expected) < 1e-5
+
+
+def test_model_cpu_offload_hooks_give_the_same_images():
+    # No accelerator here: offloading "to" the CPU still installs and runs accelerate's hooks, with the head excluded.
+    pipe = make_tiny_pipeline()
+    expected = pipe([1, 2], generator=_seeded(0), output_type="latent", **FAST).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.transformer, "_hf_hook") and not hasattr(pipe.diffusion_head, "_hf_hook")
+    actual = pipe([1, 2], generator=_seeded(0), output_type="latent", **FAST).images
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
