@@ -7,6 +7,7 @@ from diffusers_mar.configs import MAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline, mask_by_order, mask_schedule
+from diffusers_mar.pipelines.pipeline_mar_inpaint import MARInpaintPipeline
 from diffusers_mar.schedulers.scheduling_ddpm_mar import MARDDPMScheduler
 
 __version__ = "0.1.0"
@@ -14,10 +15,10 @@ __version__ = "0.1.0"
 # `save_pretrained` writes ["<class.__module__>", "<class name>"] into model_index.json and `from_pretrained` looks
 # the class and its diffusers base (ModelMixin, SchedulerMixin, DiffusionPipeline) up as attributes of that module.
 # Public classes therefore live at `diffusers_mar.<ClassName>`, so folders name ["diffusers_mar", "<ClassName>"].
-for _cls in (MARTransformer2DModel, MARDiffusionHead, MARDDPMScheduler, MARPipeline):
+for _cls in (MARTransformer2DModel, MARDiffusionHead, MARDDPMScheduler, MARPipeline, MARInpaintPipeline):
     _cls.__module__ = __name__
 # `DiffusionPipeline.from_pretrained` resolves the `_class_name` of model_index.json in the diffusers namespace.
-for _cls in (MARPipeline,):
+for _cls in (MARPipeline, MARInpaintPipeline):
     setattr(diffusers, _cls.__name__, _cls)
 del _cls
 
@@ -25,6 +26,7 @@ __all__ = [
     "MAR_PRESETS",
     "MARDDPMScheduler",
     "MARDiffusionHead",
+    "MARInpaintPipeline",
     "MARPipeline",
     "MARTransformer2DModel",
     "get_preset_config",

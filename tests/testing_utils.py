@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel
@@ -54,6 +55,23 @@ def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
         for param in module.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * std)
     return module
+
+
+def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A random KL VAE for the tiny configs: 16x16 RGB images <-> 8x8 one-channel latents, scaling factor 0.5."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 8),
+            latent_channels=1,
+            norm_num_groups=4,
+            scaling_factor=0.5,
+        )
+    return vae.eval()
 
 
 def make_tiny_pipeline(seed: int = 0, vae=None, **scheduler_kwargs) -> MARPipeline:

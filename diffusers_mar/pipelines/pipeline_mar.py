@@ -261,6 +261,19 @@ class MARPipeline(DiffusionPipeline):
             noise_mode = "generator" if "generator" in step_params else None
         return scheduler, keep_variance, noise_mode
 
+    def _decode_latents(self, latents: torch.Tensor, output_type: str):
+        """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`."""
+        if output_type == "latent":
+            return latents
+        if self.vae is not None:
+            latents = latents / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None):
+                latents = latents + self.vae.config.shift_factor
+            image = self.vae.decode(latents.to(self.vae.dtype)).sample
+        else:
+            image = latents  # pixel space: tokens are pixels in [-1, 1]
+        return self.image_processor.postprocess(image.float(), output_type=output_type)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -425,17 +438,7 @@ class MARPipeline(DiffusionPipeline):
             num_unknown = next_unknown
 
         # 6. Decode
-        latents = self.transformer.unpatchify(tokens)  # (B, C, H, W)
-        if output_type == "latent":
-            image = latents
-        elif self.vae is not None:
-            latents = latents / self.vae.config.scaling_factor
-            if getattr(self.vae.config, "shift_factor", None):
-                latents = latents + self.vae.config.shift_factor
-            image = self.vae.decode(latents.to(self.vae.dtype)).sample
-        else:
-            image = latents  # pixel space: tokens are pixels in [-1, 1]
-        image = self.image_processor.postprocess(image.float(), output_type=output_type)
+        image = self._decode_latents(self.transformer.unpatchify(tokens), output_type)  # from (B, C, H, W)
 
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -2,7 +2,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 
 from diffusers_mar import MARDDPMScheduler, MARPipeline, mask_by_order, mask_schedule
 from diffusers_mar.pipelines.pipeline_mar import guidance_schedule_values
@@ -11,6 +11,7 @@ from tests.testing_utils import (
     fixture_pipeline,
     fixture_trace_noise,
     make_tiny_pipeline,
+    make_tiny_vae,
     relative_error,
     requires_fixtures,
 )
@@ -182,16 +183,7 @@ def test_stock_ddpm_scheduler_takes_a_single_generator():
 
 
 def test_vae_decodes_scaled_latents():
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        latent_channels=1,
-        norm_num_groups=4,
-        scaling_factor=0.5,
-    ).eval()
+    vae = make_tiny_vae()
     pipe = make_tiny_pipeline(vae=vae)
     latents = pipe([1], generator=_seeded(0), output_type="latent", **FAST).images
     images = pipe([1], generator=_seeded(0), output_type="pt", **FAST).images

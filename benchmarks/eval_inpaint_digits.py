@@ -1,0 +1,228 @@
+"""Inpainting and class-guided editing quality of a digits MAR (scikit-learn's 8x8 handwritten digits).
+
+Hides the bottom half, and separately the left half, of held-out real digits and completes them with
+`MARInpaintPipeline`:
+- with the true label: a digit classifier should recognise the completions about as well as the real digits;
+- with another label (class-guided editing): how often the classifier follows the new label, and how often it keeps
+  the old one;
+- references: the real digits, the digits with the half blanked (what the visible half alone tells the classifier),
+  and unconditional completions (label `num_classes`).
+
+The classifier is a scikit-learn SVC trained on a fixed half of the digits (seed 0); the other half is the test set
+used here. It is held out from the classifier, not necessarily from the MAR model (a model trained on all 1,797
+digits has seen it).
+
+    PYTHONPATH=$PWD python benchmarks/eval_inpaint_digits.py [--model PATH] [--num-images 500]
+
+Results go to docs/benchmarks.md with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.svm import SVC
+
+import diffusers_mar
+from diffusers_mar import MARInpaintPipeline
+
+HALVES = ("bottom", "left")
+
+
+class DigitClassifier:
+    """SVC on the 64 pixels of 8x8 digits (the scikit-learn digits example). Images: (N, H, W) floats in [0, 1]."""
+
+    def __init__(self, seed: int = 0):
+        self.model = SVC(gamma=0.001, random_state=seed)
+
+    @staticmethod
+    def features(images: np.ndarray) -> np.ndarray:
+        images = torch.as_tensor(np.asarray(images, dtype=np.float32))[:, None]
+        if images.shape[-2:] != (8, 8):
+            images = F.adaptive_avg_pool2d(images, (8, 8))  # a model trained at another size
+        return images.reshape(len(images), 64).numpy() * 16.0  # the dataset's 0..16 scale
+
+    def fit(self, images: np.ndarray, labels: np.ndarray) -> DigitClassifier:
+        self.model.fit(self.features(images), labels)
+        return self
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.model.predict(self.features(images))
+
+
+def digit_splits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train/test halves of the digits, stratified: images (N, 8, 8) in [0, 1] and labels (N,)."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    return train_test_split(images, digits.target, test_size=0.5, stratify=digits.target, random_state=seed)
+
+
+def half_mask(half: str, size: int) -> np.ndarray:
+    """White (regenerate) on the hidden half of a size x size image."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    if half == "bottom":
+        mask[size // 2 :] = 255
+    elif half == "left":
+        mask[:, : size // 2] = 255
+    else:
+        raise ValueError(f"`half` must be one of {HALVES}; got {half!r}.")
+    return mask
+
+
+def load_pipeline(model: str | None, device: str) -> MARInpaintPipeline:
+    """The inpainting pipeline of `model`, or of the shipped digits model (`diffusers_mar.DEFAULT_MODEL`)."""
+    if model is None:
+        model = getattr(diffusers_mar, "DEFAULT_MODEL", None)
+        if model is None:
+            raise SystemExit(
+                "error: no --model given and this diffusers_mar has no DEFAULT_MODEL (the shipped digits model). "
+                "Pass --model with a pipeline folder trained on the digits (training/train_mar.py --dataset_name "
+                "digits)."
+            )
+    if not (Path(model) / "model_index.json").is_file():
+        raise SystemExit(f"error: --model {model!r} is not a pipeline folder (no model_index.json).")
+    pipe = MARInpaintPipeline.from_pretrained(model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def recommended_sampling(model: str | None) -> dict:
+    """`mar_sampling` of the model card (README.md of the pipeline folder), if any."""
+    folder = Path(model or getattr(diffusers_mar, "DEFAULT_MODEL", "") or ".")
+    card = folder / "README.md"
+    if not card.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    return dict(ModelCard.load(card).data.to_dict().get("mar_sampling") or {})
+
+
+def complete(
+    pipe: MARInpaintPipeline,
+    images: np.ndarray,
+    mask: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    **sampling,
+) -> np.ndarray:
+    """Inpaint `images` (N, 8, 8) under `mask` with `labels`; returns (N, H, W) in [0, 1] at the model's size."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size, :, :, None]  # (B, 8, 8, 1), channels last
+        result = pipe(
+            batch,
+            mask,
+            labels[start : start + batch_size].tolist(),
+            generator=torch.Generator().manual_seed(seed + start),
+            output_type="np",
+            resize=True,  # no-op for a model of the digits' 8x8 size
+            **sampling,
+        ).images
+        out.append(result[..., 0])
+    return np.concatenate(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: diffusers_mar.DEFAULT_MODEL)")
+    parser.add_argument("--num-images", type=int, default=500, help="test digits used (stratified prefix)")
+    parser.add_argument(
+        "--guidance-scales", type=float, nargs="+", default=None, help="default: 1.0 and the model card's"
+    )
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="default: the model card's, or 64")
+    parser.add_argument("--num-diffusion-steps", type=int, default=None, help="default: the model card's, or 100")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the model card's, or 1.0")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output-json", default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1:
+        parser.error("--num-images and --batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    pipe = load_pipeline(args.model, args.device)
+    card = recommended_sampling(args.model)
+    sampling = {
+        "num_inference_steps": args.num_inference_steps or card.get("num_inference_steps", 64),
+        "num_diffusion_steps": args.num_diffusion_steps or card.get("num_diffusion_steps", 100),
+        "temperature": args.temperature or card.get("temperature", 1.0),
+        "guidance_schedule": card.get("guidance_schedule", "linear"),
+    }
+    guidance_scales = args.guidance_scales or sorted({1.0, float(card.get("guidance_scale", 3.0))})
+    num_classes = pipe.transformer.config.num_classes
+
+    train_x, test_x, train_y, test_y = digit_splits(args.seed)
+    classifier = DigitClassifier(args.seed).fit(train_x, train_y)
+    test_x, test_y = test_x[: args.num_images], test_y[: args.num_images]
+    # Another label for every digit: old + k mod 10, k in 1..9 drawn with a fixed seed.
+    new_y = (test_y + np.random.default_rng(args.seed).integers(1, 10, len(test_y))) % 10
+    real_accuracy = float((classifier.predict(test_x) == test_y).mean())
+    print(f"model: {args.model or diffusers_mar.DEFAULT_MODEL}  resolution: {pipe.resolution}  tokens: "
+          f"{pipe.transformer.num_tokens} of {pipe.token_size}x{pipe.token_size} px  sampling: {sampling}")  # fmt: skip
+    print(f"classifier accuracy on {len(test_x)} real test digits: {real_accuracy:.3f}")
+
+    results = {"real_accuracy": real_accuracy, "num_images": len(test_x), "sampling": sampling, "halves": {}}
+    seconds, generated = 0.0, 0
+    for half in HALVES:
+        mask = half_mask(half, 8)
+        blanked = test_x * (mask == 0)
+        row = {"blanked_accuracy": float((classifier.predict(blanked) == test_y).mean()), "guidance": {}}
+        start = time.perf_counter()
+        unconditional = complete(
+            pipe, test_x, mask, np.full_like(test_y, num_classes), args.batch_size, args.seed, guidance_scale=1.0,
+            **sampling,
+        )  # fmt: skip
+        row["unconditional_accuracy"] = float((classifier.predict(unconditional) == test_y).mean())
+        for scale in guidance_scales:
+            same = complete(pipe, test_x, mask, test_y, args.batch_size, args.seed, guidance_scale=scale, **sampling)
+            edit = complete(pipe, test_x, mask, new_y, args.batch_size, args.seed, guidance_scale=scale, **sampling)
+            edit_pred = classifier.predict(edit)
+            row["guidance"][scale] = {
+                "true_label_accuracy": float((classifier.predict(same) == test_y).mean()),
+                "edit_follows_new_label": float((edit_pred == new_y).mean()),
+                "edit_keeps_old_label": float((edit_pred == test_y).mean()),
+            }
+        seconds += time.perf_counter() - start
+        generated += len(test_x) * (1 + 2 * len(guidance_scales))
+        results["halves"][half] = row
+
+    print(f"\n{generated} completions in {seconds:.1f} s ({generated / seconds:.1f} img/s, {args.device})\n")
+    print("| hidden half | guidance | completed, true label: accuracy | edited: follows new label | "
+          "edited: keeps old label |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for half, row in results["halves"].items():
+        for scale, values in row["guidance"].items():
+            print(
+                f"| {half} | {scale:g} | {values['true_label_accuracy']:.1%} | {values['edit_follows_new_label']:.1%}"
+                f" | {values['edit_keeps_old_label']:.1%} |"
+            )
+    print(f"\nReferences (accuracy of the classifier): real digits {real_accuracy:.1%}; ", end="")
+    print(
+        "; ".join(
+            f"{half} half blanked {row['blanked_accuracy']:.1%}, completed unconditionally "
+            f"{row['unconditional_accuracy']:.1%}"
+            for half, row in results["halves"].items()
+        )
+    )
+    results["seconds"], results["completions"] = seconds, generated
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""MARInpaintPipeline: inpainting, outpainting and class-guided editing with a MAR model, without retraining.
+
+MAR predicts any subset of tokens given the others. The image is turned into tokens (VAE latents, or patchified pixels
+without a VAE); the tokens under the mask become unknown and `MARPipeline.__call__` generates them from the known
+ones (its `latents` + `mask` arguments). Known tokens are copied unchanged; the cosine schedule runs over the unknown
+tokens only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import logging
+
+from diffusers_mar.pipelines.pipeline_mar import MARPipeline
+
+logger = logging.get_logger(__name__)
+
+OUTPAINT_MODES = ("shrink", "shift")
+PIL_MODES = {1: "L", 3: "RGB"}
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_mar import MARInpaintPipeline
+
+        >>> pipe = MARInpaintPipeline.from_pretrained("path/or/hub-id")  # or MARInpaintPipeline.from_pipe(mar_pipe)
+        >>> # mask_image: white = regenerate, black = keep
+        >>> images = pipe(image, mask_image, class_labels=[207], generator=torch.manual_seed(0)).images
+        ```
+"""
+
+
+def _to_unit_tensor(image: PipelineImageInput, name: str, channels: int | None) -> torch.Tensor:
+    """PIL images, arrays or tensors (one or a list) -> a float32 (B, C, H, W) tensor in [0, 1]."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError(f"`{name}` is empty; pass a PIL image, a NumPy array or a torch tensor (or a list of them).")
+    tensors = []
+    for item in items:
+        if isinstance(item, PIL.Image.Image):
+            mode = PIL_MODES.get(channels if channels is not None else 1)
+            if mode is None:
+                raise ValueError(f"`{name}` is a PIL image but the model takes {channels} channels; pass an array.")
+            item = VaeImageProcessor.numpy_to_pt(VaeImageProcessor.pil_to_numpy(item.convert(mode)))
+        elif isinstance(item, np.ndarray):
+            # Channels last, as `output_type="np"` returns: (H, W), (H, W, C) or (B, H, W, C).
+            if item.ndim not in (2, 3, 4):
+                raise ValueError(f"`{name}` arrays must be (H, W), (H, W, C) or (B, H, W, C); got {item.shape}.")
+            item = torch.from_numpy(np.ascontiguousarray(item))
+            item = item[None, :, :, None] if item.ndim == 2 else item[None] if item.ndim == 3 else item
+            item = item.permute(0, 3, 1, 2)
+        elif isinstance(item, torch.Tensor):
+            # Channels first, as `output_type="pt"` returns: (H, W), (C, H, W) or (B, C, H, W).
+            if item.ndim not in (2, 3, 4):
+                raise ValueError(
+                    f"`{name}` tensors must be (H, W), (C, H, W) or (B, C, H, W); got {tuple(item.shape)}."
+                )
+            item = item[None, None] if item.ndim == 2 else item[None] if item.ndim == 3 else item
+        else:
+            raise ValueError(
+                f"`{name}` must be a PIL image, a NumPy array or a torch tensor (or a list of them); got {type(item)}."
+            )
+        if item.dtype == torch.uint8:
+            item = item.float() / 255.0  # as VaeImageProcessor.pil_to_numpy
+        elif item.dtype == torch.bool or item.is_floating_point():
+            item = item.float()
+        else:
+            raise ValueError(f"`{name}` must hold uint8 (0-255), bool or float (0-1) values; got {item.dtype}.")
+        if item.numel() and (item.min() < 0 or item.max() > 1):
+            raise ValueError(
+                f"`{name}` float values must be in [0, 1] (as `output_type='np'` or `'pt'` give); got "
+                f"[{item.min().item():.3g}, {item.max().item():.3g}]."
+            )
+        tensors.append(item.cpu())
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"All images of `{name}` must have the same channels and size; got {sorted(shapes)}.")
+    image = torch.cat(tensors)
+    if channels is not None and image.shape[1] != channels:
+        raise ValueError(f"`{name}` must have {channels} channel(s) for this model; got {image.shape[1]}.")
+    return image
+
+
+def token_mask_from_pixels(mask: torch.Tensor, token_size: int, mask_dilation: int = 0) -> torch.Tensor:
+    """Binary pixel mask (B, 1, H, W) -> token mask (B, L), 1 = unknown; any masked pixel makes its token unknown.
+
+    `mask_dilation` grows the unknown region by that many tokens in every direction (a (2d + 1)^2 square).
+    """
+    tokens = F.max_pool2d(mask.float(), kernel_size=token_size, stride=token_size)  # (B, 1, h, w)
+    if mask_dilation > 0:
+        tokens = F.max_pool2d(tokens, kernel_size=2 * mask_dilation + 1, stride=1, padding=mask_dilation)
+    return tokens.flatten(1)  # (B, L), raster order as `MARTransformer2DModel.patchify`
+
+
+class MARInpaintPipeline(MARPipeline):
+    r"""
+    Pipeline for inpainting, outpainting and class-guided editing with MAR.
+
+    Same components as [`MARPipeline`]; build it with `MARInpaintPipeline.from_pipe(pipe)` (no copy of the weights)
+    or `MARInpaintPipeline.from_pretrained(folder)`. The image becomes the starting token grid: VAE latents (the
+    posterior mean times `vae.config.scaling_factor`), or patchified pixels in `[-1, 1]` without a VAE. Tokens under
+    the mask are generated, the others are kept unchanged.
+
+    Parameters:
+        transformer ([`MARTransformer2DModel`]):
+            The masked encoder-decoder that turns the known tokens into one condition per token.
+        diffusion_head ([`MARDiffusionHead`]):
+            The per-token denoiser.
+        scheduler ([`SchedulerMixin`]):
+            The per-token diffusion process, usually [`MARDDPMScheduler`].
+        vae ([`AutoencoderKL`], *optional*):
+            Encodes the image into latent tokens and decodes the result. Without it the pipeline works in pixel space.
+        id2label (`dict[int, str]`, *optional*):
+            Class names, comma-separated synonyms allowed, for `get_label_ids`.
+    """
+
+    @property
+    def resolution(self) -> int:
+        """Side in pixels of the images the model makes (fixed by its learned position embeddings)."""
+        return self.transformer.config.sample_size * self.image_processor.config.vae_scale_factor
+
+    @property
+    def token_size(self) -> int:
+        """Side in pixels of one token's footprint: `patch_size` times the VAE's downsampling factor."""
+        return self.transformer.config.patch_size * self.image_processor.config.vae_scale_factor
+
+    @property
+    def image_channels(self) -> int:
+        return self.vae.config.in_channels if self.vae is not None else self.transformer.config.in_channels
+
+    def _fit_to_resolution(self, image: torch.Tensor, name: str, resize: bool, is_mask: bool) -> torch.Tensor:
+        size = (self.resolution, self.resolution)
+        if tuple(image.shape[-2:]) == size:
+            return image
+        if not resize:
+            raise ValueError(
+                f"`{name}` is {image.shape[-2]}x{image.shape[-1]} (HxW) but this model makes {size[0]}x{size[1]} "
+                "images (fixed by its position embeddings); resize it, or pass `resize=True`."
+            )
+        if is_mask:
+            # A resized pixel is masked when it overlaps a masked pixel of the original.
+            return F.adaptive_max_pool2d((image >= 0.5).float(), size)
+        return F.interpolate(image, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+    def prepare_mask(
+        self, mask_image: PipelineImageInput, mask_dilation: int = 0, resize: bool = False
+    ) -> torch.Tensor:
+        r"""
+        Token mask of a mask image: which tokens [`~MARInpaintPipeline.__call__`] regenerates.
+
+        Args:
+            mask_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                White (>= 0.5) = regenerate, black = keep. A masked pixel makes its whole token unknown.
+            mask_dilation (`int`, *optional*, defaults to 0):
+                Grow the unknown region by this many tokens in every direction.
+            resize (`bool`, *optional*, defaults to `False`):
+                Resize a mask of another size to the model's resolution (a resized pixel is masked when it overlaps
+                a masked pixel); without it such a mask is an error.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, num_tokens)`: 1 = unknown (regenerate), 0 = known, in raster order.
+        """
+        if isinstance(mask_dilation, bool) or not isinstance(mask_dilation, int) or mask_dilation < 0:
+            raise ValueError(f"`mask_dilation` must be an int >= 0 (in tokens); got {mask_dilation!r}.")
+        mask = _to_unit_tensor(mask_image, "mask_image", None)
+        if mask.shape[1] != 1:
+            raise ValueError(f"`mask_image` must have 1 channel (white = regenerate); got {mask.shape[1]}.")
+        mask = self._fit_to_resolution(mask, "mask_image", resize, is_mask=True)
+        return token_mask_from_pixels((mask >= 0.5).float(), self.token_size, mask_dilation)
+
+    @torch.no_grad()
+    def encode_image(self, image: PipelineImageInput, resize: bool = False) -> torch.Tensor:
+        r"""
+        The token grid of an image, in the space of `output_type="latent"`.
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                uint8 (0-255) or float (0-1) images; arrays channels-last, tensors channels-first.
+            resize (`bool`, *optional*, defaults to `False`):
+                Resize an image of another size to the model's resolution (bicubic, antialiased); without it such
+                an image is an error.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, in_channels, sample_size, sample_size)`: pixels in `[-1, 1]` without a
+            VAE; with one, the mean of the VAE posterior times `vae.config.scaling_factor` (after subtracting
+            `shift_factor` if the VAE has one).
+        """
+        image = _to_unit_tensor(image, "image", self.image_channels)
+        image = self._fit_to_resolution(image, "image", resize, is_mask=False)
+        image = self.image_processor.normalize(image).to(self._execution_device)  # [-1, 1]
+        if self.vae is None:
+            return image
+        latents = self.vae.encode(image.to(self.vae.dtype)).latent_dist.mean.float()
+        if getattr(self.vae.config, "shift_factor", None):
+            latents = latents - self.vae.config.shift_factor
+        return latents * self.vae.config.scaling_factor
+
+    def prepare_outpainting(
+        self,
+        image: PipelineImageInput,
+        border: int | tuple[int, int, int, int] = 1,
+        mode: str = "shrink",
+        resize: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Outpainting inputs: a canvas of the model's size with the image inside and the border to regenerate.
+
+        MAR's learned position embeddings fix the output size, so outpainting regenerates a border of the canvas
+        rather than enlarging it. Pass the results as `image` and `mask_image` to [`~MARInpaintPipeline.__call__`].
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The images to extend.
+            border (`int` or `tuple[int, int, int, int]`, *optional*, defaults to 1):
+                Tokens to regenerate on each side, `(top, right, bottom, left)` like CSS, or one int for all sides.
+                One token is `token_size` pixels, so the kept region is aligned to the token grid.
+            mode (`str`, *optional*, defaults to `"shrink"`):
+                `"shrink"`: the image is resized (bicubic, antialiased) into the box inside the border (zoom out).
+                `"shift"`: the image keeps its scale and moves away from the border, by `left - right` tokens to the
+                right and `top - bottom` down (pan: `border=(0, 2, 0, 0)` shows 2 new token columns on the right);
+                the pixels that leave the canvas are dropped.
+            resize (`bool`, *optional*, defaults to `False`):
+                With `mode="shift"`, resize an image of another size to the model's resolution first.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: the canvas `(batch, C, H, W)` in `[0, 1]` (0.5 in the border) and
+            the mask `(batch, 1, H, W)` (1 in the border).
+        """
+        if mode not in OUTPAINT_MODES:
+            raise ValueError(f"`mode` must be one of {OUTPAINT_MODES}; got {mode!r}.")
+        if isinstance(border, int) and not isinstance(border, bool):
+            border = (border,) * 4
+        grid = self.transformer.grid_size
+        if (
+            not isinstance(border, (tuple, list))
+            or len(border) != 4
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in border)
+            or border[0] + border[2] >= grid
+            or border[1] + border[3] >= grid
+        ):
+            raise ValueError(
+                f"`border` must be an int or (top, right, bottom, left) ints >= 0, in tokens, leaving at least one "
+                f"token of the {grid}x{grid} grid inside; got {border!r}."
+            )
+        image = _to_unit_tensor(image, "image", self.image_channels)
+        top, right, bottom, left = (b * self.token_size for b in border)
+        size = self.resolution
+        canvas = torch.full((image.shape[0], image.shape[1], size, size), 0.5)
+        mask = torch.ones(image.shape[0], 1, size, size)
+        mask[:, :, top : size - bottom, left : size - right] = 0
+        if mode == "shrink":
+            inner = (size - top - bottom, size - left - right)
+            inner_image = F.interpolate(image, size=inner, mode="bicubic", antialias=True, align_corners=False)
+            canvas[:, :, top : size - bottom, left : size - right] = inner_image.clamp(0, 1)
+        else:
+            image = self._fit_to_resolution(image, "image", resize, is_mask=False)
+            canvas[:, :, top : size - bottom, left : size - right] = image[
+                :, :, bottom : size - top, right : size - left
+            ]
+        return canvas, mask
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PipelineImageInput,
+        mask_image: PipelineImageInput,
+        class_labels: int | list[int] | torch.Tensor,
+        num_inference_steps: int = 64,
+        num_diffusion_steps: int = 100,
+        guidance_scale: float = 3.0,
+        guidance_schedule: str = "linear",
+        temperature: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        mask_dilation: int = 0,
+        resize: bool = False,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Regenerate the masked part of images, given the rest and a class label.
+
+        Args:
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                The images to edit, one per batch item or one shared: uint8 (0-255) or float (0-1); arrays
+                channels-last `(H, W[, C])` / `(B, H, W, C)`, tensors channels-first `(C, H, W)` / `(B, C, H, W)`,
+                as `output_type="np"` / `"pt"` return them. Without a VAE, kept pixels come back unchanged (exactly,
+                for uint8 inputs and `"pil"` output); with a VAE the kept latents are unchanged but the decoded
+                pixels are not (the VAE is lossy).
+            mask_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
+                White (>= 0.5) = regenerate, black = keep, as in diffusers inpainting; one per batch item or shared.
+                A masked pixel makes its whole token unknown (a token is `token_size` pixels square). A mask with no
+                unknown token returns that image's tokens unchanged, with a warning.
+            class_labels (`int`, `list[int]` or `torch.Tensor`):
+                One class id per image (or one shared), in `[0, num_classes]`; `num_classes` means unconditional.
+                A class other than the image's edits the masked region towards it (class-guided editing).
+            num_inference_steps (`int`, *optional*, defaults to 64):
+                Masked-autoregressive steps. Each image uses at most as many steps as it has unknown tokens (a step
+                predicts at least one token).
+            num_diffusion_steps (`int`, *optional*, defaults to 100):
+                Scheduler steps of the diffusion head per token.
+            guidance_scale (`float`, *optional*, defaults to 3.0):
+                Classifier-free guidance scale; 1.0 disables guidance.
+            guidance_schedule (`str`, *optional*, defaults to `"linear"`):
+                `"linear"`: the scale rises with the ratio of known tokens (the kept tokens count as known);
+                `"constant"`.
+            temperature (`float`, *optional*, defaults to 1.0):
+                Multiplies the noise of every diffusion step.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                One generator, or one per image: then each image equals the image edited alone with its generator.
+                Images with different numbers of unknown tokens run as separate groups (the transformer needs the
+                same count per row), so a single generator is shared by the groups in turn.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"` (the token grid, as `encode_image` returns it).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return an [`ImagePipelineOutput`] or a tuple.
+            mask_dilation (`int`, *optional*, defaults to 0):
+                Grow the unknown region by this many tokens in every direction (useful with a VAE, whose latents
+                next to the mask still carry some of the masked content).
+            resize (`bool`, *optional*, defaults to `False`):
+                Resize `image` (bicubic, antialiased) and `mask_image` (a pixel is masked when it overlaps a masked
+                pixel) to the model's resolution. Without it, another size is an error.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the edited images.
+        """
+        # 1. Check inputs
+        class_labels = self._prepare_class_labels(class_labels)
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be an int >= 1; got {num_inference_steps!r}.")
+        if not isinstance(resize, bool):
+            raise ValueError(f"`resize` must be True or False; got {resize!r}.")
+        # The other sampling arguments are checked once here (each group is checked again by MARPipeline).
+        self.check_inputs(
+            class_labels, 1, num_diffusion_steps, guidance_scale, guidance_schedule, temperature, None, output_type,
+            None, None, None, None,
+        )  # fmt: skip
+        mask = self.prepare_mask(mask_image, mask_dilation, resize)  # (Bm, L)
+        images = _to_unit_tensor(image, "image", self.image_channels)
+        counts = {"image": images.shape[0], "mask_image": mask.shape[0], "class_labels": len(class_labels)}
+        batch_size = max(counts.values())
+        if any(count not in (1, batch_size) for count in counts.values()):
+            raise ValueError(
+                f"Batch sizes differ: {', '.join(f'`{k}` has {v}' for k, v in counts.items())}; each must be 1 "
+                f"(shared) or {batch_size}."
+            )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators for {batch_size} images; pass one generator "
+                "per image or a single generator."
+            )
+        class_labels = class_labels * batch_size if len(class_labels) == 1 else class_labels
+        mask = mask.expand(batch_size, -1)
+
+        # 2. Starting token grid: VAE latents or pixels in [-1, 1]
+        latents = self.encode_image(images, resize=resize).expand(batch_size, -1, -1, -1)  # (B, C, H, W)
+
+        # 3. Generate, one group per number of unknown tokens (the transformer needs the same count in each row)
+        unknown = mask.sum(dim=1).long().tolist()
+        unchanged = [i for i, count in enumerate(unknown) if count == 0]
+        if unchanged:
+            logger.warning(
+                f"`mask_image` marks no token to regenerate for batch items {unchanged}; their tokens are returned "
+                "unchanged."
+            )
+        output = latents.clone()
+        for count in dict.fromkeys(count for count in unknown if count > 0):
+            rows = [i for i, c in enumerate(unknown) if c == count]
+            output[rows] = (
+                super()
+                .__call__(
+                    [class_labels[i] for i in rows],
+                    num_inference_steps=min(num_inference_steps, count),
+                    num_diffusion_steps=num_diffusion_steps,
+                    guidance_scale=guidance_scale,
+                    guidance_schedule=guidance_schedule,
+                    temperature=temperature,
+                    generator=[generator[i] for i in rows] if isinstance(generator, list) else generator,
+                    output_type="latent",
+                    latents=latents[rows],
+                    mask=mask[rows].to(latents.device),
+                )
+                .images
+            )
+
+        # 4. Decode
+        image = self._decode_latents(output, output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+MARInpaintPipeline.__call__.__doc__ = MARInpaintPipeline.__call__.__doc__.replace(
+    "        Examples:\n", EXAMPLE_DOC_STRING, 1
+)
