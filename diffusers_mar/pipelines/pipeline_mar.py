@@ -105,7 +105,7 @@ class MARPipeline(DiffusionPipeline):
         diffusion_head: MARDiffusionHead,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
-        id2label: dict[int, str] | None = None,
+        id2label: dict[int, str] | dict[str, str] | None = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
