@@ -1,5 +1,7 @@
 """diffusers-mar: MAR (masked autoregressive image generation with a per-token diffusion loss) for diffusers."""
 
+import os
+
 import diffusers
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401  (looked up by from_pretrained)
 
@@ -12,6 +14,10 @@ from diffusers_mar.schedulers.scheduling_ddpm_mar import MARDDPMScheduler
 
 __version__ = "0.1.0"
 
+# The small class-conditional digits model shipped as package data: `MARPipeline.from_pretrained(DEFAULT_MODEL)`
+# works offline. It is the default `--model` of the `diffusers-mar` command line.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+
 # `save_pretrained` writes ["<class.__module__>", "<class name>"] into model_index.json and `from_pretrained` looks
 # the class and its diffusers base (ModelMixin, SchedulerMixin, DiffusionPipeline) up as attributes of that module.
 # Public classes therefore live at `diffusers_mar.<ClassName>`, so folders name ["diffusers_mar", "<ClassName>"].
@@ -23,6 +29,7 @@ for _cls in (MARPipeline, MARInpaintPipeline):
 del _cls
 
 __all__ = [
+    "DEFAULT_MODEL",
     "MAR_PRESETS",
     "MARDDPMScheduler",
     "MARDiffusionHead",

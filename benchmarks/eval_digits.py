@@ -1,0 +1,388 @@
+"""Quality benchmark of a class-conditional MAR trained on scikit-learn's 8x8 handwritten digits.
+
+Generates `--num-per-class` images of each of the 10 digits for every combination of `--guidance-scales`,
+`--num-inference-steps` and `--num-diffusion-steps`, and compares them with the real digits (1,797 images, no
+download):
+
+- **accuracy**: the fraction of generated images that a classifier trained on real digits assigns to the requested
+  label. The classifier is scikit-learn's `MLPClassifier` (one hidden layer of 64 ReLU units, `random_state=0`) on
+  pixels / 16, fitted on a fixed stratified half of the real digits (`train_test_split(..., test_size=0.5,
+  random_state=0)`, "half A"); its accuracy on the other half ("half B") is printed.
+- **Fréchet distance** (FD): between the Gaussians fitted to the classifier's hidden-layer activations (64-d) of the
+  generated images and of half A (the classifier's training half), `scipy.linalg.sqrtm` as in FID. The floor is
+  the FD of the held-out real half B against half A: what fresh real digits score (similar sample sizes: 899 vs
+  898 real, 10 x N generated).
+- **diversity**: per class, the mean pairwise L2 distance between images in pixel space (values 0..16), generated
+  over real (all real digits of the class); 1.0 = as diverse as the real data.
+- **near-copies**: the fraction of generated images whose nearest real digit (pixel L2 on the 0..16 scale, over all
+  1,797 digits, the training set of the digits model) is closer than a threshold: the 1st percentile of the real
+  digits' own nearest-neighbour distances (each digit against the other 1,796). Fresh real-like samples would
+  score about 1%.
+
+Generated images (`output_type="np"`, values in [0, 1]) are mapped to the digits' 0..16 scale (x 16); images
+larger than 8x8 are block-averaged to 8x8 and colour images averaged to grey. Time and img/s cover generation
+only (no model loading), with `torch.set_num_threads(--threads)` (1 by default: the one-core figure).
+
+Usage (from the repository root):
+
+    python benchmarks/eval_digits.py --model diffusers_mar/default_model --num-per-class 100 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import linalg
+from sklearn.datasets import load_digits
+from sklearn.metrics import pairwise_distances
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+
+from diffusers_mar import DEFAULT_MODEL, MARPipeline
+
+NUM_CLASSES = 10
+DIGIT_SIZE = 8
+DIGIT_MAX = 16.0
+SCHEDULERS = ("ddpm", "ddim", "dpm")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+DEFAULT_SECTION = "Digits quality (benchmarks/eval_digits.py)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: plain functions of (N, 64) arrays of 8x8 digits on the 0..16 scale.
+
+
+def frechet_distance(features_1: np.ndarray, features_2: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of features `(N, D)`, as FID (scipy `sqrtm`)."""
+    mu_1, mu_2 = features_1.mean(axis=0), features_2.mean(axis=0)
+    sigma_1, sigma_2 = np.cov(features_1, rowvar=False), np.cov(features_2, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # singular covariances (dead ReLU units) are expected; handled below
+        covmean = linalg.sqrtm(sigma_1 @ sigma_2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma_1.shape[0]) * 1e-6  # as pytorch-fid: regularize a near-singular product
+            covmean = linalg.sqrtm((sigma_1 + offset) @ (sigma_2 + offset))
+    covmean = covmean.real
+    distance = ((mu_1 - mu_2) ** 2).sum() + np.trace(sigma_1) + np.trace(sigma_2) - 2 * np.trace(covmean)
+    return float(max(distance, 0.0))
+
+
+def mean_pairwise_distance(images: np.ndarray) -> float:
+    """Mean L2 distance over all pairs of distinct images `(N, 64)`."""
+    if len(images) < 2:
+        raise ValueError(f"`images` needs at least 2 images for a pairwise distance; got {len(images)}.")
+    distances = pairwise_distances(images)
+    return float(distances.sum() / (len(images) * (len(images) - 1)))
+
+
+def nearest_neighbour_distances(images: np.ndarray, reference: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+    """Per image, the L2 distance to its nearest image in `reference`; `exclude_self` when `images is reference`."""
+    distances = pairwise_distances(images, reference)
+    if exclude_self:
+        np.fill_diagonal(distances, np.inf)
+    return distances.min(axis=1)
+
+
+def to_digit_scale(images: np.ndarray) -> np.ndarray:
+    """Pipeline `np` output `(N, H, W, C)` in [0, 1] -> `(N, 64)` 8x8 digits on the 0..16 scale."""
+    if images.ndim != 4:
+        raise ValueError(f"`images` must be a (N, H, W, C) array (output_type='np'); got shape {images.shape}.")
+    n, height, width, _ = images.shape
+    if height % DIGIT_SIZE or width % DIGIT_SIZE:
+        raise ValueError(f"images must be 8x8 or a multiple of it to compare with the digits; got {height}x{width}.")
+    grey = images.mean(axis=-1)  # (N, H, W)
+    blocks = grey.reshape(n, DIGIT_SIZE, height // DIGIT_SIZE, DIGIT_SIZE, width // DIGIT_SIZE).mean(axis=(2, 4))
+    return blocks.reshape(n, DIGIT_SIZE * DIGIT_SIZE).astype(np.float64) * DIGIT_MAX
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference: the real digits, the classifier and the real-data baselines.
+
+
+@dataclass
+class DigitsEvaluator:
+    """The real digits, a classifier trained on half A of them, and every real-data baseline of the metrics.
+
+    Build once (about a second), then `evaluate(images, labels)` as often as needed.
+    """
+
+    seed: int = 0
+    near_copy_percentile: float = 1.0
+    images: np.ndarray = field(init=False, repr=False)  # (1797, 64) on the 0..16 scale
+    labels: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.images, self.labels = load_digits(return_X_y=True)
+        self.images = self.images.astype(np.float64)
+        indices = np.arange(len(self.labels))
+        self.half_a, self.half_b = train_test_split(
+            indices, test_size=0.5, stratify=self.labels, random_state=self.seed
+        )
+        self.classifier = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=1000, random_state=self.seed)
+        self.classifier.fit(self.images[self.half_a] / DIGIT_MAX, self.labels[self.half_a])
+        self.heldout_accuracy = float(
+            self.classifier.score(self.images[self.half_b] / DIGIT_MAX, self.labels[self.half_b])
+        )
+        self.reference_features = self.features(self.images[self.half_a])
+        self.frechet_floor = frechet_distance(self.features(self.images[self.half_b]), self.reference_features)
+        real_nn = nearest_neighbour_distances(self.images, self.images, exclude_self=True)
+        self.near_copy_threshold = float(np.percentile(real_nn, self.near_copy_percentile))
+        self.real_diversity = {c: mean_pairwise_distance(self.images[self.labels == c]) for c in range(NUM_CLASSES)}
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """The classifier's hidden-layer (ReLU) activations `(N, 64)` of digits on the 0..16 scale."""
+        hidden = images / DIGIT_MAX @ self.classifier.coefs_[0] + self.classifier.intercepts_[0]
+        return np.maximum(hidden, 0.0)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.classifier.predict(images / DIGIT_MAX)
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        """All metrics of generated digits `(N, 64)` (0..16 scale) requested with class `labels` `(N,)`."""
+        labels = np.asarray(labels)
+        if images.ndim != 2 or images.shape[1] != DIGIT_SIZE * DIGIT_SIZE or len(images) != len(labels):
+            raise ValueError(f"`images` must be (N, 64) with N = len(labels); got {images.shape}, {labels.shape}.")
+        correct = self.predict(images) == labels
+        diversity = {}
+        for c in np.unique(labels).tolist():
+            if (labels == c).sum() >= 2:
+                diversity[c] = mean_pairwise_distance(images[labels == c]) / self.real_diversity[c]
+        nearest = nearest_neighbour_distances(images, self.images)
+        frechet = frechet_distance(self.features(images), self.reference_features) if len(images) > 1 else None
+        return {
+            "accuracy": float(correct.mean()),
+            "accuracy_per_class": {c: float(correct[labels == c].mean()) for c in np.unique(labels).tolist()},
+            "frechet_distance": frechet,
+            "frechet_ratio": frechet / self.frechet_floor if frechet is not None else None,
+            "diversity_ratio": float(np.mean(list(diversity.values()))) if diversity else None,
+            "diversity_ratio_per_class": diversity,
+            "near_copy_fraction": float((nearest < self.near_copy_threshold).mean()),
+        }
+
+    def baselines(self) -> dict:
+        return {
+            "classifier_heldout_accuracy": self.heldout_accuracy,
+            "frechet_floor": self.frechet_floor,
+            "near_copy_threshold": self.near_copy_threshold,
+            "near_copy_percentile": self.near_copy_percentile,
+            "real_diversity_per_class": self.real_diversity,
+            "num_real": len(self.labels),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation.
+
+
+def set_head_scheduler(pipe: MARPipeline, name: str) -> None:
+    """`ddpm`: the model's own scheduler (MARDDPMScheduler); `ddim`, `dpm`: diffusers schedulers from its config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"`scheduler` must be one of {SCHEDULERS}; got {name!r}.")
+    if name == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif name == "dpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+
+def generate_digits(
+    pipe: MARPipeline, num_per_class: int, seed: int = 0, batch_size: int = 1000, **sampling
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`num_per_class` images of each digit: `(images (N, 64) on 0..16, labels (N,), seconds of generation)`."""
+    labels = np.repeat(np.arange(NUM_CLASSES), num_per_class)
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    start = time.perf_counter()
+    for first in range(0, len(labels), batch_size):
+        batch = labels[first : first + batch_size].tolist()
+        images.append(pipe(class_labels=batch, generator=generator, output_type="np", **sampling).images)
+    seconds = time.perf_counter() - start
+    return to_digit_scale(np.concatenate(images)), labels, seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report.
+
+
+def machine_description(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, torch threads {threads}"
+
+
+def markdown_report(results: list[dict], baselines: dict, context: dict) -> str:
+    """The results table with the real-data baselines, the machine and the command."""
+    real_diversity = np.mean(list(baselines["real_diversity_per_class"].values()))
+    lines = [
+        f"Model: `{context['model']}` ({context['num_parameters']:,} parameters). Machine: {context['machine']}.",
+        "",
+        f"Command: `{context['command']}`",
+        "",
+        f"Real-data baselines: classifier held-out accuracy {baselines['classifier_heldout_accuracy']:.3f}; "
+        f"Fréchet floor (real half B vs half A) {baselines['frechet_floor']:.3f}; mean real per-class pairwise "
+        f"distance {real_diversity:.2f}; near-copy threshold {baselines['near_copy_threshold']:.2f} (percentile "
+        f"{baselines['near_copy_percentile']:g} of the real digits' nearest-neighbour distances, 0..16 scale).",
+        "",
+        "| scheduler | guidance | temperature | steps | diffusion steps | images | accuracy | Fréchet (x floor) "
+        "| diversity (gen/real) | near-copies | time (s) | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['scheduler']} | {r['guidance_scale']:g} | {r['temperature']:g} | {r['num_inference_steps']} "
+            f"| {r['num_diffusion_steps']} | {r['num_images']} | {r['accuracy']:.3f} "
+            f"| {r['frechet_distance']:.3f} ({r['frechet_ratio']:.2f}x) | {r['diversity_ratio']:.3f} "
+            f"| {r['near_copy_fraction']:.3f} | {r['seconds']:.1f} | {r['images_per_second']:.1f} |"
+        )
+    lines += [
+        "",
+        "Targets for the shipped model: accuracy >= 0.95 with guidance, >= 0.85 without; Fréchet <= 2x floor; "
+        "diversity within 20% of the real data (0.8..1.2); near-copies < 0.05. Metric definitions: the docstring "
+        "of `benchmarks/eval_digits.py`.",
+    ]
+    return "\n".join(lines)
+
+
+def update_docs_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the section `title` of `path` between markers, keeping every other section intact."""
+    start, end = f"<!-- eval_digits: {title} -->", f"<!-- /eval_digits: {title} -->"
+    block = f"{start}\n## {title}\n\n{body}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section names its machine and command.\n"
+    if start in text and end in text and text.index(start) < text.index(end):
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a MARPipeline folder or Hub id (default: shipped)")
+    parser.add_argument("--num-per-class", type=int, default=100, help="generated images per digit (default 100)")
+    parser.add_argument(
+        "--guidance-scales", type=float, nargs="+", help="default: 1.0 and the model's recommended scale"
+    )
+    parser.add_argument(
+        "--num-inference-steps", type=int, nargs="+", help="default: the recommended value, its half and quarter"
+    )
+    parser.add_argument("--num-diffusion-steps", type=int, nargs="+", help="default: the recommended value")
+    parser.add_argument("--temperature", type=float, help="default: the recommended value")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm", help="the diffusion head's scheduler")
+    parser.add_argument("--seed", type=int, default=0, help="generation seed (the classifier always uses 0)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="images per pipeline call")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: one core)")
+    parser.add_argument("--output-json", help="write all results (per class too) to this JSON file")
+    parser.add_argument("--write-docs", action="store_true", help=f"update a section of {DOCS_PATH.name}")
+    parser.add_argument("--docs-section", default=DEFAULT_SECTION, help="the section title to replace or append")
+    parser.add_argument("--docs-path", default=str(DOCS_PATH), help="the markdown file for --write-docs")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: must be >= 1; got {getattr(args, name)}")
+    if args.num_per_class < 2:
+        parser.error("argument --num-per-class: must be >= 2 (diversity needs pairs)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffusers_mar.cli import CLIError, load_pipeline, recommended_sampling
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        pipe = load_pipeline(args.model)
+    except CLIError as error:
+        print(f"eval_digits: error: {error}", file=sys.stderr)
+        return error.exit_code
+    if pipe.transformer.config.num_classes != NUM_CLASSES:
+        print(
+            f"eval_digits: error: the model has {pipe.transformer.config.num_classes} classes, not 10", file=sys.stderr
+        )
+        return 2
+    pipe.set_progress_bar_config(disable=True)
+    set_head_scheduler(pipe, args.scheduler)
+    recommended, _ = recommended_sampling(pipe, args.model)
+    steps = recommended["num_inference_steps"]
+    guidance_scales = args.guidance_scales or sorted({1.0, float(recommended["guidance_scale"])})
+    inference_steps = args.num_inference_steps or sorted({max(1, steps // 4), max(1, steps // 2), steps})
+    diffusion_steps = args.num_diffusion_steps or [recommended["num_diffusion_steps"]]
+    temperature = args.temperature if args.temperature is not None else recommended["temperature"]
+
+    evaluator = DigitsEvaluator()
+    baselines = evaluator.baselines()
+    print(
+        f"classifier held-out accuracy {evaluator.heldout_accuracy:.3f}, Fréchet floor {evaluator.frechet_floor:.3f}, "
+        f"near-copy threshold {evaluator.near_copy_threshold:.2f}",
+        file=sys.stderr,
+    )
+    results = []
+    for guidance_scale, num_inference_steps, num_diffusion_steps in itertools.product(
+        guidance_scales, inference_steps, diffusion_steps
+    ):
+        sampling = {
+            "guidance_scale": guidance_scale,
+            "guidance_schedule": recommended["guidance_schedule"],
+            "temperature": temperature,
+            "num_inference_steps": num_inference_steps,
+            "num_diffusion_steps": num_diffusion_steps,
+        }
+        images, labels, seconds = generate_digits(pipe, args.num_per_class, args.seed, args.batch_size, **sampling)
+        metrics = evaluator.evaluate(images, labels)
+        result = {"scheduler": args.scheduler, **sampling, "num_images": len(images), "seconds": seconds}
+        result.update(images_per_second=len(images) / seconds, **metrics)
+        results.append(result)
+        print(
+            f"guidance {guidance_scale:g} steps {num_inference_steps} x {num_diffusion_steps}: accuracy "
+            f"{metrics['accuracy']:.3f}, Fréchet {metrics['frechet_distance']:.3f} ({metrics['frechet_ratio']:.2f}x), "
+            f"diversity {metrics['diversity_ratio']:.3f}, near-copies {metrics['near_copy_fraction']:.3f}, "
+            f"{len(images)} images in {seconds:.1f} s ({len(images) / seconds:.1f} img/s)",
+            file=sys.stderr,
+        )
+
+    context = {
+        "model": args.model if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
+        "num_parameters": sum(p.numel() for p in pipe.transformer.parameters())
+        + sum(p.numel() for p in pipe.diffusion_head.parameters()),
+        "machine": machine_description(args.threads),
+        "command": shlex.join(["python", "benchmarks/eval_digits.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    report = markdown_report(results, baselines, context)
+    print(report)
+    if args.output_json:
+        Path(args.output_json).write_text(
+            json.dumps({**context, "baselines": baselines, "results": results}, indent=2)
+        )
+    if args.write_docs:
+        update_docs_section(Path(args.docs_path), args.docs_section, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The metrics of `benchmarks/eval_digits.py` on real and synthetic digits, and its command line on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import eval_digits
+from benchmarks.eval_digits import DigitsEvaluator, frechet_distance, mean_pairwise_distance, to_digit_scale
+from tests.testing_utils import make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return DigitsEvaluator()
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    shift = np.full(8, 0.5)
+    # Equal covariances: the distance is the squared distance of the means.
+    assert frechet_distance(features, features + shift) == pytest.approx((shift**2).sum(), rel=1e-4)
+    distances = [frechet_distance(features, features + k * shift) for k in (1, 2, 4)]
+    assert distances[0] < distances[1] < distances[2]
+    assert frechet_distance(features, 2 * features) > 1.0  # a different covariance also counts
+
+
+def test_mean_pairwise_distance():
+    assert mean_pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    assert mean_pairwise_distance(np.zeros((5, 64))) == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pairwise_distance(np.zeros((1, 64)))
+
+
+def test_to_digit_scale_maps_unit_range_to_0_16_and_block_averages():
+    images = np.zeros((2, 16, 16, 3))
+    images[0, :2, :2] = 1.0  # the top-left 2x2 block of a 16x16 image becomes the top-left digit pixel
+    images[1] = 0.5
+    digits = to_digit_scale(images)
+    assert digits.shape == (2, 64)
+    assert digits[0, 0] == 16.0 and digits[0, 1:].sum() == 0.0
+    np.testing.assert_allclose(digits[1], 8.0)
+    with pytest.raises(ValueError, match="8x8"):
+        to_digit_scale(np.zeros((1, 12, 12, 1)))
+    with pytest.raises(ValueError, match="output_type='np'"):
+        to_digit_scale(np.zeros((1, 8, 8)))
+
+
+def test_real_digits_score_as_the_real_data(evaluator):
+    assert evaluator.heldout_accuracy > 0.9
+    real = evaluator.images[evaluator.half_b]
+    metrics = evaluator.evaluate(real, evaluator.labels[evaluator.half_b])
+    assert metrics["accuracy"] == pytest.approx(evaluator.heldout_accuracy) and metrics["accuracy"] > 0.9
+    assert metrics["frechet_ratio"] == pytest.approx(1.0)  # half B is the floor by definition
+    assert 0.9 < metrics["diversity_ratio"] < 1.1
+    assert metrics["near_copy_fraction"] == 1.0  # half B is part of the reference: exact copies are flagged
+
+
+def test_near_copies_flagged_and_fresh_digits_not(evaluator):
+    rng = np.random.default_rng(0)
+    copies = evaluator.images[:200] + rng.normal(0, 0.1, size=(200, 64))  # near-exact copies
+    assert evaluator.evaluate(copies, evaluator.labels[:200])["near_copy_fraction"] == 1.0
+    # A real digit is a near-copy of another real digit only at the threshold's percentile (1%).
+    assert evaluator.near_copy_threshold > 0
+    mixed = np.clip(0.5 * evaluator.images[:200] + 0.5 * evaluator.images[200:400], 0, 16)
+    assert evaluator.evaluate(mixed, evaluator.labels[:200])["near_copy_fraction"] < 0.05
+
+
+def test_noise_scores_badly(evaluator):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30)
+    noise = rng.uniform(0, 16, size=(300, 64))
+    metrics = evaluator.evaluate(noise, labels)
+    assert metrics["accuracy"] < 0.3
+    assert metrics["frechet_ratio"] > 10
+    assert metrics["near_copy_fraction"] == 0.0
+    assert set(metrics["diversity_ratio_per_class"]) == set(range(10))
+
+
+def test_update_docs_section_keeps_other_sections(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\n## Speed\n\nfast\n")
+    eval_digits.update_docs_section(path, "Digits quality", "table v1")
+    eval_digits.update_docs_section(path, "Other model", "other table")
+    eval_digits.update_docs_section(path, "Digits quality", "table v2")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\n## Speed\n\nfast\n")
+    assert "table v2" in text and "table v1" not in text and "other table" in text
+    assert text.count("## Digits quality") == 1
+    assert text.index("Digits quality") < text.index("Other model")  # replaced in place
+
+
+def test_command_line_on_a_tiny_random_model(tmp_path, capsys):
+    folder = tmp_path / "model"
+    make_tiny_pipeline().save_pretrained(folder)
+    argv = [
+        "--model", str(folder), "--num-per-class", "3", "--guidance-scales", "1", "2", "--num-inference-steps", "2",
+        "--num-diffusion-steps", "3", "--output-json", str(tmp_path / "results.json"), "--write-docs",
+        "--docs-path", str(tmp_path / "benchmarks.md"),
+    ]  # fmt: skip
+    assert eval_digits.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["guidance_scale"] for r in results["results"]] == [1.0, 2.0]
+    for result in results["results"]:
+        assert result["num_images"] == 30 and result["num_inference_steps"] == 2
+        assert 0.0 <= result["accuracy"] <= 0.5  # a random model is near chance (0.1)
+        assert result["images_per_second"] > 0
+    docs = (tmp_path / "benchmarks.md").read_text()
+    assert "| ddpm | 2 |" in docs and "benchmarks/eval_digits.py --model" in docs
+    assert "| ddpm | 1 |" in capsys.readouterr().out

@@ -1,0 +1,292 @@
+"""The `diffusers-mar` command line against a tiny random pixel-space pipeline saved to a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image
+
+from diffusers_mar import MARPipeline, cli
+from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# Sampling settings the tiny model's card recommends: few steps, so that every command runs in a fraction of a second.
+CARD_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 4, "num_diffusion_steps": 5}
+
+
+def write_card(folder, mar_sampling) -> None:
+    card = ModelCard.from_template(
+        ModelCardData(license="mit", mar_sampling=mar_sampling), template_str="---\n{{ card_data }}\n---\n# Tiny\n"
+    )
+    card.save(folder / "README.md")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    pipe = make_tiny_pipeline()
+    pipe = MARPipeline(**pipe.components, id2label=dict(enumerate(NAMES)))
+    folder = tmp_path_factory.mktemp("tiny_model")
+    pipe.save_pretrained(folder)
+    write_card(folder, CARD_SAMPLING)
+    return folder
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "diffusers_mar.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def grid_cells(grid: Image.Image, rows: int, columns: int, cell: int) -> list[list[np.ndarray]]:
+    """Cut the image cells out of a grid made by `make_grid` (label column on the left, gap 4, margin 6)."""
+    gap, margin = 4, 6
+    label_width = grid.width - (columns * (cell + gap) - gap + margin)
+    array = np.asarray(grid)
+    return [
+        [
+            array[margin + r * (cell + gap) : margin + r * (cell + gap) + cell][
+                :, label_width + c * (cell + gap) : label_width + c * (cell + gap) + cell
+            ]
+            for c in range(columns)
+        ]
+        for r in range(rows)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end, in a subprocess (as the console script runs).
+
+
+def test_generate_subprocess_writes_grid_and_single_files(tiny_model, tmp_path):
+    result = run_cli(
+        "generate", "--model", str(tiny_model), "--class-labels", "0", "one", "9", "--num-images-per-label", "3",
+        "--output", str(tmp_path / "grid.png"), "--output-dir", str(tmp_path / "singles"), "--seed", "5",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    grid = Image.open(tmp_path / "grid.png")
+    grid.load()
+    assert grid.format == "PNG" and grid.mode == "RGB"
+    assert grid.height == 6 + 3 * (64 + 4) - 4 + 6  # 3 rows of 8x8 images upscaled 8x (automatic --scale)
+    singles = sorted(path.name for path in (tmp_path / "singles").iterdir())
+    assert singles == [f"label-{label}-{k}.png" for label in (0, 1, 9) for k in range(3)]
+    cells = grid_cells(grid, rows=3, columns=3, cell=64)
+    for r, label in enumerate((0, 1, 9)):
+        for k in range(3):
+            single = Image.open(tmp_path / "singles" / f"label-{label}-{k}.png")
+            assert single.size == (8, 8) and single.mode == "L"
+            upscaled = np.asarray(single.convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
+            np.testing.assert_array_equal(cells[r][k], upscaled)
+    # The card's settings were used, and the output paths were printed for scripts.
+    assert "num_inference_steps=4" in result.stderr and "model card" in result.stderr
+    assert str(tmp_path / "grid.png") in result.stdout
+
+
+def test_info_subprocess(tiny_model):
+    result = run_cli("info", "--model", str(tiny_model))
+    assert result.returncode == 0, result.stderr
+    pipe = MARPipeline.from_pretrained(tiny_model)
+    for name, module in (("transformer", pipe.transformer), ("diffusion_head", pipe.diffusion_head)):
+        count = sum(p.numel() for p in module.parameters())
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(name))
+        assert type(module).__name__ in line and f"{count:,}" in line
+    assert "MARDDPMScheduler" in result.stdout
+    assert "10 (ids 0..9; 10 = unconditional)" in result.stdout
+    assert "3: three" in result.stdout
+    assert "4x4 = 16 tokens of 4 values (patch size 2" in result.stdout and "pixel space" in result.stdout
+    assert "num_inference_steps: 4" in result.stdout and "guidance_scale: 2.0" in result.stdout
+
+
+def test_bad_input_subprocess_exit_code(tiny_model, tmp_path):
+    result = run_cli(
+        "generate", "--model", str(tiny_model), "--class-labels", "12", "--output", str(tmp_path / "grid.png")
+    )
+    assert result.returncode == 2
+    assert "argument --class-labels" in result.stderr and "12" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In process: `main(argv)` returns the exit code.
+
+
+def generate(tiny_model, output, *extra) -> int:
+    return cli.main(
+        ["generate", "--model", str(tiny_model), "--class-labels", "0", "1", "--quiet", "-o", str(output), *extra]
+    )
+
+
+def test_help_lists_exit_codes(capsys):
+    for argv in (["--help"], ["generate", "--help"], ["info", "--help"]):
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "exit codes" in out and "bad input" in out
+    assert cli.main([]) == 2
+
+
+def test_same_seed_same_file_other_seed_other_images(tiny_model, tmp_path):
+    assert generate(tiny_model, tmp_path / "a.png", "--seed", "3") == 0
+    assert generate(tiny_model, tmp_path / "b.png", "--seed", "3") == 0
+    assert generate(tiny_model, tmp_path / "c.png", "--seed", "4") == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "c.png")))
+
+
+def test_images_do_not_depend_on_batch_size(tiny_model, tmp_path):
+    assert generate(tiny_model, tmp_path / "a.png", "--num-images-per-label", "3") == 0
+    assert generate(tiny_model, tmp_path / "b.png", "--num-images-per-label", "3", "--batch-size", "2") == 0
+    a = np.asarray(Image.open(tmp_path / "a.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "b.png")).astype(int)
+    assert np.abs(a - b).max() <= 1  # per-image generators; batched float32 math may move a pixel by one level
+
+
+def test_options_override_the_card_and_scale(tiny_model, tmp_path, capsys):
+    code = generate(
+        tiny_model, tmp_path / "grid.jpg", "--num-inference-steps", "2", "--guidance-scale", "1", "--scale", "2",
+        "--num-images-per-label", "5", "--guidance-schedule", "constant", "--temperature", "0.9",
+    )  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "num_inference_steps=2" in err and "guidance_scale=1.0" in err and "temperature=0.9" in err
+    grid = Image.open(tmp_path / "grid.jpg")
+    assert grid.format == "JPEG" and grid.height == 6 + 2 * (16 + 4) - 4 + 6
+
+
+# The random tiny model's tokens grow past float16's range (a trained model's stay in [-1, 1]): NaN pixels are cast.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype(tiny_model, tmp_path, dtype):
+    assert generate(tiny_model, tmp_path / "grid.png", "--dtype", dtype) == 0
+    assert Image.open(tmp_path / "grid.png").size[1] == 6 + 2 * (64 + 4) - 4 + 6
+
+
+BAD_INPUTS = [
+    # (arguments, the option the message must name, exit code)
+    (["--model", "{tmp}/no_such_model"], "--model", 2),
+    (["--model", "{tmp}"], "--model", 2),  # a folder without model_index.json
+    (["--model", "diffusers-mar-tests/no-such-model"], "--model", 2),  # a Hub id that cannot be reached or found
+    (["--class-labels", "10", "11"], "--class-labels", 2),
+    (["--class-labels", "-1"], "--class-labels", 2),
+    (["--class-labels", "dog"], "--class-labels", 2),
+    (["--output", "{tmp}/a_file.txt/grid.png"], "--output", 2),  # a parent that is a file
+    (["--output", "{tmp}/grid.unknown"], "--output", 2),
+    (["--output", "{tmp}"], "--output", 2),
+    (["--output-dir", "{tmp}/a_file.txt"], "--output-dir", 2),
+    (["--dtype", "float64"], "--dtype", 2),
+    (["--device", "tpu"], "--device", 2),
+    (["--num-inference-steps", "17"], "--num-inference-steps", 2),  # the tiny model has 16 tokens
+    (["--num-inference-steps", "0"], "--num-inference-steps", 2),
+    (["--num-diffusion-steps", "1001"], "--num-diffusion-steps", 2),
+    (["--guidance-scale", "-1"], "--guidance-scale", 2),
+    (["--temperature", "0"], "--temperature", 2),
+    (["--num-images-per-label", "0"], "--num-images-per-label", 2),
+    (["--scale", "0"], "--scale", 2),
+    (["--guidance-schedule", "cosine"], "--guidance-schedule", 2),
+]
+
+
+@pytest.mark.parametrize("extra, option, exit_code", BAD_INPUTS, ids=[" ".join(case[0]) for case in BAD_INPUTS])
+def test_bad_inputs(tiny_model, tmp_path, capsys, extra, option, exit_code):
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--class-labels",
+        "0",
+        "--quiet",
+        "--output",
+        str(tmp_path / "g.png"),
+    ]
+    assert cli.main(argv + [arg.replace("{tmp}", str(tmp_path)) for arg in extra]) == exit_code
+    assert f"argument {option}" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file.txt"]  # nothing written
+
+
+def test_cuda_requested_without_cuda(tiny_model, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert generate(tiny_model, tmp_path / "grid.png", "--device", "cuda") == 2
+    assert "argument --device" in capsys.readouterr().err and not (tmp_path / "grid.png").exists()
+
+
+def test_missing_output_option(tiny_model, capsys):
+    assert cli.main(["generate", "--model", str(tiny_model), "--class-labels", "0"]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+
+
+def test_missing_default_model_is_a_runtime_failure(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", str(tmp_path / "default_model"))
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert "argument --model" in err and "default model is not installed" in err
+
+
+def test_bad_model_card_setting_is_a_runtime_failure(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    write_card(folder, {"num_inference_steps": 64})  # more steps than the model's 16 tokens
+    assert generate(folder, tmp_path / "grid.png") == 1
+    err = capsys.readouterr().err
+    assert "num_inference_steps=64" in err and "--num-inference-steps" in err and "model card" in err
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_output_folders_are_created(tiny_model, tmp_path):
+    assert generate(tiny_model, tmp_path / "new" / "grid.png", "--output-dir", str(tmp_path / "new" / "singles")) == 0
+    assert (tmp_path / "new" / "grid.png").is_file() and len(list((tmp_path / "new" / "singles").iterdir())) == 8
+    assert [path.name for path in (tmp_path / "new").iterdir() if path.name.startswith(".")] == []  # no temp files
+
+
+def test_info_json(tiny_model, capsys):
+    assert cli.main(["info", "--model", str(tiny_model), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    pipe = MARPipeline.from_pretrained(tiny_model)
+    assert summary["components"]["transformer"]["parameters"] == sum(p.numel() for p in pipe.transformer.parameters())
+    assert summary["components"]["scheduler"] == {"class": "MARDDPMScheduler"}
+    assert summary["space"] == "pixel" and summary["image_size"] == [8, 8] and summary["num_tokens"] == 16
+    assert summary["num_classes"] == 10 and summary["id2label"]["3"] == "three"
+    assert summary["recommended_sampling"] == {"guidance_schedule": "linear", "temperature": 1.0, **CARD_SAMPLING}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def test_recommended_sampling_without_card_caps_steps_at_the_token_count():
+    settings, source = cli.recommended_sampling(make_tiny_pipeline())
+    assert settings["num_inference_steps"] == 16 and settings["guidance_scale"] == 3.0
+    assert "MARPipeline defaults" in source
+
+
+def test_parse_class_labels_ids_and_names():
+    pipe = MARPipeline(**make_tiny_pipeline().components, id2label={0: "zero, nought", 1: "golden retriever"})
+    assert cli.parse_class_labels(pipe, ["1", "nought", "golden retriever", "10", "zero"]) == [1, 0, 1, 10, 0]
+    assert cli.label_text(pipe, 1) == "1 golden retriever" and cli.label_text(pipe, 10) == "uncond."
+
+
+def test_auto_scale():
+    assert [cli.auto_scale(size) for size in (8, 28, 32, 64, 256)] == [8, 3, 2, 1, 1]
+
+
+def test_make_grid_layout():
+    red, blue = Image.new("RGB", (2, 3), "red"), Image.new("L", (2, 3), 0)
+    grid = cli.make_grid([[red, red, red], [blue]], ["a", "b"], scale=4)
+    cells = np.asarray(grid)
+    label_width = grid.width - (3 * (8 + 4) - 4 + 6)
+    assert grid.height == 6 + 2 * (12 + 4) - 4 + 6
+    np.testing.assert_array_equal(
+        cells[6 : 6 + 12, label_width + 24 : label_width + 32], np.full((12, 8, 3), [255, 0, 0])
+    )
+    np.testing.assert_array_equal(cells[22 : 22 + 12, label_width : label_width + 8], 0)
+    assert (cells[22 : 22 + 12, label_width + 12 :] == 255).all()  # the short row leaves white space
+    assert (cells[:, :label_width] < 128).any()  # the labels are drawn

@@ -1,0 +1,74 @@
+"""The digits model shipped inside the package (`diffusers_mar.DEFAULT_MODEL`, issue 6).
+
+Skipped until `diffusers_mar/default_model/` holds a saved pipeline; then they must pass as written.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_mar import DEFAULT_MODEL, MARPipeline, cli
+from tests.testing_utils import REPO_ROOT
+
+pytestmark = pytest.mark.skipif(
+    not (Path(DEFAULT_MODEL) / "model_index.json").is_file(),
+    reason=f"the shipped default model is not in the package yet ({DEFAULT_MODEL} has no model_index.json)",
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = MARPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def settings(pipe):
+    return cli.recommended_sampling(pipe, DEFAULT_MODEL)[0]
+
+
+def test_cli_generates_with_the_default_model_offline(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["HF_HUB_OFFLINE"] = "1"
+    command = [sys.executable, "-m", "diffusers_mar.cli", "generate", "--class-labels", "0", "1", "2", "-o"]
+    result = subprocess.run([*command, str(tmp_path / "digits.png")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "model card" in result.stderr  # the shipped card recommends the sampling settings
+    grid = Image.open(tmp_path / "digits.png")
+    assert grid.format == "PNG" and grid.height == 6 + 3 * (64 + 4) - 4 + 6
+
+
+def test_default_model_is_a_pixel_space_digits_model(pipe, settings):
+    assert pipe.vae is None
+    assert pipe.transformer.config.num_classes == 10 and pipe.transformer.config.sample_size == 8
+    assert sorted(pipe.id2label) == list(range(10))
+    images = pipe(class_labels=[0, 7], generator=torch.Generator().manual_seed(0), **settings).images
+    assert [(image.size, image.mode) for image in images] == [((8, 8), "L")] * 2
+    array = pipe(class_labels=[3], generator=torch.Generator().manual_seed(0), output_type="np", **settings).images
+    assert array.shape == (1, 8, 8, 1) and array.dtype == np.float32 and 0.0 <= array.min() <= array.max() <= 1.0
+
+
+def test_same_seed_same_grid(tmp_path):
+    argv = ["generate", "--class-labels", "4", "5", "--num-images-per-label", "2", "--quiet", "--seed", "1", "-o"]
+    assert cli.main([*argv, str(tmp_path / "a.png")]) == 0
+    assert cli.main([*argv, str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_samples_are_mostly_classified_as_the_requested_digit(pipe, settings):
+    from benchmarks.eval_digits import DigitsEvaluator, generate_digits
+
+    assert settings["guidance_scale"] > 1.0  # the card recommends guidance
+    images, labels, _ = generate_digits(pipe, num_per_class=5, seed=0, **settings)
+    metrics = DigitsEvaluator().evaluate(images, labels)
+    # A random or broken model scores about 0.1; the benchmark's target for the shipped model is 0.95.
+    assert metrics["accuracy"] >= 0.8, metrics["accuracy_per_class"]
