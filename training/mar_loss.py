@@ -359,13 +359,13 @@ class MARTrainingModule(nn.Module):
         self.diffusion_batch_mul = diffusion_batch_mul
         self.tables = DiffusionLossTables.from_scheduler(scheduler)
 
-    def forward(self, tokens: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """The scalar loss of a batch (labels are dropped in train mode only, as the original)."""
+    def forward(self, latents: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """The scalar loss of a batch of latents (or pixels) `(B, C, H, W)`; labels drop in train mode only."""
         output = mar_loss(
             self.transformer,
             self.diffusion_head,
             self.scheduler,
-            tokens,
+            self.transformer.patchify(latents),
             class_labels,
             mask_ratio_min=self.mask_ratio_min,
             label_drop_prob=self.label_drop_prob if self.training else 0.0,

@@ -164,9 +164,9 @@ def test_training_module_drops_labels_in_train_mode_only(monkeypatch):
     monkeypatch.setattr(
         transformer, "forward", lambda t, m, labels: seen.append(labels.clone()) or forward(t, m, labels)
     )
-    tokens, labels = torch.randn(3, 16, 4), torch.tensor([1, 2, 3])
-    module.train()(tokens, labels)
-    module.eval()(tokens, labels)
+    latents, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    module.train()(latents, labels)
+    module.eval()(latents, labels)
     assert seen[0].tolist() == [10, 10, 10] and seen[1].tolist() == [1, 2, 3]
 
 
