@@ -798,6 +798,9 @@ def main(args: argparse.Namespace) -> Path:
         shuffle=True,
         drop_last=True,
         num_workers=args.dataloader_num_workers,
+        # Its own generator: starting an epoch's iterator (also mid-epoch, on resume) must not draw from the global
+        # generator that the training step uses.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if len(train_dataset) < args.train_batch_size * accelerator.num_processes:
