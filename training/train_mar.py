@@ -519,6 +519,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def sampling_scheduler(vae: AutoencoderKL | None) -> MARDDPMScheduler:
+    """The pipeline's scheduler: the original's (no clipping) in latent space; pixels are clipped to [-1, 1]."""
+    # Pixels are bounded, so x0_hat is clipped as in pixel-space DDPM; the unbounded latents keep the original's
+    # `clip_denoised=False`. Early in training this turns saturated pixel samples into clean ones (docs/training.md).
+    return MARDDPMScheduler(clip_sample=vae is None)
+
+
 def save_pipeline(
     path: Path,
     model: MARTrainingModule,
@@ -533,7 +540,9 @@ def save_pipeline(
         ema.store(module.parameters())
         ema.copy_to(module.parameters())
     try:
-        pipeline = MARPipeline(model.transformer, model.diffusion_head, MARDDPMScheduler(), vae=vae, id2label=id2label)
+        pipeline = MARPipeline(
+            model.transformer, model.diffusion_head, sampling_scheduler(vae), vae=vae, id2label=id2label
+        )
         pipeline.save_pretrained(path, safe_serialization=True)
     finally:
         for ema, module in zip(emas, modules):
@@ -551,6 +560,7 @@ def write_model_card(path: Path, card: dict) -> None:
         mar_sampling=card["sampling"],
     )
     classes = card["num_classes"]
+    sampling = ", ".join(f"{key}={value!r}" for key, value in card["sampling"].items())
     body = f"""
 # {card["title"]}
 
@@ -571,7 +581,8 @@ import torch
 from diffusers_mar import MARPipeline
 
 pipe = MARPipeline.from_pretrained("{card["repo"]}")
-images = pipe(class_labels=[0], generator=torch.Generator().manual_seed(0), **{card["sampling"]}).images
+generator = torch.Generator().manual_seed(0)
+images = pipe(class_labels=[0], generator=generator, {sampling}).images
 ```
 
 Training command:
@@ -583,10 +594,10 @@ accelerate launch training/train_mar.py {card["command"]}
     ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}").save(path / "README.md")
 
 
-def make_grid(images: np.ndarray, min_tile: int = 64) -> Image.Image:
+def make_grid(images: np.ndarray, cols: int | None = None, min_tile: int = 64) -> Image.Image:
     """(N, H, W, C) floats in [0, 1] -> one PIL grid, small tiles upscaled (nearest) to `min_tile` pixels."""
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.ones((rows * h, cols * w, c), dtype=np.float32)
     for i, image in enumerate(images):
@@ -687,6 +698,8 @@ def main(args: argparse.Namespace) -> Path:
     else:
         num_classes = len(id2label) if id2label else data_classes
         num_classes = max(num_classes, data_classes)
+    if id2label is None and pretrained is not None and num_classes == pretrained.transformer.config.num_classes:
+        id2label = pretrained.id2label or None
     random_flip = (not is_digits) if args.random_flip is None else args.random_flip
 
     # 3. Token space: a VAE's latents or pixels
@@ -942,7 +955,7 @@ def main(args: argparse.Namespace) -> Path:
             ema.copy_to(module.parameters())
             module.eval()
         try:
-            pipeline = MARPipeline(unwrapped.transformer, unwrapped.diffusion_head, MARDDPMScheduler(), vae=vae)
+            pipeline = MARPipeline(unwrapped.transformer, unwrapped.diffusion_head, sampling_scheduler(vae), vae=vae)
             pipeline.set_progress_bar_config(disable=True)
             class_labels = [i % num_classes for i in range(args.num_sample_images)]
             images = pipeline(
@@ -956,7 +969,9 @@ def main(args: argparse.Namespace) -> Path:
                 ema.restore(module.parameters())
                 module.train()
         (output_dir / "samples").mkdir(exist_ok=True)
-        make_grid(images).save(output_dir / "samples" / f"step-{global_step:07d}.png")
+        # One column per class when the classes fit in a row (images cycle through the classes).
+        cols = num_classes if num_classes <= min(16, args.num_sample_images) else None
+        make_grid(images, cols).save(output_dir / "samples" / f"step-{global_step:07d}.png")
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({"samples": images}, step=global_step, dataformats="NHWC")

@@ -170,6 +170,7 @@ def test_model_card_has_sampling_metadata_and_training_facts(tmp_path):
     pipe = MARPipeline.from_pretrained(output_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe([1], generator=torch.manual_seed(0), **sampling)  # the keys are __call__ arguments
+    assert pipe.scheduler.config.clip_sample  # pixel space: x0_hat is clipped to [-1, 1]
     assert "--dataset_name=digits" in card.text and "2 optimizer steps" in card.text
 
 
@@ -316,6 +317,7 @@ def test_image_folder_in_latent_space_and_from_cached_latents(tmp_path):
     out = train_mar.main(parse_args([*common, f"--train_data_dir={data}", f"--output_dir={tmp_path / 'pixels'}"]))
     pipe = MARPipeline.from_pretrained(out)
     assert pipe.vae is not None and pipe.id2label == {0: "cat", 1: "dog"}
+    assert not pipe.scheduler.config.clip_sample  # latents are unbounded, as the original
     assert pipe.transformer.config.in_channels == 4 and pipe.transformer.num_tokens == 16
 
     # The cache holds the posterior moments of the cropped image and of its mirror image.
