@@ -456,7 +456,7 @@ def resolve_model_configs(config: dict, grid_size: int, channels: int, num_class
         if transformer.get(key, value) != value:
             raise ValueError(
                 f"The model config has transformer.{key}={transformer[key]} but the data gives {value} "
-                f"({'latent grid side = resolution / VAE downsampling' if key == 'sample_size' else 'channels'}); "
+                f"({'grid side: the resolution, divided by the VAE downsampling' if key == 'sample_size' else 'channels'}); "
                 f"change --resolution or pass --override transformer.{key}={value}."
             )
         transformer[key] = value

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from diffusers_mar import MARPipeline, MARTransformer2DModel
 from tests.testing_utils import REPO_ROOT, TINY_PIXEL_TRANSFORMER_CONFIG
 from training import cache_latents, train_mar
-from training.train_mar import center_crop_arr, learning_rate_at, list_checkpoints, parse_args
+from training.train_mar import DIGITS_CONFIG, center_crop_arr, learning_rate_at, list_checkpoints, parse_args
 
 # A digits run of a few seconds: 40 images, batch 8 -> 5 steps per epoch; dropout, flips and label drop all on so
 # that every source of training randomness is exercised.
@@ -91,7 +91,13 @@ def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
         "random_states_0.pkl",
         "random_states_1.pkl",
     }
-    assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((output_dir / "logs").rglob("events.out.tfevents.*"))))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "images_per_second", "epoch"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert "samples" in events.Tags()["images"]
     assert (output_dir / "samples" / "step-0000003.png").is_file()
 
     pipe = MARPipeline.from_pretrained(output_dir)
@@ -172,6 +178,45 @@ def test_model_card_has_sampling_metadata_and_training_facts(tmp_path):
     pipe([1], generator=torch.manual_seed(0), **sampling)  # the keys are __call__ arguments
     assert pipe.scheduler.config.clip_sample  # pixel space: x0_hat is clipped to [-1, 1]
     assert "--dataset_name=digits" in card.text and "2 optimizer steps" in card.text
+
+
+def test_mixed_precision_gradient_checkpointing_and_accumulation(tmp_path):
+    output_dir = run(
+        tmp_path,
+        "--max_train_steps=2",
+        "--mixed_precision=bf16",
+        "--gradient_checkpointing",
+        "--gradient_accumulation_steps=2",
+    )
+    state = json.loads((output_dir / "checkpoint-2" / "training_state.json").read_text())
+    assert state["global_batch"] == 16 and state["global_step"] == 2
+    assert "global batch 16" in (output_dir / "README.md").read_text()
+    weights = load_file(output_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def test_dataset_with_other_column_names(tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8), "L") for _ in range(6)]
+    data = datasets.Dataset.from_dict({"picture": images, "digit": [0, 1, 2, 0, 1, 2]})
+    data.to_parquet(str(tmp_path / "data" / "train.parquet"))
+    args = [a for a in FAST if a not in ("--dataset_name=digits", "--max_train_samples=40")]
+    args += [f"--dataset_name={tmp_path / 'data'}", "--image_column=picture", "--label_column=digit"]
+    args += [
+        "--resolution=8",
+        "--image_mode=L",
+        "--train_batch_size=2",
+        "--max_train_steps=1",
+        f"--model_config={DIGITS_CONFIG}",
+    ]
+    args += [f"--cache_dir={tmp_path / 'hf'}", f"--output_dir={tmp_path / 'out'}"]
+    pipe = MARPipeline.from_pretrained(train_mar.main(parse_args(args)))
+    assert pipe.transformer.config.num_classes == 3 and pipe.transformer.config.in_channels == 1
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="--image_column 'image' is not a column"):
+        train_mar.main(parse_args([a for a in args if not a.startswith("--image_column")]))
 
 
 def test_push_to_hub_uploads_the_pipeline_folder(tmp_path, monkeypatch):
@@ -294,7 +339,7 @@ VAE_RUN = [
     "--resolution=16",
     "--train_batch_size=2",
     "--max_train_steps=2",
-    f"--model_config={REPO_ROOT / 'training' / 'configs' / 'mar-digits.json'}",
+    f"--model_config={DIGITS_CONFIG}",
     "--override=transformer.num_layers=1",
     "--override=diffusion_head.model_channels=16",
     "--report_to=none",
@@ -363,7 +408,7 @@ def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path, ca
         "--resolution=8",
         f"--train_data_dir={data}",
         f"--cache_dir={tmp_path / 'hf'}",
-        f"--model_config={REPO_ROOT / 'training' / 'configs' / 'mar-digits.json'}",
+        f"--model_config={DIGITS_CONFIG}",
         "--max_train_steps=1",
         "--train_batch_size=2",
         "--report_to=none",
