@@ -564,9 +564,10 @@ def write_model_card(path: Path, card: dict) -> None:
     body = f"""
 # {card["title"]}
 
-A class-conditional MAR model (*Autoregressive Image Generation without Vector Quantization*, Li et al. 2024) for
-[`diffusers-mar`](https://github.com/LTH14/mar), trained with `training/train_mar.py`. The weights are the
-exponential moving average (decay {card["ema_decay"]}).
+A class-conditional MAR model (*Autoregressive Image Generation without Vector Quantization*, Li et al. 2024,
+original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, trained with `training/train_mar.py`.
+The weights are the exponential moving average (decay {card["ema_decay"]}{", with warm-up" if card["ema_warmup"] else ""}).
+Load it with `MARPipeline`; the `mar_sampling` metadata above holds the recommended sampling arguments.
 
 | | |
 |---|---|
@@ -913,6 +914,7 @@ def main(args: argparse.Namespace) -> Path:
             "global_batch": global_batch,
             "final_loss": "n/a" if final_loss is None else f"{final_loss:.4f} (mean of the last {len(recent)} steps)",
             "ema_decay": args.ema_decay,
+            "ema_warmup": args.ema_warmup,
             "transformer_params": sum(p.numel() for p in transformer.parameters()),
             "head_params": sum(p.numel() for p in diffusion_head.parameters()),
             "repo": args.hub_model_id or str(output_dir),
