@@ -572,6 +572,7 @@ Load it with `MARPipeline`; the `mar_sampling` metadata above holds the recommen
 | | |
 |---|---|
 | data | {card["dataset"]} ({card["num_images"]} images, {classes} classes, {card["space"]}) |
+| model | {card["model_config"]} |
 | resolution | {card["resolution"]} |
 | training | {card["steps"]} optimizer steps ({card["epochs"]:.2f} epochs), global batch {card["global_batch"]} |
 | final loss | {card["final_loss"]} |
@@ -752,11 +753,15 @@ def main(args: argparse.Namespace) -> Path:
         if num_classes != config.num_classes:
             logger.info(f"Re-initialising the class embedding for {num_classes} classes (was {config.num_classes}).")
             transformer = reinit_class_embedding(transformer, num_classes)
-        sampling = {}
+        # The recommended sampling of the pretrained model's card, when it has one.
+        card_path = Path(args.pretrained_model) / "README.md"
+        sampling = ModelCard.load(card_path).data.to_dict().get("mar_sampling", {}) if card_path.is_file() else {}
         model_config_name = args.pretrained_model
     else:
-        model_config_name = args.model_config or (str(DIGITS_CONFIG) if is_digits else "mar-large")
-        config = apply_overrides(load_model_config(model_config_name), args.overrides)
+        model_config_name = args.model_config or ("training/configs/mar-digits.json" if is_digits else "mar-large")
+        config_path = DIGITS_CONFIG if args.model_config is None and is_digits else model_config_name
+        config = apply_overrides(load_model_config(str(config_path)), args.overrides)
+        model_config_name = " ".join([model_config_name, *args.overrides])
         transformer_config, head_config = resolve_model_configs(config, grid_size, channels, num_classes)
         transformer = MARTransformer2DModel.from_config(transformer_config)
         diffusion_head = MARDiffusionHead.from_config(head_config)
@@ -767,13 +772,23 @@ def main(args: argparse.Namespace) -> Path:
         transformer.enable_gradient_checkpointing()
         diffusion_head.enable_gradient_checkpointing()
     num_tokens = transformer.num_tokens
+    defaults = {
+        "guidance_scale": 3.0,
+        "guidance_schedule": "linear",
+        "temperature": 1.0,
+        "num_inference_steps": min(64, num_tokens),
+        "num_diffusion_steps": 100,
+    }
+    flags = {
+        "guidance_scale": args.sample_guidance_scale,
+        "temperature": args.sample_temperature,
+        "num_inference_steps": args.sample_num_inference_steps,
+        "num_diffusion_steps": args.sample_num_diffusion_steps,
+    }
+    # The --sample_* flags, else the config's (or pretrained card's) `sampling`, else the pipeline's defaults.
     sampling = {
-        "guidance_scale": args.sample_guidance_scale or sampling.get("guidance_scale", 3.0),
-        "guidance_schedule": sampling.get("guidance_schedule", "linear"),
-        "temperature": args.sample_temperature or sampling.get("temperature", 1.0),
-        "num_inference_steps": args.sample_num_inference_steps
-        or min(sampling.get("num_inference_steps", 64), num_tokens),
-        "num_diffusion_steps": args.sample_num_diffusion_steps or sampling.get("num_diffusion_steps", 100),
+        key: flags[key] if flags.get(key) is not None else sampling.get(key, default)
+        for key, default in defaults.items()
     }
     if not 1 <= sampling["num_inference_steps"] <= num_tokens:
         raise ValueError(f"--sample_num_inference_steps must be in [1, {num_tokens}] (the token count).")
@@ -909,6 +924,7 @@ def main(args: argparse.Namespace) -> Path:
             "num_images": len(train_dataset),
             "space": space,
             "resolution": resolution,
+            "model_config": model_config_name,
             "steps": global_step,
             "epochs": global_step / steps_per_epoch,
             "global_batch": global_batch,
