@@ -58,8 +58,6 @@ DIGITS_CONFIG = CONFIGS_DIR / "mar-digits.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CACHE_INFO = "cache_info.json"
-# Config keys the data decides; a config may state them only if they agree with the data.
-DERIVED_TRANSFORMER_KEYS = ("sample_size", "in_channels")
 PIPELINE_ITEMS = ("transformer", "diffusion_head", "scheduler", "vae", "README.md", "model_index.json")
 
 
@@ -864,8 +862,8 @@ def main(args: argparse.Namespace) -> Path:
     # 7. Output folder, trackers, resume
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in output_dir.glob("checkpoint-*.tmp"):
-            logger.warning(f"Removing {leftover}, an incomplete checkpoint of an interrupted run.")
+        for leftover in [*output_dir.glob("checkpoint-*.tmp"), *output_dir.glob("checkpoint-*.old")]:
+            logger.warning(f"Removing {leftover}, left by an interrupted checkpoint save.")
             shutil.rmtree(leftover)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -889,6 +887,10 @@ def main(args: argparse.Namespace) -> Path:
                     f"The checkpoint was written with global batch {state['global_batch']} on "
                     f"{state['num_processes']} process(es); the data order will not continue exactly."
                 )
+            saved = {p.name: int(CHECKPOINT_PATTERN.match(p.name).group(1)) for p in list_checkpoints(output_dir)}
+            newer = [name for name, step in saved.items() if step > state["global_step"]]
+            if newer:
+                logger.warning(f"Resuming from {path.name} although {newer} exist; `latest` would pick those.")
             accelerator.load_state(str(path))
             for ema in emas:
                 ema.to(accelerator.device)
@@ -954,9 +956,11 @@ def main(args: argparse.Namespace) -> Path:
             }
             (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
             save_pipeline(tmp / "pipeline", unwrapped, emas, vae, id2label, card_info(mean_recent()))
+            stale = final.with_name(final.name + ".old")  # a checkpoint of the same step from an earlier run
             if final.exists():
-                shutil.rmtree(final)
+                os.replace(final, stale)
             os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
             checkpoints = list_checkpoints(output_dir)
             if args.checkpoints_total_limit is not None:
                 for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit)]:
