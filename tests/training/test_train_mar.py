@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -64,6 +65,12 @@ def child_env():
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
     output_dir = tmp_path / "out"
     command = [
@@ -75,7 +82,7 @@ def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
         "--num_machines=1",
         "--mixed_precision=no",
         "--dynamo_backend=no",
-        "--main_process_port=0",
+        f"--main_process_port={free_port()}",
         str(REPO_ROOT / "training" / "train_mar.py"),
         *[arg for arg in FAST if arg != "--report_to=none"],
         "--report_to=tensorboard",
