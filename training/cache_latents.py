@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
+from accelerate.utils import parse_flag_from_env
 from diffusers.models import AutoencoderKL
 from tqdm.auto import tqdm
 
@@ -33,6 +34,7 @@ try:
         CACHE_INFO,
         center_crop_arr,
         check_image_folder,
+        check_launch,
         check_local_path,
         dataset_class_names,
         image_to_tensor,
@@ -43,6 +45,7 @@ except ImportError:  # run as a script: its own folder is on sys.path
         CACHE_INFO,
         center_crop_arr,
         check_image_folder,
+        check_launch,
         check_local_path,
         dataset_class_names,
         image_to_tensor,
@@ -92,7 +95,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_launch(state.num_processes)
     output_dir = Path(args.output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers.models import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel
@@ -242,6 +242,26 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.dataset_name == DIGITS and args.image_mode != "RGB":
         raise ValueError("--image_mode does not apply to digits (they are single-channel).")
     return args
+
+
+def check_launch(num_processes: int) -> None:
+    """Stop when the launcher asked for several processes but this one runs alone (CPU-only launches)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and num_processes == 1:
+        raise RuntimeError(
+            "Several processes were launched but they do not form a group (no GPU?). On CPU-only machines run "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`."
+        )
+    launched_alone = not any(name in os.environ for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if (
+        num_processes == 1
+        and parse_flag_from_env("ACCELERATE_USE_CPU")
+        and "MASTER_ADDR" in os.environ
+        and launched_alone
+    ):
+        raise RuntimeError(
+            "`accelerate launch --cpu --num_processes N` starts ONE process unless mpirun is used. For N CPU "
+            "processes run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`."
+        )
 
 
 def check_local_path(flag: str, path: str | None) -> None:
@@ -628,23 +648,7 @@ def main(args: argparse.Namespace) -> Path:
         # One shuffling seed for all processes, advanced per epoch: the data order survives a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
-            "Several processes were launched but they do not form a group (no GPU?). On CPU-only machines run "
-            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N training/train_mar.py ...`."
-        )
-    if (
-        accelerator.num_processes == 1
-        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        and "MASTER_ADDR" in os.environ
-        and "WORLD_SIZE" not in os.environ
-        and "PMI_SIZE" not in os.environ
-        and "OMPI_COMM_WORLD_SIZE" not in os.environ
-    ):
-        raise RuntimeError(
-            "`accelerate launch --cpu --num_processes N` starts ONE process unless mpirun is used. For N CPU "
-            "processes run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N training/train_mar.py`."
-        )
+    check_launch(accelerator.num_processes)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:

@@ -319,6 +319,47 @@ def test_cpu_flag_with_several_processes_explains_the_launch_command(tmp_path, m
         run(tmp_path, "--max_train_steps=1")
 
 
+def test_processes_that_do_not_form_a_group_are_refused(monkeypatch):
+    # `accelerate launch --multi_gpu` on a CPU-only machine without ACCELERATE_USE_CPU: N lonely processes.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="do not form a group"):
+        train_mar.check_launch(1)
+    train_mar.check_launch(2)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_share_the_latent_cache(tmp_path):
+    data = _image_folder(tmp_path / "data")
+    vae = _tiny_vae(tmp_path / "vae")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={free_port()}",
+        str(REPO_ROOT / "training" / "cache_latents.py"),
+        f"--train_data_dir={data}",
+        f"--pretrained_vae={tmp_path / 'vae'}",
+        "--resolution=16",
+        "--batch_size=2",
+        f"--cache_dir={tmp_path / 'hf'}",
+        f"--output_dir={tmp_path / 'cache'}",
+    ]
+    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    moments = np.load(tmp_path / "cache" / "moments.npy")
+    files = sorted((data).glob("*/*.png"))
+    for row, path in enumerate(files):  # rows written by both processes, in dataset order
+        pixels = train_mar.image_to_tensor(center_crop_arr(Image.open(path).convert("RGB"), 16))[None]
+        with torch.no_grad():
+            expected = vae.encode(pixels).latent_dist.parameters[0].numpy()
+        np.testing.assert_allclose(moments[row], expected, rtol=0, atol=1e-5)
+
+
 def _image_folder(root, sizes=((20, 30), (33, 17), (16, 16))):
     rng = np.random.default_rng(0)
     for label in ("cat", "dog"):
