@@ -60,7 +60,8 @@ def main() -> None:
     # 2. Loss curve from the tensorboard log
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = next(Path(args.output_dir, "logs").rglob("events.out.tfevents.*"))
+    # The scalars are in the run's own event file; its sub-folders hold the hyper-parameter summaries.
+    (events,) = Path(args.output_dir, "logs", "train_mar").glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
     accumulator.Reload()
     losses = [event.value for event in accumulator.Scalars("loss")]

@@ -100,7 +100,9 @@ def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
     }
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((output_dir / "logs").rglob("events.out.tfevents.*"))))
+    # The scalars are in the run's own event file; the sub-folders hold the hyper-parameter summaries.
+    (event_file,) = (output_dir / "logs" / "train_mar").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file))
     events.Reload()
     assert {"loss", "lr", "grad_norm", "images_per_second", "epoch"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
