@@ -46,8 +46,7 @@ from diffusers_mar import (  # noqa: E402
 )
 
 ORIGINAL_FACTORIES = {"mar-base": "mar_base", "mar-large": "mar_large", "mar-huge": "mar_huge"}
-DOCS_BEGIN = "<!-- bench_sampling:begin -->"
-DOCS_END = "<!-- bench_sampling:end -->"
+DOCS_MARKERS = ("<!-- bench_sampling:begin -->", "<!-- bench_sampling:end -->")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,8 +85,7 @@ def make_original_weights(args: argparse.Namespace, path: Path) -> None:
     preset = get_preset_config(args.model)
     torch.manual_seed(0)
     if args.original_repo is not None:
-        mar = _original_module(args)
-        model = _original_model(mar, args.model, num_sampling_steps=25)
+        model = original_model(args, args.model, num_sampling_steps=25)
         state_dict = model.state_dict()
     else:
         transformer = MARTransformer2DModel.from_config(preset["transformer"])
@@ -101,24 +99,24 @@ def make_original_weights(args: argparse.Namespace, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
 
 
-def _original_module(args: argparse.Namespace):
+def original_model(
+    args: argparse.Namespace, preset_name: str, num_sampling_steps: int, diffusion_batch_mul: int = 4
+) -> torch.nn.Module:
+    """The official `MAR` of a preset (random init, eval mode), from the checkout in `--original-repo`."""
     from benchmarks.original_mar import load_original_mar
 
-    return load_original_mar(args.original_repo)
-
-
-def _original_model(mar, preset_name: str, num_sampling_steps: int):
     head = get_preset_config(preset_name)["diffusion_head"]
-    factory = getattr(mar, ORIGINAL_FACTORIES[preset_name])
+    factory = getattr(load_original_mar(args.original_repo), ORIGINAL_FACTORIES[preset_name])
     return factory(
         buffer_size=64,
         diffloss_d=head["num_res_blocks"],
         diffloss_w=head["model_channels"],
         num_sampling_steps=str(num_sampling_steps),
+        diffusion_batch_mul=diffusion_batch_mul,
     ).eval()
 
 
-def _load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARPipeline:
+def load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARPipeline:
     preset = get_preset_config(args.model)
     transformer_sd, head_sd = convert_mar_state_dict(load_file(str(args.weights)))
     with torch.device("meta"):
@@ -176,7 +174,7 @@ def _rss_mb() -> float:
 
 
 @contextlib.contextmanager
-def _measure_memory(device: str, result: dict):
+def measure_memory(device: str, result: dict):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -204,7 +202,7 @@ def _measure_memory(device: str, result: dict):
 
 def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
-    pipe = _load_ours(args, device, dtype)
+    pipe = load_ours(args, device, dtype)
     timer = Timer(device)
     transformer = pipe.transformer
     transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
@@ -222,7 +220,7 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
         pipe(labels, generator=torch.Generator().manual_seed(1), **{**call, "num_inference_steps": 2})
         timer.totals.clear()
     result: dict = {}
-    with _measure_memory(device, result):
+    with measure_memory(device, result):
         timer.start("total")
         pipe(labels, generator=torch.Generator().manual_seed(0), **call)
         timer.stop("total")
@@ -231,8 +229,7 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
 
 def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     device = args.device
-    mar = _original_module(args)
-    model = _original_model(mar, args.model, diffusion_steps)
+    model = original_model(args, args.model, diffusion_steps)
     model.load_state_dict(load_file(str(args.weights)), strict=True)
     model.to(device)
     timer = Timer(device)
@@ -247,7 +244,7 @@ def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusio
     np.random.seed(0)
     torch.manual_seed(0)
     result: dict = {}
-    with _measure_memory(device, result), torch.no_grad(), autocast:
+    with measure_memory(device, result), torch.no_grad(), autocast:
         timer.start("total")
         model.sample_tokens(batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels)
         timer.stop("total")
@@ -272,9 +269,8 @@ def _summarise(totals: dict[str, float], batch_size: int, result: dict) -> dict:
 
 def run_check(args: argparse.Namespace) -> dict:
     """Record the official run's random draws, replay them through ours, compare the final tokens."""
-    mar = _original_module(args)
     batch_size, steps, diffusion_steps = 2, 4, 5
-    model = _original_model(mar, args.model, diffusion_steps)
+    model = original_model(args, args.model, diffusion_steps)
     model.load_state_dict(load_file(str(args.weights)), strict=True)
     orders, x_t, step_noise = [], [], []
     shuffle, randn, randn_like = np.random.shuffle, torch.randn, torch.randn_like
@@ -309,7 +305,7 @@ def run_check(args: argparse.Namespace) -> dict:
         n = x0.shape[0] // batch_size
         stacked = torch.stack([draw[: x0.shape[0]] for draw in draws])  # conditional rows only
         noise.append(torch.cat([x0[None], stacked]).reshape(1 + diffusion_steps, batch_size, n, -1))
-    pipe = _load_ours(args, "cpu", torch.float32)
+    pipe = load_ours(args, "cpu", torch.float32)
     actual = pipe(
         labels,
         num_inference_steps=steps,
@@ -340,7 +336,7 @@ def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _machine(args: argparse.Namespace) -> str:
+def machine_description(args: argparse.Namespace) -> str:
     if args.device == "cuda":
         return f"{torch.cuda.get_device_name()} ({args.dtype}), torch {torch.__version__}"
     threads = args.threads or torch.get_num_threads()
@@ -372,13 +368,15 @@ def _table(rows: list[dict], have_official: bool) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
+def update_docs_section(section: str, markers: tuple[str, str] = DOCS_MARKERS) -> None:
+    """Replace (or append) the block between `markers` in docs/benchmarks.md."""
+    begin, end = markers
     path = REPO_ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{DOCS_BEGIN}\n{section}\n{DOCS_END}"
-    if DOCS_BEGIN in text:
-        before, rest = text.split(DOCS_BEGIN, 1)
-        text = before + block + rest.split(DOCS_END, 1)[1]
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
@@ -416,15 +414,17 @@ def main(argv: list[str] | None = None) -> int:
         check = _spawn(args, "check", []) if args.check_equal else None
 
     command = "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {_machine(args)}. Guidance {args.guidance_scale} (linear).\n"
+    section = f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. Guidance {args.guidance_scale} (linear).\n"
     section += f"Command: `{command}`\n\n{_table(rows, have_official)}\n"
     if check:
         section += f"\nEquality: replaying the official draws ({check['setting']}), max |ours - official| / max |official| = {check['max_relative_difference']:.1e}.\n"
     print(section)
     if args.output_json:
-        args.output_json.write_text(json.dumps({"rows": rows, "check": check, "machine": _machine(args)}, indent=2))
+        args.output_json.write_text(
+            json.dumps({"rows": rows, "check": check, "machine": machine_description(args)}, indent=2)
+        )
     if args.write_docs:
-        write_docs(section)
+        update_docs_section(section)
     return 0
 
 
