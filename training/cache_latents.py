@@ -114,7 +114,9 @@ def main(args: argparse.Namespace) -> Path:
     arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ("moments", "moments_flip")}
 
     def preprocess(batch: dict) -> dict:
-        images = [train_mar.center_crop_arr(image.convert("RGB"), args.resolution) for image in batch[args.image_column]]
+        images = [
+            train_mar.center_crop_arr(image.convert("RGB"), args.resolution) for image in batch[args.image_column]
+        ]
         return {"pixel_values": [train_mar.image_to_tensor(image) for image in images]}
 
     indices = list(range(state.process_index, len(dataset), state.num_processes))
