@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--check-equal", action="store_true", help="Replay the official draws through ours.")
+    parser.add_argument(
+        "--profile-step", type=int, help="Profile outer step K of ours (first setting): the top operators."
+    )
     parser.add_argument("--output-json", type=Path)
     parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
     parser.add_argument("--worker", choices=["ours", "official", "check"], help=argparse.SUPPRESS)
@@ -200,6 +203,7 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
     transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
     transformer.proj_in.register_forward_pre_hook(lambda *a: timer.start("encoder"))
     transformer.encoder_norm.register_forward_hook(lambda *a: timer.stop("encoder"))
+    profile = _OuterStepProfiler(transformer, args.profile_step, device) if args.profile_step is not None else None
     labels = [i % 1000 for i in range(batch_size)]
     call = {
         "num_inference_steps": steps,
@@ -215,7 +219,37 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
         timer.start("total")
         pipe(labels, generator=torch.Generator().manual_seed(0), **call)
         timer.stop("total")
+    if profile is not None:
+        result["profile"] = profile.table()
     return _summarise(timer.totals, batch_size, result)
+
+
+class _OuterStepProfiler:
+    """Runs `torch.profiler` from the K-th transformer call to the next one: one outer step (transformer + head loop)."""
+
+    def __init__(self, transformer: torch.nn.Module, step: int, device: str):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.step, self.calls, self.running = step, 0, False
+        transformer.register_forward_pre_hook(self._on_call)
+
+    def _on_call(self, *args) -> None:
+        if self.calls == self.step:
+            self.profiler.__enter__()
+            self.running = True
+        elif self.running:
+            self.profiler.__exit__(None, None, None)
+            self.running = False
+        self.calls += 1
+
+    def table(self) -> str:
+        if self.running:
+            self.profiler.__exit__(None, None, None)
+            self.running = False
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        return self.profiler.key_averages().table(sort_by=sort_by, row_limit=12)
 
 
 def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
@@ -399,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"batch_size": batch_size, "steps": steps, "diffusion_steps": diffusion_steps}
                     if have_official:
                         row["official"] = _spawn(args, "official", setting)
+                    if args.profile_step is not None and not rows:
+                        setting += ["--profile-step", str(args.profile_step)]
                     row["ours"] = _spawn(args, "ours", setting)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -407,6 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. Guidance {args.guidance_scale} (linear).\n"
     section += f"Command: `{command}`\n\n{_table(rows, have_official)}\n"
+    profile = rows[0]["ours"].pop("profile", None) if rows else None
+    if profile:
+        first = rows[0]
+        section += (
+            f"\nWhere the time goes in one outer step of ours (step {args.profile_step} of {first['steps']}, batch "
+            f"{first['batch_size']}, {first['diffusion_steps']} head steps), top operators by self time:\n\n```\n{profile}\n```\n"
+        )
     if check:
         section += f"\nEquality: replaying the official draws ({check['setting']}), max |ours - official| / max |official| = {check['max_relative_difference']:.1e}.\n"
     print(section)
