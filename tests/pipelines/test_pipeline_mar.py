@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 
 from diffusers_mar import MARDDPMScheduler, MARPipeline, mask_by_order, mask_schedule
-from diffusers_mar.pipelines.pipeline_mar import guidance_schedule_values
+from diffusers_mar.pipelines.pipeline_mar import guidance_schedule_values, prepacked_linears
 from tests.testing_utils import (
     fixture_io,
     fixture_pipeline,
@@ -321,7 +321,9 @@ def test_head_traces_without_graph_breaks_and_compiled_pipeline_matches():
     x, embedding = torch.randn(6, 4), head.embed_condition(torch.randn(6, 16))
     explanation = torch._dynamo.explain(head)(x, torch.tensor(999), condition_embedding=embedding)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    pipe.disable_cpu_prepacking()  # the reference must run PyTorch's own linear, as the compiled head does
     expected = pipe([1, 2], generator=_seeded(0), output_type="latent", **FAST).images
+    pipe.enable_cpu_prepacking()  # a compiled head is left alone
     head.compile(backend="eager", fullgraph=True)
     actual = pipe([1, 2], generator=_seeded(0), output_type="latent", **FAST).images
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
@@ -344,3 +346,48 @@ def test_model_cpu_offload_hooks_give_the_same_images():
     assert hasattr(pipe.transformer, "_hf_hook") and not hasattr(pipe.diffusion_head, "_hf_hook")
     actual = pipe([1, 2], generator=_seeded(0), output_type="latent", **FAST).images
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (torch.backends.mkldnn)")
+def test_prepacked_linears_equal_plain_linears_and_restore_the_layers():
+    head = make_tiny_pipeline().diffusion_head
+    for parameter in head.parameters():  # the zero-initialised AdaLN and output layers would hide any difference
+        torch.nn.init.normal_(parameter, std=0.2)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    x, condition = torch.randn(7, 4), torch.randn(7, 16)
+    with torch.no_grad():
+        expected = head(x, torch.tensor(500), condition=condition)
+        with prepacked_linears(head) as count:
+            assert count == len(linears) and all("forward" in m.__dict__ for m in linears)
+            with torch.profiler.profile() as profile:
+                actual = head(x, torch.tensor(500), condition=condition)
+            ran = [event.key for event in profile.key_averages()]
+            assert "mkldnn::_linear_pointwise" in ran and "aten::addmm" not in ran  # every linear ran packed
+            # Other row counts than the packing hint, and 3-d inputs, go through the same packed weights.
+            assert (
+                relative_error(
+                    head.cond_proj(condition[None, :3]),
+                    torch.nn.functional.linear(condition[None, :3], head.cond_proj.weight, head.cond_proj.bias),
+                )
+                < 1e-5
+            )
+    assert relative_error(actual, expected) < 1e-5
+    assert not any("forward" in m.__dict__ for m in linears)  # restored
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), prepacked_linears(head):
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in linears)  # restored after an error too
+    with prepacked_linears(head) as count:  # gradients on (training): untouched
+        assert count == 0
+    with torch.no_grad(), prepacked_linears(head.to(torch.bfloat16)) as count:  # float32 only
+        assert count == 0
+
+
+def test_cpu_prepacking_changes_images_only_by_float32_rounding():
+    pipe = make_tiny_pipeline()
+    for parameter in pipe.diffusion_head.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    packed = pipe([1, 2], generator=_seeded(0), output_type="latent", guidance_scale=2.0, **FAST).images
+    pipe.disable_cpu_prepacking()
+    plain = pipe([1, 2], generator=_seeded(0), output_type="latent", guidance_scale=2.0, **FAST).images
+    assert not any("forward" in m.__dict__ for m in pipe.diffusion_head.modules())
+    assert relative_error(packed, plain) < 1e-5
