@@ -22,7 +22,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,8 +45,7 @@ from diffusers_mar import (  # noqa: E402
 )
 
 ORIGINAL_FACTORIES = {"mar-base": "mar_base", "mar-large": "mar_large", "mar-huge": "mar_huge"}
-DOCS_BEGIN = "<!-- bench_sampling:begin -->"
-DOCS_END = "<!-- bench_sampling:end -->"
+DOCS_MARKERS = ("<!-- bench_sampling:begin -->", "<!-- bench_sampling:end -->")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--check-equal", action="store_true", help="Replay the official draws through ours.")
+    parser.add_argument(
+        "--profile-step", type=int, help="Profile outer step K of ours (first setting): the top operators."
+    )
     parser.add_argument("--output-json", type=Path)
     parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
     parser.add_argument("--worker", choices=["ours", "official", "check"], help=argparse.SUPPRESS)
@@ -86,8 +87,7 @@ def make_original_weights(args: argparse.Namespace, path: Path) -> None:
     preset = get_preset_config(args.model)
     torch.manual_seed(0)
     if args.original_repo is not None:
-        mar = _original_module(args)
-        model = _original_model(mar, args.model, num_sampling_steps=25)
+        model = original_model(args, args.model, num_sampling_steps=25)
         state_dict = model.state_dict()
     else:
         transformer = MARTransformer2DModel.from_config(preset["transformer"])
@@ -101,24 +101,24 @@ def make_original_weights(args: argparse.Namespace, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
 
 
-def _original_module(args: argparse.Namespace):
+def original_model(
+    args: argparse.Namespace, preset_name: str, num_sampling_steps: int, diffusion_batch_mul: int = 4
+) -> torch.nn.Module:
+    """The official `MAR` of a preset (random init, eval mode), from the checkout in `--original-repo`."""
     from benchmarks.original_mar import load_original_mar
 
-    return load_original_mar(args.original_repo)
-
-
-def _original_model(mar, preset_name: str, num_sampling_steps: int):
     head = get_preset_config(preset_name)["diffusion_head"]
-    factory = getattr(mar, ORIGINAL_FACTORIES[preset_name])
+    factory = getattr(load_original_mar(args.original_repo), ORIGINAL_FACTORIES[preset_name])
     return factory(
         buffer_size=64,
         diffloss_d=head["num_res_blocks"],
         diffloss_w=head["model_channels"],
         num_sampling_steps=str(num_sampling_steps),
+        diffusion_batch_mul=diffusion_batch_mul,
     ).eval()
 
 
-def _load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARPipeline:
+def load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARPipeline:
     preset = get_preset_config(args.model)
     transformer_sd, head_sd = convert_mar_state_dict(load_file(str(args.weights)))
     with torch.device("meta"):
@@ -167,16 +167,17 @@ class Timer:
         return wrapped
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 @contextlib.contextmanager
-def _measure_memory(device: str, result: dict):
+def measure_memory(device: str, result: dict):
+    """Peak memory of the enclosed work above what was held before it (CUDA allocator, or the CPU resident set)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -184,33 +185,25 @@ def _measure_memory(device: str, result: dict):
         result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         result["memory_kind"] = "CUDA max_memory_allocated above the weights"
         return
-    # CPU: poll the resident set while sampling runs (ru_maxrss would include the weight loading).
-    base, peak, done = _rss_mb(), [0.0], threading.Event()
-
-    def poll():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], _rss_mb())
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-    result["peak_memory_mb"] = max(peak[0], _rss_mb()) - base
-    result["memory_kind"] = "peak RSS above the loaded weights"
+    # CPU: reset the kernel's resident-set high-water mark (VmHWM), so that weight loading does not count.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    base = _status_mb("VmRSS")
+    yield
+    result["peak_memory_mb"] = _status_mb("VmHWM") - base
+    result["memory_kind"] = "peak resident set (VmHWM) above the loaded weights"
 
 
 def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
-    pipe = _load_ours(args, device, dtype)
+    pipe = load_ours(args, device, dtype)
     timer = Timer(device)
     transformer = pipe.transformer
     transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
     transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
     transformer.proj_in.register_forward_pre_hook(lambda *a: timer.start("encoder"))
     transformer.encoder_norm.register_forward_hook(lambda *a: timer.stop("encoder"))
+    profile = _OuterStepProfiler(transformer, args.profile_step, device) if args.profile_step is not None else None
     labels = [i % 1000 for i in range(batch_size)]
     call = {
         "num_inference_steps": steps,
@@ -222,17 +215,46 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
         pipe(labels, generator=torch.Generator().manual_seed(1), **{**call, "num_inference_steps": 2})
         timer.totals.clear()
     result: dict = {}
-    with _measure_memory(device, result):
+    with measure_memory(device, result):
         timer.start("total")
         pipe(labels, generator=torch.Generator().manual_seed(0), **call)
         timer.stop("total")
+    if profile is not None:
+        result["profile"] = profile.table()
     return _summarise(timer.totals, batch_size, result)
+
+
+class _OuterStepProfiler:
+    """Runs `torch.profiler` from the K-th transformer call to the next one: one outer step (transformer + head loop)."""
+
+    def __init__(self, transformer: torch.nn.Module, step: int, device: str):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.step, self.calls, self.running = step, 0, False
+        transformer.register_forward_pre_hook(self._on_call)
+
+    def _on_call(self, *args) -> None:
+        if self.calls == self.step:
+            self.profiler.__enter__()
+            self.running = True
+        elif self.running:
+            self.profiler.__exit__(None, None, None)
+            self.running = False
+        self.calls += 1
+
+    def table(self) -> str:
+        if self.running:
+            self.profiler.__exit__(None, None, None)
+            self.running = False
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        return self.profiler.key_averages().table(sort_by=sort_by, row_limit=12)
 
 
 def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     device = args.device
-    mar = _original_module(args)
-    model = _original_model(mar, args.model, diffusion_steps)
+    model = original_model(args, args.model, diffusion_steps)
     model.load_state_dict(load_file(str(args.weights)), strict=True)
     model.to(device)
     timer = Timer(device)
@@ -247,7 +269,7 @@ def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusio
     np.random.seed(0)
     torch.manual_seed(0)
     result: dict = {}
-    with _measure_memory(device, result), torch.no_grad(), autocast:
+    with measure_memory(device, result), torch.no_grad(), autocast:
         timer.start("total")
         model.sample_tokens(batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels)
         timer.stop("total")
@@ -272,9 +294,8 @@ def _summarise(totals: dict[str, float], batch_size: int, result: dict) -> dict:
 
 def run_check(args: argparse.Namespace) -> dict:
     """Record the official run's random draws, replay them through ours, compare the final tokens."""
-    mar = _original_module(args)
     batch_size, steps, diffusion_steps = 2, 4, 5
-    model = _original_model(mar, args.model, diffusion_steps)
+    model = original_model(args, args.model, diffusion_steps)
     model.load_state_dict(load_file(str(args.weights)), strict=True)
     orders, x_t, step_noise = [], [], []
     shuffle, randn, randn_like = np.random.shuffle, torch.randn, torch.randn_like
@@ -309,7 +330,7 @@ def run_check(args: argparse.Namespace) -> dict:
         n = x0.shape[0] // batch_size
         stacked = torch.stack([draw[: x0.shape[0]] for draw in draws])  # conditional rows only
         noise.append(torch.cat([x0[None], stacked]).reshape(1 + diffusion_steps, batch_size, n, -1))
-    pipe = _load_ours(args, "cpu", torch.float32)
+    pipe = load_ours(args, "cpu", torch.float32)
     actual = pipe(
         labels,
         num_inference_steps=steps,
@@ -340,7 +361,7 @@ def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def _machine(args: argparse.Namespace) -> str:
+def machine_description(args: argparse.Namespace) -> str:
     if args.device == "cuda":
         return f"{torch.cuda.get_device_name()} ({args.dtype}), torch {torch.__version__}"
     threads = args.threads or torch.get_num_threads()
@@ -372,13 +393,15 @@ def _table(rows: list[dict], have_official: bool) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
+def update_docs_section(section: str, markers: tuple[str, str] = DOCS_MARKERS) -> None:
+    """Replace (or append) the block between `markers` in docs/benchmarks.md."""
+    begin, end = markers
     path = REPO_ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{DOCS_BEGIN}\n{section}\n{DOCS_END}"
-    if DOCS_BEGIN in text:
-        before, rest = text.split(DOCS_BEGIN, 1)
-        text = before + block + rest.split(DOCS_END, 1)[1]
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text:
+        before, rest = text.split(begin, 1)
+        text = before + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
@@ -410,21 +433,32 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"batch_size": batch_size, "steps": steps, "diffusion_steps": diffusion_steps}
                     if have_official:
                         row["official"] = _spawn(args, "official", setting)
+                    if args.profile_step is not None and not rows:
+                        setting += ["--profile-step", str(args.profile_step)]
                     row["ours"] = _spawn(args, "ours", setting)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         check = _spawn(args, "check", []) if args.check_equal else None
 
     command = "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {_machine(args)}. Guidance {args.guidance_scale} (linear).\n"
+    section = f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. Guidance {args.guidance_scale} (linear).\n"
     section += f"Command: `{command}`\n\n{_table(rows, have_official)}\n"
+    profile = rows[0]["ours"].pop("profile", None) if rows else None
+    if profile:
+        first = rows[0]
+        section += (
+            f"\nWhere the time goes in one outer step of ours (step {args.profile_step} of {first['steps']}, batch "
+            f"{first['batch_size']}, {first['diffusion_steps']} head steps), top operators by self time:\n\n```\n{profile}\n```\n"
+        )
     if check:
         section += f"\nEquality: replaying the official draws ({check['setting']}), max |ours - official| / max |official| = {check['max_relative_difference']:.1e}.\n"
     print(section)
     if args.output_json:
-        args.output_json.write_text(json.dumps({"rows": rows, "check": check, "machine": _machine(args)}, indent=2))
+        args.output_json.write_text(
+            json.dumps({"rows": rows, "check": check, "machine": machine_description(args)}, indent=2)
+        )
     if args.write_docs:
-        write_docs(section)
+        update_docs_section(section)
     return 0
 
 

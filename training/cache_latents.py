@@ -30,27 +30,9 @@ from tqdm.auto import tqdm
 from diffusers_mar import MARPipeline
 
 try:
-    from training.train_mar import (
-        CACHE_INFO,
-        center_crop_arr,
-        check_image_folder,
-        check_launch,
-        check_local_path,
-        dataset_class_names,
-        image_to_tensor,
-        load_image_dataset,
-    )
+    from training import train_mar
 except ImportError:  # run as a script: its own folder is on sys.path
-    from train_mar import (
-        CACHE_INFO,
-        center_crop_arr,
-        check_image_folder,
-        check_launch,
-        check_local_path,
-        dataset_class_names,
-        image_to_tensor,
-        load_image_dataset,
-    )
+    import train_mar
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -80,11 +62,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.dataset_name == "digits":
         raise ValueError("Digits train in pixel space; there is nothing to cache.")
     if args.train_data_dir is not None:
-        check_image_folder(args.train_data_dir)
+        train_mar.check_image_folder(args.train_data_dir)
     if (args.pretrained_vae is None) == (args.pretrained_model is None):
         raise ValueError("Give exactly one of --pretrained_vae and --pretrained_model (a pipeline with a VAE).")
-    check_local_path("--pretrained_vae", args.pretrained_vae)
-    check_local_path("--pretrained_model", args.pretrained_model)
+    train_mar.check_local_path("--pretrained_vae", args.pretrained_vae)
+    train_mar.check_local_path("--pretrained_model", args.pretrained_model)
     for name in ("resolution", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}.")
@@ -96,13 +78,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    check_launch(state.num_processes)
+    train_mar.check_launch(state.num_processes)
     output_dir = Path(args.output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
 
     # 1. Data and VAE (every check before any encoding)
     with state.main_process_first():
-        dataset, labels = load_image_dataset(args)
+        dataset, labels = train_mar.load_image_dataset(args)
     if args.pretrained_vae is not None:
         vae, vae_source = AutoencoderKL.from_pretrained(args.pretrained_vae), args.pretrained_vae
         if Path(vae_source).expanduser().exists():
@@ -132,8 +114,10 @@ def main(args: argparse.Namespace) -> Path:
     arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ("moments", "moments_flip")}
 
     def preprocess(batch: dict) -> dict:
-        images = [center_crop_arr(image.convert("RGB"), args.resolution) for image in batch[args.image_column]]
-        return {"pixel_values": [image_to_tensor(image) for image in images]}
+        images = [
+            train_mar.center_crop_arr(image.convert("RGB"), args.resolution) for image in batch[args.image_column]
+        ]
+        return {"pixel_values": [train_mar.image_to_tensor(image) for image in images]}
 
     indices = list(range(state.process_index, len(dataset), state.num_processes))
     shard = torch.utils.data.Subset(dataset.with_transform(preprocess), indices)
@@ -162,9 +146,9 @@ def main(args: argparse.Namespace) -> Path:
             "shift_factor": vae.config.shift_factor,
             "vae": vae_source,
             "dataset": args.dataset_name or args.train_data_dir,
-            "id2label": dataset_class_names(dataset, args.label_column),
+            "id2label": train_mar.dataset_class_names(dataset, args.label_column),
         }
-        (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2))
+        (tmp / train_mar.CACHE_INFO).write_text(json.dumps(info, indent=2))
         if output_dir.exists():
             shutil.rmtree(output_dir)
         tmp.rename(output_dir)

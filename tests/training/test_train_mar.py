@@ -71,9 +71,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
-    output_dir = tmp_path / "out"
-    command = [
+def _two_process_launch() -> list[str]:
+    """`accelerate launch` of two CPU processes (gloo); `--cpu` alone starts one process in accelerate 1.x."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -83,6 +83,13 @@ def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
         "--mixed_precision=no",
         "--dynamo_backend=no",
         f"--main_process_port={free_port()}",
+    ]
+
+
+def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
+    output_dir = tmp_path / "out"
+    command = [
+        *_two_process_launch(),
         str(REPO_ROOT / "training" / "train_mar.py"),
         *[arg for arg in FAST if arg != "--report_to=none"],
         "--report_to=tensorboard",
@@ -334,15 +341,7 @@ def test_two_cpu_processes_share_the_latent_cache(tmp_path):
     data = _image_folder(tmp_path / "data")
     vae = _tiny_vae(tmp_path / "vae")
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        f"--main_process_port={free_port()}",
+        *_two_process_launch(),
         str(REPO_ROOT / "training" / "cache_latents.py"),
         f"--train_data_dir={data}",
         f"--pretrained_vae={tmp_path / 'vae'}",
