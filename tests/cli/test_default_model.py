@@ -6,6 +6,7 @@ The model is package data (`diffusers_mar/default_model/`); these tests fail, no
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 
 from diffusers_mar import DEFAULT_MODEL, MARPipeline, cli
 from tests.testing_utils import REPO_ROOT
+
 
 def test_default_model_ships_as_small_safetensors_files():
     files = [path for path in Path(DEFAULT_MODEL).rglob("*") if path.is_file()]
@@ -89,3 +91,27 @@ def test_low_precision_weights_give_finite_images_close_to_float32(pipe, setting
     images = low(labels, generator=torch.Generator().manual_seed(0), output_type="np", **settings).images
     assert images.dtype == np.float32 and np.isfinite(images).all()
     assert np.abs(images - reference).mean() < tolerance < np.abs(other_seed - reference).mean()
+
+
+def test_readme_setup_command_makes_the_picture_the_readme_shows(tmp_path):
+    """The README's first set-up command ends in `diffusers-mar generate ...`; run those arguments and compare.
+
+    `docs/images/digits.png` was made by that command (regenerate it with the README's `diffusers-mar generate ...`
+    line, `--output docs/images/digits.png`). Another CPU may round differently, so the grids must agree closely,
+    not bitwise: the same seed draws the same orders and noise, while a different seed gives a very different grid.
+    """
+    readme = (REPO_ROOT / "README.md").read_text()
+    setup = readme[readme.index("## Set-up") :]
+    lines = setup[setup.index("```bash") + len("```bash") : setup.index("```", setup.index("```bash") + 7)]
+    first = lines.strip().splitlines()[0]
+    assert first.startswith("pip install torch==2.13.0 && pip install -e") and "&& diffusers-mar generate " in first
+    argv = shlex.split(first.split("&& diffusers-mar ", 1)[1])
+    assert argv[argv.index("--output") + 1] == "digits.png"
+    assert "![" in setup and "(docs/images/digits.png)" in setup
+
+    argv[argv.index("--output") + 1] = str(tmp_path / "digits.png")
+    assert cli.main([*argv, "--quiet"]) == 0
+    made = np.asarray(Image.open(tmp_path / "digits.png").convert("RGB"), dtype=np.float64)
+    shown = np.asarray(Image.open(REPO_ROOT / "docs" / "images" / "digits.png").convert("RGB"), dtype=np.float64)
+    assert made.shape == shown.shape
+    assert np.abs(made - shown).mean() < 2.0  # 0..255 scale; seed 1 instead of 0 differs by about 33
