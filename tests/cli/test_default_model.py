@@ -115,3 +115,17 @@ def test_readme_setup_command_makes_the_picture_the_readme_shows(tmp_path):
     shown = np.asarray(Image.open(REPO_ROOT / "docs" / "images" / "digits.png").convert("RGB"), dtype=np.float64)
     assert made.shape == shown.shape
     assert np.abs(made - shown).mean() < 2.0  # 0..255 scale; seed 1 instead of 0 differs by about 33
+
+
+def test_documented_fast_setting_keeps_samples_recognisable(settings):
+    """docs/usage.md's fast setting (DPM-Solver++ `leading`, 15 head steps, 8 outer steps) on the shipped model."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from benchmarks.eval_digits import DigitsEvaluator, generate_digits
+
+    fast = MARPipeline.from_pretrained(DEFAULT_MODEL)
+    fast.set_progress_bar_config(disable=True)
+    fast.scheduler = DPMSolverMultistepScheduler.from_config(fast.scheduler.config, timestep_spacing="leading")
+    fast_settings = {**settings, "num_inference_steps": 8, "num_diffusion_steps": 15}
+    images, labels, _ = generate_digits(fast, num_per_class=5, seed=0, **fast_settings)
+    assert DigitsEvaluator().evaluate(images, labels)["accuracy"] >= 0.8
