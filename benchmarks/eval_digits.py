@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import SchedulerMixin
 from scipy import linalg
 from sklearn.datasets import load_digits
 from sklearn.metrics import pairwise_distances
@@ -57,6 +58,7 @@ NUM_CLASSES = 10
 DIGIT_SIZE = 8
 DIGIT_MAX = 16.0
 SCHEDULERS = ("ddpm", "ddim", "dpm")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 DEFAULT_SECTION = "Digits quality (benchmarks/eval_digits.py)"
@@ -188,16 +190,29 @@ class DigitsEvaluator:
 # Generation.
 
 
-def set_head_scheduler(pipe: MARPipeline, name: str) -> None:
-    """`ddpm`: the model's own scheduler (MARDDPMScheduler); `ddim`, `dpm`: diffusers schedulers from its config."""
+def head_scheduler(config, name: str, timestep_spacing: str | None = None) -> SchedulerMixin:
+    """The head's scheduler `name` built from a MARDDPMScheduler `config`.
+
+    `ddpm`: MARDDPMScheduler (the model's own); `ddim`, `dpm`: diffusers' DDIMScheduler and
+    DPMSolverMultistepScheduler (DPM-Solver++). `timestep_spacing` overrides the config's (`linspace`): DPM-Solver does
+    not clip `x0_hat`, and from t = 999 (`sqrt(alpha_bar)` about 5e-5) a pixel-space model needs `leading`.
+    """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from diffusers_mar import MARDDPMScheduler
 
     if name not in SCHEDULERS:
         raise ValueError(f"`scheduler` must be one of {SCHEDULERS}; got {name!r}.")
-    if name == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif name == "dpm":
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"`timestep_spacing` must be one of {TIMESTEP_SPACINGS}; got {timestep_spacing!r}.")
+    cls = {"ddpm": MARDDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[name]
+    overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    return cls.from_config(config, **overrides)
+
+
+def set_head_scheduler(pipe: MARPipeline, name: str, timestep_spacing: str | None = None) -> None:
+    """Replace `pipe.scheduler` by `head_scheduler(pipe.scheduler.config, name, timestep_spacing)`."""
+    pipe.scheduler = head_scheduler(pipe.scheduler.config, name, timestep_spacing)
 
 
 def generate_digits(
@@ -295,6 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-diffusion-steps", type=int, nargs="+", help="default: the recommended value")
     parser.add_argument("--temperature", type=float, help="default: the recommended value")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm", help="the diffusion head's scheduler")
+    parser.add_argument(
+        "--timestep-spacing", choices=TIMESTEP_SPACINGS, help="the head scheduler's (default: the model's, linspace)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="generation seed (the classifier always uses 0)")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per pipeline call")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: one core)")
@@ -327,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     pipe.set_progress_bar_config(disable=True)
-    set_head_scheduler(pipe, args.scheduler)
+    set_head_scheduler(pipe, args.scheduler, args.timestep_spacing)
     recommended, _ = recommended_sampling(pipe, args.model)
     steps = recommended["num_inference_steps"]
     guidance_scales = args.guidance_scales or sorted({1.0, float(recommended["guidance_scale"])})
@@ -355,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         images, labels, seconds = generate_digits(pipe, args.num_per_class, args.seed, args.batch_size, **sampling)
         metrics = evaluator.evaluate(images, labels)
-        result = {"scheduler": args.scheduler, **sampling, "num_images": len(images), "seconds": seconds}
+        scheduler = args.scheduler if args.timestep_spacing is None else f"{args.scheduler} ({args.timestep_spacing})"
+        result = {"scheduler": scheduler, **sampling, "num_images": len(images), "seconds": seconds}
         result.update(images_per_second=len(images) / seconds, **metrics)
         results.append(result)
         print(

@@ -8,9 +8,10 @@ Hides the bottom half, and separately the left half, of held-out real digits and
 - references: the real digits, the digits with the half blanked (what the visible half alone tells the classifier),
   and unconditional completions (label `num_classes`).
 
-The classifier is a scikit-learn SVC trained on a fixed half of the digits (seed 0); the other half is the test set
-used here. It is held out from the classifier, not necessarily from the MAR model (a model trained on all 1,797
-digits has seen it).
+The classifier is the one of `benchmarks/eval_digits.py` (`DigitsEvaluator`: an MLP on the pixels, trained on the
+fixed stratified half A of the digits, seed 0), so both digits benchmarks judge with one classifier. The test
+digits are its held-out half B. They are held out from the classifier, not from the MAR model (a model trained on
+all 1,797 digits has seen them).
 
     PYTHONPATH=$PWD python benchmarks/eval_inpaint_digits.py [--model PATH] [--num-images 500]
 
@@ -26,43 +27,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.svm import SVC
 
 import diffusers_mar
+from benchmarks.eval_digits import DIGIT_MAX, DIGIT_SIZE, DigitsEvaluator, to_digit_scale
 from diffusers_mar import MARInpaintPipeline
 
 HALVES = ("bottom", "left")
 
 
-class DigitClassifier:
-    """SVC on the 64 pixels of 8x8 digits (the scikit-learn digits example). Images: (N, H, W) floats in [0, 1]."""
-
-    def __init__(self, seed: int = 0):
-        self.model = SVC(gamma=0.001, random_state=seed)
-
-    @staticmethod
-    def features(images: np.ndarray) -> np.ndarray:
-        images = torch.as_tensor(np.asarray(images, dtype=np.float32))[:, None]
-        if images.shape[-2:] != (8, 8):
-            images = F.adaptive_avg_pool2d(images, (8, 8))  # a model trained at another size
-        return images.reshape(len(images), 64).numpy() * 16.0  # the dataset's 0..16 scale
-
-    def fit(self, images: np.ndarray, labels: np.ndarray) -> DigitClassifier:
-        self.model.fit(self.features(images), labels)
-        return self
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.model.predict(self.features(images))
+def digit_splits(evaluator: DigitsEvaluator) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's held-out half B of the digits: images (N, 8, 8) in [0, 1] and labels (N,)."""
+    images = evaluator.images[evaluator.half_b].reshape(-1, DIGIT_SIZE, DIGIT_SIZE) / DIGIT_MAX
+    return images.astype(np.float32), evaluator.labels[evaluator.half_b]
 
 
-def digit_splits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train/test halves of the digits, stratified: images (N, 8, 8) in [0, 1] and labels (N,)."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    return train_test_split(images, digits.target, test_size=0.5, stratify=digits.target, random_state=seed)
+def predict(evaluator: DigitsEvaluator, images: np.ndarray) -> np.ndarray:
+    """The evaluator's classifier on (N, H, W) images in [0, 1] (a multiple of 8x8 is block-averaged to 8x8)."""
+    return evaluator.predict(to_digit_scale(np.asarray(images)[..., None]))
 
 
 def half_mask(half: str, size: int) -> np.ndarray:
@@ -134,7 +115,9 @@ def complete(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="pipeline folder (default: diffusers_mar.DEFAULT_MODEL)")
-    parser.add_argument("--num-images", type=int, default=500, help="test digits used (stratified prefix)")
+    parser.add_argument(
+        "--num-images", type=int, default=500, help="test digits used (a prefix of the 899 held-out digits)"
+    )
     parser.add_argument(
         "--guidance-scales", type=float, nargs="+", default=None, help="default: 1.0 and the model card's"
     )
@@ -142,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-diffusion-steps", type=int, default=None, help="default: the model card's, or 100")
     parser.add_argument("--temperature", type=float, default=None, help="default: the model card's, or 1.0")
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="generation and new-label seed (the classifier: 0)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output-json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
@@ -151,26 +134,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def pick(value, default):
+    return default if value is None else value
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
     pipe = load_pipeline(args.model, args.device)
     card = recommended_sampling(args.model)
     sampling = {
-        "num_inference_steps": args.num_inference_steps or card.get("num_inference_steps", 64),
-        "num_diffusion_steps": args.num_diffusion_steps or card.get("num_diffusion_steps", 100),
-        "temperature": args.temperature or card.get("temperature", 1.0),
+        "num_inference_steps": pick(args.num_inference_steps, card.get("num_inference_steps", 64)),
+        "num_diffusion_steps": pick(args.num_diffusion_steps, card.get("num_diffusion_steps", 100)),
+        "temperature": pick(args.temperature, card.get("temperature", 1.0)),
         "guidance_schedule": card.get("guidance_schedule", "linear"),
     }
     guidance_scales = args.guidance_scales or sorted({1.0, float(card.get("guidance_scale", 3.0))})
     num_classes = pipe.transformer.config.num_classes
 
-    train_x, test_x, train_y, test_y = digit_splits(args.seed)
-    classifier = DigitClassifier(args.seed).fit(train_x, train_y)
+    evaluator = DigitsEvaluator()  # the classifier of eval_digits.py (always seed 0)
+    test_x, test_y = digit_splits(evaluator)
     test_x, test_y = test_x[: args.num_images], test_y[: args.num_images]
     # Another label for every digit: old + k mod 10, k in 1..9 drawn with a fixed seed.
     new_y = (test_y + np.random.default_rng(args.seed).integers(1, 10, len(test_y))) % 10
-    real_accuracy = float((classifier.predict(test_x) == test_y).mean())
+    real_accuracy = float((predict(evaluator, test_x) == test_y).mean())
     print(f"model: {args.model or diffusers_mar.DEFAULT_MODEL}  resolution: {pipe.resolution}  tokens: "
           f"{pipe.transformer.num_tokens} of {pipe.token_size}x{pipe.token_size} px  sampling: {sampling}")  # fmt: skip
     print(f"classifier accuracy on {len(test_x)} real test digits: {real_accuracy:.3f}")
@@ -180,19 +167,19 @@ def main(argv: list[str] | None = None) -> dict:
     for half in HALVES:
         mask = half_mask(half, 8)
         blanked = test_x * (mask == 0)
-        row = {"blanked_accuracy": float((classifier.predict(blanked) == test_y).mean()), "guidance": {}}
+        row = {"blanked_accuracy": float((predict(evaluator, blanked) == test_y).mean()), "guidance": {}}
         start = time.perf_counter()
         unconditional = complete(
             pipe, test_x, mask, np.full_like(test_y, num_classes), args.batch_size, args.seed, guidance_scale=1.0,
             **sampling,
         )  # fmt: skip
-        row["unconditional_accuracy"] = float((classifier.predict(unconditional) == test_y).mean())
+        row["unconditional_accuracy"] = float((predict(evaluator, unconditional) == test_y).mean())
         for scale in guidance_scales:
             same = complete(pipe, test_x, mask, test_y, args.batch_size, args.seed, guidance_scale=scale, **sampling)
             edit = complete(pipe, test_x, mask, new_y, args.batch_size, args.seed, guidance_scale=scale, **sampling)
-            edit_pred = classifier.predict(edit)
+            edit_pred = predict(evaluator, edit)
             row["guidance"][scale] = {
-                "true_label_accuracy": float((classifier.predict(same) == test_y).mean()),
+                "true_label_accuracy": float((predict(evaluator, same) == test_y).mean()),
                 "edit_follows_new_label": float((edit_pred == new_y).mean()),
                 "edit_keeps_old_label": float((edit_pred == test_y).mean()),
             }

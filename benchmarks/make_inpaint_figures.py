@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from benchmarks.eval_digits import DigitsEvaluator
 from benchmarks.eval_inpaint_digits import digit_splits, half_mask, load_pipeline, recommended_sampling
 
 SCALE = 8  # each pixel of an 8x8 digit becomes 8x8 screen pixels
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    _, test_x, _, test_y = digit_splits(args.seed)
+    test_x, test_y = digit_splits(DigitsEvaluator())  # the held-out half B of eval_digits.py's classifier
     first = [int(np.flatnonzero(test_y == digit)[0]) for digit in range(10)]  # one test digit per class
     images, labels = test_x[first], test_y[first]  # (10, 8, 8)
     batch = images[..., None]  # (10, 8, 8, 1)

@@ -964,6 +964,7 @@ def save_pipeline_folder(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     old_dir = None
     try:
+        os.chmod(tmp_dir, 0o777 & ~_current_umask())  # mkdtemp makes the folder private (0700); the output is not
         pipeline.save_pretrained(tmp_dir, safe_serialization=safe_serialization)
         model_card.save(tmp_dir / "README.md")
         if verify_dtype is not None:
@@ -981,6 +982,12 @@ def save_pipeline_folder(
         if old_dir is not None:
             shutil.rmtree(old_dir, ignore_errors=True)
     return output_dir
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def push_folder_to_hub(

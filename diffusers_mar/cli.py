@@ -148,6 +148,12 @@ def check_output_paths(output: str | None, output_dir: str | None) -> None:
         _check_writable_folder(path, "--output-dir")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Save `image` to `path` (format from the extension), creating folders; no partial file on failure."""
     path = Path(path).expanduser()
@@ -159,6 +165,7 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     try:
         with os.fdopen(handle, "wb") as file:
             image.save(file, format=image_format)
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes the file private (0600); a PNG is not
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

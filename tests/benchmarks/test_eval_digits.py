@@ -112,3 +112,23 @@ def test_command_line_on_a_tiny_random_model(tmp_path, capsys):
     docs = (tmp_path / "benchmarks.md").read_text()
     assert "| ddpm | 2 |" in docs and "benchmarks/eval_digits.py --model" in docs
     assert "| ddpm | 1 |" in capsys.readouterr().out
+
+
+def test_head_scheduler_builds_each_scheduler_from_the_model_config():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from diffusers_mar import MARDDPMScheduler
+
+    config = MARDDPMScheduler(clip_sample=True).config
+    ddpm = eval_digits.head_scheduler(config, "ddpm")
+    assert type(ddpm) is MARDDPMScheduler and ddpm.config.clip_sample
+    dpm = eval_digits.head_scheduler(config, "dpm", "leading")
+    assert type(dpm) is DPMSolverMultistepScheduler and dpm.config.timestep_spacing == "leading"
+    dpm.set_timesteps(20)
+    # `leading` starts at t = 1000 // 21 * 20 = 940, not at t = 999 where x0_hat is x_t divided by ~5e-5.
+    assert dpm.timesteps[0] == 940
+    assert type(eval_digits.head_scheduler(config, "ddim")) is DDIMScheduler
+    with pytest.raises(ValueError, match="`scheduler` must be one of"):
+        eval_digits.head_scheduler(config, "euler")
+    with pytest.raises(ValueError, match="`timestep_spacing` must be one of"):
+        eval_digits.head_scheduler(config, "dpm", "sideways")

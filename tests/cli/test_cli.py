@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -77,6 +78,9 @@ def test_generate_subprocess_writes_grid_and_single_files(tiny_model, tmp_path):
     grid.load()
     assert grid.format == "PNG" and grid.mode == "RGB"
     assert grid.height == 6 + 3 * (64 + 4) - 4 + 6  # 3 rows of 8x8 images upscaled 8x (automatic --scale)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "grid.png").stat().st_mode) == 0o666 & ~umask  # not the temporary file's 0600
     singles = sorted(path.name for path in (tmp_path / "singles").iterdir())
     assert singles == [f"label-{label}-{k}.png" for label in (0, 1, 9) for k in range(3)]
     cells = grid_cells(grid, rows=3, columns=3, cell=64)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import pathlib
+import stat
 import subprocess
 import sys
 
@@ -191,6 +192,10 @@ def test_folder_layout_and_model_card_metadata(converted_fixture):
     assert index["scheduler"] == ["diffusers_mar", "MARDDPMScheduler"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
     assert isinstance(DiffusionPipeline.from_pretrained(converted_fixture), MARPipeline)
+    # The folder was a private temporary folder before its rename; it must end with the umask's usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(converted_fixture.stat().st_mode) == 0o777 & ~umask
     for component in ("transformer", "diffusion_head", "vae"):
         assert (converted_fixture / component / "diffusion_pytorch_model.safetensors").is_file()
     config = json.loads((converted_fixture / "transformer" / "config.json").read_text())
