@@ -138,9 +138,9 @@ def pick(value, default):
     return default if value is None else value
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): tests call main() in-process
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     pipe = load_pipeline(args.model, args.device)
     card = recommended_sampling(args.model)
     sampling = {

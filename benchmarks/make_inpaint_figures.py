@@ -50,6 +50,7 @@ def show_hidden(images: np.ndarray, token_mask: torch.Tensor, pipe) -> np.ndarra
     return out
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): tests call main() in-process
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="pipeline folder (default: diffusers_mar.DEFAULT_MODEL)")
@@ -57,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model card's, or 3.0")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     pipe = load_pipeline(args.model, "cpu")
     card = recommended_sampling(args.model)
     sampling = {
