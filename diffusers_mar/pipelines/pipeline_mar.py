@@ -92,20 +92,16 @@ def prepacked_linears(*modules: torch.nn.Module):
         and not torch.compiler.is_compiling()
     )
     for module in modules if usable else ():
-        compiled = [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-        if hasattr(module, "_orig_mod") or compiled:  # torch.compile'd (wrapped or in place): leave it to the compiler
+        # torch.compile'd (wrapped, or in place with `module.compile()`): leave it to the compiler.
+        if hasattr(module, "_orig_mod") or any(getattr(m, "_compiled_call_impl", None) for m in module.modules()):
             continue
         for layer in module.modules():
-            weight = getattr(layer, "weight", None)
-            if (
-                type(layer) is not torch.nn.Linear
-                or "forward" in layer.__dict__
-                or hasattr(layer, "_hf_hook")
-                or weight.device.type != "cpu"
-                or weight.dtype != torch.float32
-            ):
+            if type(layer) is not torch.nn.Linear or "forward" in layer.__dict__ or hasattr(layer, "_hf_hook"):
+                continue  # not a plain linear, or its forward is already replaced (e.g. by an Accelerate hook)
+            if layer.weight.device.type != "cpu" or layer.weight.dtype != torch.float32:
                 continue
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+            # 64: the row count oneDNN picks the layout for; calls with any other row count use the same copy.
+            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 64)
             bias = None if layer.bias is None else layer.bias.detach()
 
             def forward(x: torch.Tensor, packed=packed, bias=bias, fallback=layer.forward) -> torch.Tensor:
