@@ -297,10 +297,50 @@ def update_docs_section(path: Path, title: str, body: str) -> None:
 # Command line.
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser, default_section: str) -> None:
+    """Options every digits benchmark takes: the model, the image count, threads and where the results go."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a MARPipeline folder or Hub id (default: shipped)")
     parser.add_argument("--num-per-class", type=int, default=100, help="generated images per digit (default 100)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="images per pipeline call")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: one core)")
+    parser.add_argument("--output-json", help="write all results to this JSON file")
+    parser.add_argument("--write-docs", action="store_true", help=f"update a section of {DOCS_PATH.name}")
+    parser.add_argument("--docs-section", default=default_section, help="the section title to replace or append")
+    parser.add_argument("--docs-path", default=str(DOCS_PATH), help="the markdown file for --write-docs")
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error naming the option when a common option is out of range."""
+    for name in ("batch_size", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: must be >= 1; got {getattr(args, name)}")
+    if args.num_per_class < 2:
+        parser.error("argument --num-per-class: must be >= 2 (diversity needs pairs)")
+
+
+def load_digits_pipeline(model: str) -> MARPipeline:
+    """Load `model` with the CLI's error messages; raises `CLIError` (exit 2) unless it has the 10 digit classes."""
+    from diffusers_mar.cli import CLIError, load_pipeline
+
+    pipe = load_pipeline(model)
+    if pipe.transformer.config.num_classes != NUM_CLASSES:
+        raise CLIError(f"the model has {pipe.transformer.config.num_classes} classes, not {NUM_CLASSES}", "--model")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_outputs(args: argparse.Namespace, report: str, results: dict) -> None:
+    """Print the markdown report; write `results` to `--output-json` and the report into `--docs-path` if asked."""
+    print(report)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2))
+    if args.write_docs:
+        update_docs_section(Path(args.docs_path), args.docs_section, report)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, DEFAULT_SECTION)
     parser.add_argument(
         "--guidance-scales", type=float, nargs="+", help="default: 1.0 and the model's recommended scale"
     )
@@ -314,37 +354,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timestep-spacing", choices=TIMESTEP_SPACINGS, help="the head scheduler's (default: the model's, linspace)"
     )
     parser.add_argument("--seed", type=int, default=0, help="generation seed (the classifier always uses 0)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="images per pipeline call")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: one core)")
-    parser.add_argument("--output-json", help="write all results (per class too) to this JSON file")
-    parser.add_argument("--write-docs", action="store_true", help=f"update a section of {DOCS_PATH.name}")
-    parser.add_argument("--docs-section", default=DEFAULT_SECTION, help="the section title to replace or append")
-    parser.add_argument("--docs-path", default=str(DOCS_PATH), help="the markdown file for --write-docs")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"argument --{name.replace('_', '-')}: must be >= 1; got {getattr(args, name)}")
-    if args.num_per_class < 2:
-        parser.error("argument --num-per-class: must be >= 2 (diversity needs pairs)")
+    check_common_arguments(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers_mar.cli import CLIError, load_pipeline, recommended_sampling
+    from diffusers_mar.cli import CLIError, recommended_sampling
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        pipe = load_pipeline(args.model)
+        pipe = load_digits_pipeline(args.model)
     except CLIError as error:
         print(f"eval_digits: error: {error}", file=sys.stderr)
         return error.exit_code
-    if pipe.transformer.config.num_classes != NUM_CLASSES:
-        print(
-            f"eval_digits: error: the model has {pipe.transformer.config.num_classes} classes, not 10", file=sys.stderr
-        )
-        return 2
-    pipe.set_progress_bar_config(disable=True)
     set_head_scheduler(pipe, args.scheduler, args.timestep_spacing)
     recommended, _ = recommended_sampling(pipe, args.model)
     steps = recommended["num_inference_steps"]
@@ -393,13 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "benchmarks/eval_digits.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     report = markdown_report(results, baselines, context)
-    print(report)
-    if args.output_json:
-        Path(args.output_json).write_text(
-            json.dumps({**context, "baselines": baselines, "results": results}, indent=2)
-        )
-    if args.write_docs:
-        update_docs_section(Path(args.docs_path), args.docs_section, report)
+    write_outputs(args, report, {**context, "baselines": baselines, "results": results})
     return 0
 
 

@@ -23,20 +23,21 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.eval_digits import (
-    DOCS_PATH,
     SCHEDULERS,
     TIMESTEP_SPACINGS,
     DigitsEvaluator,
+    add_common_arguments,
+    check_common_arguments,
     generate_digits,
     head_scheduler,
+    load_digits_pipeline,
     machine_description,
-    update_docs_section,
+    write_outputs,
 )
 from diffusers_mar import DEFAULT_MODEL
 
@@ -137,25 +138,14 @@ def markdown_report(reference: dict, results: list[dict], context: dict, args) -
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a MARPipeline folder or Hub id (default: shipped)")
+    add_common_arguments(parser, DEFAULT_SECTION)
     parser.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), help="see the docstring")
-    parser.add_argument("--num-per-class", type=int, default=100, help="images per digit and seed (default 100)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="generation seeds (default 0 1)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="images per pipeline call")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: one core)")
     parser.add_argument("--min-speedup", type=float, default=3.0)
     parser.add_argument("--max-accuracy-drop", type=float, default=0.01)
     parser.add_argument("--max-frechet-increase", type=float, default=0.10)
-    parser.add_argument("--output-json", help="write all results to this JSON file")
-    parser.add_argument("--write-docs", action="store_true", help=f"update a section of {DOCS_PATH.name}")
-    parser.add_argument("--docs-section", default=DEFAULT_SECTION, help="the section title to replace or append")
-    parser.add_argument("--docs-path", default=str(DOCS_PATH), help="the markdown file for --write-docs")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"argument --{name.replace('_', '-')}: must be >= 1; got {getattr(args, name)}")
-    if args.num_per_class < 2:
-        parser.error("argument --num-per-class: must be >= 2 (diversity needs pairs)")
+    check_common_arguments(parser, args)
     try:
         args.settings = [parse_candidate(text) for text in args.candidates]
     except ValueError as error:
@@ -164,16 +154,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers_mar.cli import CLIError, load_pipeline, recommended_sampling
+    from diffusers_mar.cli import CLIError, recommended_sampling
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        pipe = load_pipeline(args.model)
+        pipe = load_digits_pipeline(args.model)
     except CLIError as error:
         print(f"fast_sampling_digits: error: {error}", file=sys.stderr)
         return error.exit_code
-    pipe.set_progress_bar_config(disable=True)
     base_config = pipe.scheduler.config
     recommended, _ = recommended_sampling(pipe, args.model)
     sampling = {key: recommended[key] for key in ("guidance_scale", "guidance_schedule", "temperature")}
@@ -222,13 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "frechet_floor": evaluator.frechet_floor,
     }
     report = markdown_report(reference, results, context, args)
-    print(report)
-    if args.output_json:
-        Path(args.output_json).write_text(
-            json.dumps({**context, "reference": reference, "results": results}, indent=2)
-        )
-    if args.write_docs:
-        update_docs_section(Path(args.docs_path), args.docs_section, report)
+    write_outputs(args, report, {**context, "reference": reference, "results": results})
     return 0
 
 

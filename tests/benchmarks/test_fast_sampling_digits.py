@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from benchmarks import fast_sampling_digits
+from benchmarks import eval_digits, fast_sampling_digits
 from benchmarks.fast_sampling_digits import parse_candidate
+from diffusers_mar import MARTransformer2DModel
 from tests.testing_utils import make_tiny_pipeline
 
 
@@ -48,3 +49,13 @@ def test_command_line_on_a_tiny_random_model(tmp_path, capsys):
     assert "## Fast setting" in docs and "| `dpm-leading/3/2` | DPM-Solver++ (`leading`) | 3 | 2 |" in docs
     assert "| `ddpm/100/16` | MARDDPMScheduler | 100 | 16 |" in capsys.readouterr().out
     assert fast_sampling_digits.main(["--model", str(folder), "--candidates", "ddim/2/17"]) == 2  # 16 tokens
+
+
+@pytest.mark.parametrize("script", [fast_sampling_digits, eval_digits])
+def test_a_model_without_ten_classes_is_refused(script, tmp_path, capsys):
+    pipe = make_tiny_pipeline()
+    config = {**pipe.transformer.config, "num_classes": 5}
+    pipe.transformer = MARTransformer2DModel.from_config(config)
+    pipe.save_pretrained(tmp_path / "model")
+    assert script.main(["--model", str(tmp_path / "model")]) == 2
+    assert "argument --model: the model has 5 classes, not 10" in capsys.readouterr().err
