@@ -348,10 +348,11 @@ def run_check(args: argparse.Namespace) -> dict:
 # Driver: one subprocess per measurement.
 
 
-def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
-    command = [sys.executable, __file__, "--worker", worker, "--weights", str(args.weights)]
-    command += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-    command += ["--guidance-scale", str(args.guidance_scale)] + extra
+def spawn_worker(script: str, args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
+    """Run `script --worker WORKER` in a fresh process (so that its peak memory is its own) with the options every
+    measurement shares, plus `extra`; the worker prints its result as JSON on its last line."""
+    command = [sys.executable, script, "--worker", worker, "--weights", str(args.weights), "--model", args.model]
+    command += ["--device", args.device, "--dtype", args.dtype, *extra]
     if args.original_repo is not None:
         command += ["--original-repo", str(args.original_repo)]
     if args.threads:
@@ -359,6 +360,10 @@ def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
+    return spawn_worker(__file__, args, worker, ["--guidance-scale", str(args.guidance_scale), *extra])
 
 
 def machine_description(args: argparse.Namespace) -> str:

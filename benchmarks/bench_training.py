@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from benchmarks.bench_sampling import (  # noqa: E402
     make_original_weights,
     measure_memory,
     original_model,
+    spawn_worker,
     update_docs_section,
 )
 from diffusers_mar import get_preset_config  # noqa: E402
@@ -119,16 +118,8 @@ def run_official(args: argparse.Namespace, batch_size: int) -> dict:
 
 
 def _spawn(args: argparse.Namespace, worker: str, batch_size: int) -> dict:
-    command = [sys.executable, __file__, "--worker", worker, "--weights", str(args.weights), "--model", args.model]
-    command += ["--device", args.device, "--dtype", args.dtype, "--batch-sizes", str(batch_size)]
-    command += ["--steps", str(args.steps), "--diffusion-batch-mul", str(args.diffusion_batch_mul)]
-    if args.original_repo is not None:
-        command += ["--original-repo", str(args.original_repo)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    extra = ["--batch-sizes", str(batch_size), "--steps", str(args.steps)]
+    return spawn_worker(__file__, args, worker, extra + ["--diffusion-batch-mul", str(args.diffusion_batch_mul)])
 
 
 def main(argv: list[str] | None = None) -> int:
