@@ -2,7 +2,10 @@
 
 Both run the same weights (a random initialisation of a preset in the original layout, converted with our converter)
 and the same settings, side by side in one run; each measurement runs in a fresh subprocess so that peak memory is its
-own. Reports images/s, peak memory, the ratio, and where the time goes (encoder, decoder, diffusion head + scheduler).
+own. Each process makes the same call twice: peak memory is measured on the first call and time on the second, so
+one-off costs (oneDNN generates kernels per matrix shape on first use, allocator growth, CUDA kernel loading) are
+left out for both; `--no-warmup` times the first call. Reports images/s, peak memory, the ratio, and where the time
+goes (encoder, decoder, diffusion head + scheduler).
 
     pip install timm==0.9.12 --no-deps      # the official code's only extra dependency (torchvision is stubbed)
     python benchmarks/bench_sampling.py --original-repo /path/to/LTH14/mar [--model mar-base] [--write-docs]
@@ -60,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--check-equal", action="store_true", help="Replay the official draws through ours.")
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="Time the first call (default: each run makes the same call twice, memory measured on the first, time "
+        "on the second, so that one-off costs such as oneDNN's per-shape kernel generation are not counted).",
+    )
     parser.add_argument(
         "--profile-step", type=int, help="Profile outer step K of ours (first setting): the top operators."
     )
@@ -203,7 +213,6 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
     transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
     transformer.proj_in.register_forward_pre_hook(lambda *a: timer.start("encoder"))
     transformer.encoder_norm.register_forward_hook(lambda *a: timer.stop("encoder"))
-    profile = _OuterStepProfiler(transformer, args.profile_step, device) if args.profile_step is not None else None
     labels = [i % 1000 for i in range(batch_size)]
     call = {
         "num_inference_steps": steps,
@@ -211,17 +220,30 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
         "guidance_scale": args.guidance_scale,
         "output_type": "latent",
     }
-    if device == "cuda":  # warm-up: kernels, allocator
-        pipe(labels, generator=torch.Generator().manual_seed(1), **{**call, "num_inference_steps": 2})
-        timer.totals.clear()
+    result = _timed_calls(
+        args, device, timer, lambda: pipe(labels, generator=torch.Generator().manual_seed(0), **call)
+    )
+    totals = dict(timer.totals)
+    if args.profile_step is not None:  # one more call, not timed (its hooks still add to `timer`)
+        profile = _OuterStepProfiler(transformer, args.profile_step, device)
+        pipe(labels, generator=torch.Generator().manual_seed(0), **call)
+        result["profile"] = profile.table()
+    return _summarise(totals, batch_size, result)
+
+
+def _timed_calls(args: argparse.Namespace, device: str, timer: Timer, call) -> dict:
+    """Peak memory of the first call; wall time of the second one (of the first with `--no-warmup`)."""
     result: dict = {}
     with measure_memory(device, result):
         timer.start("total")
-        pipe(labels, generator=torch.Generator().manual_seed(0), **call)
+        call()
         timer.stop("total")
-    if profile is not None:
-        result["profile"] = profile.table()
-    return _summarise(timer.totals, batch_size, result)
+    if args.warmup:
+        timer.totals.clear()
+        timer.start("total")
+        call()
+        timer.stop("total")
+    return result
 
 
 class _OuterStepProfiler:
@@ -262,17 +284,16 @@ def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusio
     model.forward_mae_decoder = timer.wrap("decoder", model.forward_mae_decoder)
     labels = torch.tensor([i % 1000 for i in range(batch_size)], device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
-    if device == "cuda":
+
+    def call():
+        np.random.seed(0)
+        torch.manual_seed(0)
         with torch.no_grad(), autocast:
-            model.sample_tokens(batch_size, num_iter=2, cfg=args.guidance_scale, labels=labels)
-        timer.totals.clear()
-    np.random.seed(0)
-    torch.manual_seed(0)
-    result: dict = {}
-    with measure_memory(device, result), torch.no_grad(), autocast:
-        timer.start("total")
-        model.sample_tokens(batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels)
-        timer.stop("total")
+            model.sample_tokens(
+                batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels
+            )
+
+    result = _timed_calls(args, device, timer, call)
     totals = dict(timer.totals)
     totals["transformer"] = totals.get("encoder", 0.0) + totals.get("decoder", 0.0)
     return _summarise(totals, batch_size, result)
@@ -363,7 +384,8 @@ def spawn_worker(script: str, args: argparse.Namespace, worker: str, extra: list
 
 
 def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
-    return spawn_worker(__file__, args, worker, ["--guidance-scale", str(args.guidance_scale), *extra])
+    shared = ["--guidance-scale", str(args.guidance_scale)] + ([] if args.warmup else ["--no-warmup"])
+    return spawn_worker(__file__, args, worker, [*shared, *extra])
 
 
 def machine_description(args: argparse.Namespace) -> str:
@@ -446,7 +468,16 @@ def main(argv: list[str] | None = None) -> int:
         check = _spawn(args, "check", []) if args.check_equal else None
 
     command = "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. Guidance {args.guidance_scale} (linear).\n"
+    timing = (
+        "Each run (a fresh process) makes the same call twice: peak memory is that of the first call, time that of "
+        "the second (one-off costs such as oneDNN's per-shape kernel generation excluded)"
+        if args.warmup
+        else "Time and peak memory of the first call in a fresh process (`--no-warmup`)"
+    )
+    section = (
+        f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. Guidance "
+        f"{args.guidance_scale} (linear). {timing}.\n"
+    )
     section += f"Command: `{command}`\n\n{_table(rows, have_official)}\n"
     profile = rows[0]["ours"].pop("profile", None) if rows else None
     if profile:

@@ -1,7 +1,8 @@
 """MARDiffusionHead: the per-token denoiser of MAR's Diffusion Loss.
 
 Numerics follow LTH14/mar `models/diffloss.py` (`SimpleMLPAdaLN`); the AdaLN modulations of all residual blocks
-and of the final layer are one `Linear`, so a step costs one modulation GEMM instead of one per block.
+and of the final layer are one `Linear`, so a step costs one modulation GEMM instead of one per block, and a sampler
+can compute the modulations of several steps at once (`compute_modulation`).
 """
 
 from __future__ import annotations
@@ -104,12 +105,31 @@ class MARDiffusionHead(ModelMixin, ConfigMixin):
         timestep = torch.as_tensor(timestep, device=self.proj_in.weight.device)
         return self.time_embedding(self.time_proj(timestep.reshape(-1)).to(dtype))
 
+    def compute_modulation(self, timestep: torch.Tensor | int, condition_embedding: torch.Tensor) -> torch.Tensor:
+        r"""
+        The AdaLN modulation of every block for each (timestep, token) pair: `(T, N, (3 * num_res_blocks + 2) * W)`.
+
+        It depends on the timestep and the condition only, not on the noisy sample, so a sampler that knows its
+        timesteps can compute it for several steps in one matrix product (`forward(..., modulation=...)` then skips
+        it). The values are those `forward` computes from `timestep` and `condition_embedding`.
+
+        Args:
+            timestep (`torch.Tensor` of shape `(T,)` or `()`, or `int`):
+                Integer timesteps (0..999), one modulation per timestep.
+            condition_embedding (`torch.Tensor` of shape `(N, model_channels)`):
+                `embed_condition(condition)`.
+        """
+        time_embedding = self.embed_timestep(timestep, condition_embedding.dtype)  # (T, W)
+        y = F.silu(time_embedding.unsqueeze(1) + condition_embedding.unsqueeze(0))  # (T, N, W)
+        return self.adaln_modulation(y)
+
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: torch.Tensor | int,
+        timestep: torch.Tensor | int | None = None,
         condition: torch.Tensor | None = None,
         condition_embedding: torch.Tensor | None = None,
+        modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
         Predict the noise and the variance value of noisy tokens.
@@ -117,24 +137,49 @@ class MARDiffusionHead(ModelMixin, ConfigMixin):
         Args:
             sample (`torch.Tensor` of shape `(N, in_channels)`):
                 Noisy tokens `x_t`.
-            timestep (`torch.Tensor` of shape `(N,)` or `()`, or `int`):
+            timestep (`torch.Tensor` of shape `(N,)` or `()`, or `int`, *optional*):
                 Integer timesteps of the 1000-step training process (0..999). One shared timestep is embedded once.
+                Required unless `modulation` is given, which already holds it (then `timestep` is not used).
             condition (`torch.Tensor` of shape `(N, condition_channels)`, *optional*):
                 The transformer's per-token conditions.
             condition_embedding (`torch.Tensor` of shape `(N, model_channels)`, *optional*):
-                `embed_condition(condition)`, precomputed once for all diffusion steps. Give exactly one of
-                `condition` and `condition_embedding`.
+                `embed_condition(condition)`, precomputed once for all diffusion steps.
+            modulation (`torch.Tensor` of shape `(N, (3 * num_res_blocks + 2) * model_channels)`, *optional*):
+                One timestep's row of `compute_modulation(timestep, condition_embedding)`, which already holds both
+                the timestep and the condition. Give exactly one of `condition`, `condition_embedding` and
+                `modulation`.
 
         Returns:
             `torch.Tensor` of shape `(N, out_channels)`: `[eps, v]`.
         """
-        if (condition is None) == (condition_embedding is None):
-            raise ValueError("Pass exactly one of `condition` and `condition_embedding`.")
-        if condition_embedding is None:
-            condition_embedding = self.embed_condition(condition)
+        given = [
+            name
+            for name, value in (
+                ("condition", condition),
+                ("condition_embedding", condition_embedding),
+                ("modulation", modulation),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "Pass exactly one of `condition`, `condition_embedding` and `modulation`; got "
+                f"{', '.join(f'`{name}`' for name in given) or 'none'}."
+            )
         x = self.proj_in(sample)  # (N, W)
-        y = F.silu(self.embed_timestep(timestep, x.dtype) + condition_embedding)  # (N, W)
-        modulation = self.adaln_modulation(y).chunk(3 * len(self.res_blocks) + 2, dim=-1)
+        if modulation is None:
+            if timestep is None:
+                raise ValueError("`timestep` is required unless `modulation` is given.")
+            if condition_embedding is None:
+                condition_embedding = self.embed_condition(condition)
+            y = F.silu(self.embed_timestep(timestep, x.dtype) + condition_embedding)  # (N, W)
+            modulation = self.adaln_modulation(y)
+        elif modulation.shape != (x.shape[0], self.adaln_modulation.out_features):
+            raise ValueError(
+                f"`modulation` must have shape ({x.shape[0]}, {self.adaln_modulation.out_features}) for "
+                f"{x.shape[0]} samples, got {tuple(modulation.shape)}."
+            )
+        modulation = modulation.chunk(3 * len(self.res_blocks) + 2, dim=-1)
         for i, block in enumerate(self.res_blocks):
             shift, scale, gate = modulation[3 * i : 3 * i + 3]
             if torch.is_grad_enabled() and self.gradient_checkpointing:

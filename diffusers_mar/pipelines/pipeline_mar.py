@@ -168,6 +168,10 @@ class MARPipeline(DiffusionPipeline):
 
     # The diffusion head's float32 CPU linears run on weights packed once per call (see `prepacked_linears`).
     _cpu_prepacking = True
+    # Rows of the head's AdaLN modulation computed in one product: when a diffusion step has fewer rows, the
+    # modulations of several steps are computed together, in equal chunks of about this many rows (1: one step at a
+    # time, as the original). 256 rows keep the product efficient and its output small.
+    modulation_rows = 256
 
     def enable_cpu_prepacking(self) -> None:
         """Run the diffusion head's float32 CPU linears on weights packed once per call (the default; see
@@ -443,6 +447,7 @@ class MARPipeline(DiffusionPipeline):
         else:
             tokens = self.transformer.patchify(latents.to(device=device, dtype=torch.float32))
         packing = prepacked_linears(self.diffusion_head) if self._cpu_prepacking else contextlib.nullcontext()
+        head_dtype = self.diffusion_head.dtype  # a walk over the parameters: once, not per step
         with packing:
             for step in self.progress_bar(range(num_inference_steps)):
                 next_unknown = 0 if step == num_inference_steps - 1 else mask_lens[step]
@@ -457,7 +462,7 @@ class MARPipeline(DiffusionPipeline):
                     tokens_in.to(self.transformer.dtype), mask_in, labels, predict_indices=predict_in
                 )  # (B', n, D)
                 condition_embedding = self.diffusion_head.embed_condition(
-                    condition.reshape(-1, condition.shape[-1]).to(self.diffusion_head.dtype)
+                    condition.reshape(-1, condition.shape[-1]).to(head_dtype)
                 )  # (B' * n, W)
 
                 if noise is None:
@@ -471,15 +476,24 @@ class MARPipeline(DiffusionPipeline):
                 # Timesteps stay on the host for the scheduler (no device sync per step); the head gets a device copy.
                 scheduler.set_timesteps(num_diffusion_steps)
                 head_timesteps = scheduler.timesteps.to(device)
+                # The AdaLN modulation depends on (timestep, condition) only: with few rows per step, that of
+                # several steps is one matrix product (the weights are read once instead of once per step),
+                # in equal chunks of at most about `modulation_rows` rows.
+                chunks = -(-len(head_timesteps) * condition_embedding.shape[0] // max(1, self.modulation_rows))
+                steps_per_modulation = -(-len(head_timesteps) // min(chunks, len(head_timesteps)))
                 sample = step_noise[0] * scheduler.init_noise_sigma  # (B * n, C), not scaled by temperature
                 for i, t in enumerate(scheduler.timesteps):
+                    if i % steps_per_modulation == 0:
+                        modulation = self.diffusion_head.compute_modulation(
+                            head_timesteps[i : i + steps_per_modulation], condition_embedding
+                        )  # (steps, B' * n, M)
                     model_input = scheduler.scale_model_input(sample, t)
                     if do_guidance:
                         model_input = torch.cat([model_input, model_input])
                     model_output = self.diffusion_head(
-                        model_input.to(self.diffusion_head.dtype),
+                        model_input.to(head_dtype),
                         head_timesteps[i],
-                        condition_embedding=condition_embedding,
+                        modulation=modulation[i % steps_per_modulation],
                     ).float()  # (B' * n, 2C)
                     if do_guidance:
                         # Guide eps only; keep the conditional rows' variance, as the original's forward_with_cfg.

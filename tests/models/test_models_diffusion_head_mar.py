@@ -63,6 +63,34 @@ def test_exactly_one_condition_is_required():
         head(torch.randn(2, 4), 3, torch.randn(2, 16), torch.randn(2, 16))
 
 
+def test_precomputed_modulation_gives_the_same_output():
+    head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)).eval()
+    x, c = torch.randn(5, 4), torch.randn(5, 16)
+    timesteps = torch.tensor([999, 421, 3])
+    with torch.no_grad():
+        embedding = head.embed_condition(c)
+        modulation = head.compute_modulation(timesteps, embedding)
+        assert modulation.shape == (3, 5, (3 * 1 + 2) * 16)
+        for i, t in enumerate(timesteps.tolist()):
+            expected = head(x, t, condition_embedding=embedding)
+            torch.testing.assert_close(head(x, modulation=modulation[i]), expected, rtol=0, atol=1e-6)
+            # The timestep is not used when the modulation is given (a sampler may still pass it).
+            torch.testing.assert_close(head(x, 0, modulation=modulation[i]), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(head.compute_modulation(421, embedding)[0], modulation[1], rtol=0, atol=1e-6)
+
+
+def test_modulation_arguments_are_checked():
+    head = MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)
+    x, c = torch.randn(2, 4), torch.randn(2, 16)
+    modulation = head.compute_modulation(5, head.embed_condition(c))[0]
+    with pytest.raises(ValueError, match="exactly one.*`condition`, `modulation`"):
+        head(x, 5, c, modulation=modulation)
+    with pytest.raises(ValueError, match="`timestep` is required"):
+        head(x, condition=c)
+    with pytest.raises(ValueError, match=r"`modulation` must have shape \(2, 80\)"):
+        head(x, modulation=modulation[:, :16])
+
+
 def test_original_initialisation_zeroes_the_output():
     head = MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)
     out = head(torch.randn(3, 4), torch.tensor([1, 2, 3]), torch.randn(3, 16))

@@ -60,6 +60,45 @@ def test_predict_indices_equal_rows_of_full_output():
     torch.testing.assert_close(part, expected, rtol=0, atol=1e-6)
 
 
+def _tiny_inputs(batch=3, known=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, 16, 4, generator=generator)
+    orders = torch.stack([torch.randperm(16, generator=generator) for _ in range(batch)])
+    mask = torch.ones(batch, 16).scatter(1, orders[:, :known], 0.0)
+    predict = orders[:, known : known + 4].sort(dim=1).values
+    labels = torch.tensor([1, 10, 4][:batch])
+    return tokens, mask, labels, predict
+
+
+def test_inference_path_equals_the_autograd_path():
+    # Without autograd (eval mode, CPU) the blocks reuse buffers and take GELU and the residual sums in place; the
+    # products are the same, so the conditions must be too, with and without `predict_indices`.
+    model = perturb_(MARTransformer2DModel(**{**TINY_PIXEL_TRANSFORMER_CONFIG, "num_layers": 2})).eval()
+    tokens, mask, labels, predict = _tiny_inputs()
+    with torch.enable_grad():
+        expected_full = model(tokens, mask, labels).detach()
+        expected_part = model(tokens, mask, labels, predict_indices=predict).detach()
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        full = model(tokens, mask, labels)
+        part = model(tokens, mask, labels, predict_indices=predict)
+    assert "aten::gelu_" in {event.name for event in profile.events()}  # the inference path ran
+    torch.testing.assert_close(full, expected_full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(part, expected_part, rtol=0, atol=1e-6)
+    assert full.shape == (3, 16, 16) and part.shape == (3, 4, 16)
+
+
+def test_inference_path_leaves_replaced_linear_forwards_in_charge():
+    # An Accelerate hook (offload, quantisation) replaces a layer's forward: the buffers must not bypass it.
+    model = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG)).eval()
+    calls = []
+    for name in ("to_qkv", "fc1"):
+        layer = model.encoder_blocks[0].attn.to_qkv if name == "to_qkv" else model.encoder_blocks[0].ff.fc1
+        layer.forward = lambda x, layer=layer, name=name: calls.append(name) or torch.nn.Linear.forward(layer, x)
+    with torch.no_grad():
+        model(*_tiny_inputs()[:3])
+    assert calls == ["to_qkv", "fc1"]
+
+
 def test_unknown_tokens_do_not_influence_conditions():
     model = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG)).eval()
     tokens = torch.randn(2, 16, 4)

@@ -145,7 +145,7 @@ def _point_mass_head(pipe, value):
     """Replace the head by the exact denoiser of a point mass at `value`: every sampler must land on it."""
     alphas_cumprod = torch.from_numpy(MARDDPMScheduler().alphas_cumprod_float64)
 
-    def forward(sample, timestep, condition=None, condition_embedding=None):
+    def forward(sample, timestep, condition=None, condition_embedding=None, modulation=None):
         abar = alphas_cumprod[int(timestep)].float()
         eps = (sample - abar.sqrt() * value) / (1 - abar).sqrt()
         return torch.cat([eps, torch.zeros_like(eps)], dim=1)
@@ -380,6 +380,24 @@ def test_prepacked_linears_equal_plain_linears_and_restore_the_layers():
         assert count == 0
     with torch.no_grad(), prepacked_linears(head.to(torch.bfloat16)) as count:  # float32 only
         assert count == 0
+
+
+def test_modulations_of_several_steps_at_once_equal_one_step_at_a_time(monkeypatch):
+    # Clipped x0 keeps the tokens in [-1, 1], so a modulation of the wrong step would show (it changes them by ~1).
+    pipe = make_tiny_pipeline(clip_sample=True)
+    head = pipe.diffusion_head
+    for parameter in head.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    sizes = []
+    compute = head.compute_modulation
+    monkeypatch.setattr(head, "compute_modulation", lambda t, c: sizes.append(len(t)) or compute(t, c))
+    batched = pipe([1, 2], generator=_seeded(0), output_type="latent", guidance_scale=2.0, **FAST).images
+    assert sizes == [FAST["num_diffusion_steps"]] * FAST["num_inference_steps"]  # all steps in one product
+    sizes.clear()
+    pipe.modulation_rows = 1  # one step at a time, as the original
+    stepwise = pipe([1, 2], generator=_seeded(0), output_type="latent", guidance_scale=2.0, **FAST).images
+    assert sizes == [1] * (FAST["num_diffusion_steps"] * FAST["num_inference_steps"])
+    assert relative_error(batched, stepwise) < 1e-5  # float32 rounding (products of other shapes)
 
 
 def test_cpu_prepacking_changes_images_only_by_float32_rounding():
