@@ -13,17 +13,19 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor, workspace: dict | None, key: str) -> torch.Tensor:
-    """`layer(x)`; with a `workspace`, the output goes to a buffer of it reused by every block (CPU inference).
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether `layer` is an `nn.Linear` (no subclass) whose forward nothing (e.g. an Accelerate hook) replaced."""
+    return type(layer) is nn.Linear and "forward" not in layer.__dict__ and not hasattr(layer, "_hf_hook")
 
-    PyTorch's CPU allocator gives each large tensor fresh pages from the OS, and touching them costs about as much as
-    writing them (page faults); the MLP and QKV outputs of MAR-B at batch 8 are 47-63 MB per block. The product is the
-    one `F.linear` computes (`addmm` of the bias and the folded input), so the values are identical.
-    """
-    plain = type(layer) is nn.Linear and "forward" not in layer.__dict__ and layer.bias is not None
+
+def _linear(layer: nn.Linear, x: torch.Tensor, workspace: dict | None, key: str) -> torch.Tensor:
+    """`layer(x)`; with a `workspace`, into a buffer of it that every block of the call reuses (CPU inference)."""
+    # PyTorch's CPU allocator gives each large tensor fresh pages, and the page faults cost about as much as writing
+    # them (MAR-B's MLP and QKV outputs at batch 8: 47-63 MB per block). Same product as `F.linear`: identical values.
     if (
         workspace is None
-        or not plain
+        or not is_plain_linear(layer)
+        or layer.bias is None
         or not x.is_contiguous()
         or x.dtype != layer.weight.dtype
         or x.device != layer.weight.device

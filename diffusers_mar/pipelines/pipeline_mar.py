@@ -22,7 +22,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
-from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.models.transformer_mar import MARTransformer2DModel, is_plain_linear
 
 logger = logging.get_logger(__name__)
 
@@ -96,9 +96,7 @@ def prepacked_linears(*modules: torch.nn.Module):
         if hasattr(module, "_orig_mod") or any(getattr(m, "_compiled_call_impl", None) for m in module.modules()):
             continue
         for layer in module.modules():
-            if type(layer) is not torch.nn.Linear or "forward" in layer.__dict__ or hasattr(layer, "_hf_hook"):
-                continue  # not a plain linear, or its forward is already replaced (e.g. by an Accelerate hook)
-            if layer.weight.device.type != "cpu" or layer.weight.dtype != torch.float32:
+            if not is_plain_linear(layer) or layer.weight.device.type != "cpu" or layer.weight.dtype != torch.float32:
                 continue
             # 64: the row count oneDNN picks the layout for; calls with any other row count use the same copy.
             packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 64)
