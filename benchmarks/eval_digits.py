@@ -360,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers_mar.cli import CLIError, recommended_sampling
+    from diffusers_mar.cli import CLIError
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_digits: error: {error}", file=sys.stderr)
         return error.exit_code
     set_head_scheduler(pipe, args.scheduler, args.timestep_spacing)
-    recommended, _ = recommended_sampling(pipe, args.model)
+    recommended = pipe.sampling_defaults
     steps = recommended["num_inference_steps"]
     guidance_scales = args.guidance_scales or sorted({1.0, float(recommended["guidance_scale"])})
     inference_steps = args.num_inference_steps or sorted({max(1, steps // 4), max(1, steps // 2), steps})

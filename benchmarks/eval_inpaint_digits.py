@@ -75,17 +75,6 @@ def load_pipeline(model: str | None, device: str) -> MARInpaintPipeline:
     return pipe
 
 
-def recommended_sampling(model: str | None) -> dict:
-    """`mar_sampling` of the model card (README.md of the pipeline folder), if any."""
-    folder = Path(model or getattr(diffusers_mar, "DEFAULT_MODEL", "") or ".")
-    card = folder / "README.md"
-    if not card.is_file():
-        return {}
-    from huggingface_hub import ModelCard
-
-    return dict(ModelCard.load(card).data.to_dict().get("mar_sampling") or {})
-
-
 def complete(
     pipe: MARInpaintPipeline,
     images: np.ndarray,
@@ -142,7 +131,7 @@ def pick(value, default):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     pipe = load_pipeline(args.model, args.device)
-    card = recommended_sampling(args.model)
+    card = pipe.sampling_defaults
     sampling = {
         "num_inference_steps": pick(args.num_inference_steps, card.get("num_inference_steps", 64)),
         "num_diffusion_steps": pick(args.num_diffusion_steps, card.get("num_diffusion_steps", 100)),

@@ -1,6 +1,6 @@
 """Faster sampling settings of a digits MAR against its recommended one: images/s on one core against quality.
 
-The reference is the model card's `mar_sampling` (for the shipped model: MARDDPMScheduler, 100 head steps, 16
+The reference is the pipeline folder's recommended settings (`pipe.sampling_defaults` (for the shipped model: MARDDPMScheduler, 100 head steps, 16
 outer steps). Each candidate changes the head's scheduler (`ddpm`, `ddim`, `dpm` = DPM-Solver++, optionally with
 another `timestep_spacing`), the number of head steps (`num_diffusion_steps`) and of outer steps
 (`num_inference_steps`); guidance and temperature stay the card's. Every setting generates `--num-per-class` images of
@@ -154,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffusers_mar.cli import CLIError, recommended_sampling
+    from diffusers_mar.cli import CLIError
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fast_sampling_digits: error: {error}", file=sys.stderr)
         return error.exit_code
     base_config = pipe.scheduler.config
-    recommended, _ = recommended_sampling(pipe, args.model)
+    recommended = pipe.sampling_defaults
     sampling = {key: recommended[key] for key in ("guidance_scale", "guidance_schedule", "temperature")}
     num_tokens = pipe.transformer.num_tokens
     for setting in args.settings:

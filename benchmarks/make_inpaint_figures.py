@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.eval_digits import DigitsEvaluator
-from benchmarks.eval_inpaint_digits import digit_splits, half_mask, load_pipeline, recommended_sampling
+from benchmarks.eval_inpaint_digits import digit_splits, half_mask, load_pipeline
 
 SCALE = 8  # each pixel of an 8x8 digit becomes 8x8 screen pixels
 GAP = 2
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="pipeline folder (default: diffusers_mar.DEFAULT_MODEL)")
     parser.add_argument("--output-dir", default="docs/images")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model card's, or 3.0")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's recommended one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model, "cpu")
-    card = recommended_sampling(args.model)
+    card = pipe.sampling_defaults
     sampling = {
         "num_inference_steps": card.get("num_inference_steps", 64),
         "num_diffusion_steps": card.get("num_diffusion_steps", 100),

@@ -3,7 +3,7 @@
     python benchmarks/train_digits.py --output_dir /tmp/mar-digits-bench
 
 Trains on scikit-learn's bundled 8x8 digits (no download) with the recipe of `training/README.md`, reads the
-logged losses, then samples 10 images per class with the EMA pipeline and the model card's `mar_sampling` settings
+logged losses, then samples 10 images per class with the EMA pipeline and the folder's recommended sampling settings
 and classifies them with an SVM trained on the real digits (about 99% accurate on real ones; random images score
 about 10%). Prints one JSON line; record it in `docs/benchmarks.md`.
 """
@@ -68,7 +68,6 @@ def main() -> None:
     speed = [event.value for event in accumulator.Scalars("images_per_second")]
 
     # 3. Sample quality: an SVM trained on the real digits classifies class-conditional samples
-    from huggingface_hub import ModelCard
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
 
@@ -78,7 +77,7 @@ def main() -> None:
     classifier = SVC(gamma=0.001).fit(digits.data, digits.target)
     pipe = MARPipeline.from_pretrained(args.output_dir)
     pipe.set_progress_bar_config(disable=True)
-    sampling = ModelCard.load(Path(args.output_dir) / "README.md").data.to_dict()["mar_sampling"]
+    sampling = pipe.sampling_defaults
     labels = [c for c in range(10) for _ in range(args.samples_per_class)]
     images = pipe(labels, generator=torch.Generator().manual_seed(args.seed), output_type="np", **sampling).images
     features = (images[..., 0].reshape(len(labels), -1) * 16.0).clip(0, 16)  # [0, 1] -> the digits' 0..16 range

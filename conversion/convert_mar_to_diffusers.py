@@ -921,7 +921,7 @@ def verify_pipeline_folder(
             torch.randn(rows, head.config.condition_channels, generator=generator),
         ),
     }
-    calls = {name: lambda model, args: model(*args) for name in inputs}
+    calls = {name: lambda model, args: model(*args, return_dict=False)[0] for name in inputs}
     if "vae" in names:
         config = expected["vae"].config
         side = 2 ** len(config.block_out_channels)

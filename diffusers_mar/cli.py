@@ -9,7 +9,6 @@ all checks run before anything is generated, so a failing command leaves no outp
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -25,11 +24,10 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
 
 from diffusers_mar import DEFAULT_MODEL, MARPipeline
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# `MARPipeline.__call__` arguments that a model card's `mar_sampling` metadata may recommend, in display order.
-SAMPLING_KEYS = ("guidance_scale", "guidance_schedule", "temperature", "num_inference_steps", "num_diffusion_steps")
 GRID_MIN_CELL = 64  # the automatic `--scale` upscales images smaller than this (pixels) to at least this size
 
 EPILOG = """\
@@ -174,7 +172,7 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The model: a local folder or a Hub id, and the sampling settings its model card recommends.
+# The model: a local folder or a Hub id, and the sampling settings its folder recommends.
 
 
 def _looks_like_local_path(model: str) -> bool:
@@ -239,35 +237,11 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
     return pipe
 
 
-def recommended_sampling(pipe: MARPipeline, model: str | None = None) -> tuple[dict, str]:
-    """The sampling settings a model recommends, and where they come from.
-
-    `MARPipeline.__call__` defaults (with `num_inference_steps` capped at the model's number of tokens),
-    overridden by the `mar_sampling` metadata of the model card: `README.md` in the pipeline folder, or in the Hub
-    repository when it can be reached. `model` is the folder or Hub id (defaults to the pipeline's
-    `_name_or_path`). Keys are `SAMPLING_KEYS`.
-    """
-    from huggingface_hub import ModelCard
-
-    defaults = inspect.signature(MARPipeline.__call__).parameters
-    settings = {key: defaults[key].default for key in SAMPLING_KEYS}
-    settings["num_inference_steps"] = min(settings["num_inference_steps"], pipe.transformer.num_tokens)
-    name = str(model or pipe.config.get("_name_or_path") or "")
-    card = None
-    try:
-        if name and (Path(name).expanduser() / "README.md").is_file():
-            card = ModelCard.load(Path(name).expanduser() / "README.md")
-        elif name and not Path(name).expanduser().exists() and not _looks_like_local_path(name):
-            card = ModelCard.load(name)  # a Hub repository; fails (and is skipped) offline
-    except Exception:
-        card = None
-    recommended = card.data.to_dict().get("mar_sampling") if card is not None else None
-    if not recommended:
-        return settings, "MARPipeline defaults (no mar_sampling in a model card)"
-    if not isinstance(recommended, dict):
-        return settings, "MARPipeline defaults (the model card's mar_sampling is not a mapping)"
-    settings.update({key: recommended[key] for key in SAMPLING_KEYS if key in recommended})
-    return settings, "the model card's mar_sampling"
+def recommended_sampling(pipe: MARPipeline) -> tuple[dict, str]:
+    """The sampling settings a model recommends (`pipe.sampling_defaults`), and where they come from."""
+    if pipe.config.get("sampling"):
+        return pipe.sampling_defaults, "the pipeline folder's recommended settings (model_index.json)"
+    return pipe.sampling_defaults, "the paper's settings clipped to this model (the folder stores none)"
 
 
 def parse_class_labels(pipe: MARPipeline, tokens: list[str]) -> list[int]:
@@ -348,7 +322,7 @@ def make_grid(images: list[list[Image.Image]], row_labels: list[str], scale: int
 
 def _sampling_settings(args: argparse.Namespace, pipe: MARPipeline) -> tuple[dict, str]:
     """Options given on the command line, else the model's recommendations; range checks that name the option."""
-    settings, source = recommended_sampling(pipe, args.model)
+    settings, source = recommended_sampling(pipe)
     given = {key for key in SAMPLING_KEYS if getattr(args, key, None) is not None}
     settings.update({key: getattr(args, key) for key in given})
     num_tokens = pipe.transformer.num_tokens
@@ -392,7 +366,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generators = [torch.Generator().manual_seed(args.seed + first + i) for i in range(len(batch))]
         try:
             images.extend(pipe(class_labels=batch, generator=generators, output_type="pil", **settings).images)
-        except ValueError as error:  # an argument that the pipeline rejected (e.g. a model card value)
+        except ValueError as error:  # an argument that the pipeline rejected (e.g. a stored setting)
             raise CLIError(f"the pipeline rejected the settings ({settings_text}): {error}") from None
     seconds = time.perf_counter() - start
     print(f"Generated {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.1f} img/s)", file=sys.stderr)
@@ -426,7 +400,7 @@ def model_summary(pipe: MARPipeline, model: str) -> dict:
             entry["parameters"] = sum(p.numel() for p in component.parameters())
         components[name] = entry
     image_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-    settings, source = recommended_sampling(pipe, model)
+    settings, source = recommended_sampling(pipe)
     return {
         "model": model,
         "pipeline": type(pipe).__name__,
@@ -518,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Generate --num-images-per-label images for each of --class-labels and write them as one grid\n"
             "(rows = labels) and/or one PNG per image. Sampling options not given take the values that the\n"
-            "model card recommends (its `mar_sampling` metadata), else MARPipeline's defaults."
+            "pipeline folder recommends (`sampling` in model_index.json), else the paper's, clipped to the model."
         ),
         epilog=EPILOG
         + "\nexample:\n  diffusers-mar generate --class-labels 0 1 2 --num-images-per-label 4 --output grid.png\n",

@@ -151,7 +151,7 @@ def diffusion_loss(
     diffusion_head: nn.Module,
     scheduler: MARDDPMScheduler,
     target: torch.Tensor,
-    condition_embedding: torch.Tensor,
+    condition: torch.Tensor,
     mask: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
@@ -163,13 +163,13 @@ def diffusion_loss(
 
     Args:
         diffusion_head (`MARDiffusionHead`):
-            The denoiser; called as `diffusion_head(x_t, timesteps, condition_embedding=...)`.
+            The denoiser; called as `diffusion_head(x_t, timesteps, condition, return_dict=False)`.
         scheduler (`MARDDPMScheduler`):
             The training process: `add_noise` and the float64 tables.
         target (`torch.Tensor` of shape `(N, C)`):
             Clean tokens `x_0`.
-        condition_embedding (`torch.Tensor` of shape `(N, model_channels)`):
-            `diffusion_head.embed_condition(condition)` for each row.
+        condition (`torch.Tensor` of shape `(N, condition_channels)`):
+            The transformer's condition for each row.
         mask (`torch.Tensor` of shape `(N,)`, *optional*):
             Rows with 1 enter the mean (`sum(rows * mask) / sum(mask)`); all rows if not given.
         timesteps (`torch.LongTensor` of shape `(N,)`, *optional*):
@@ -197,7 +197,7 @@ def diffusion_loss(
 
     # 1. Noise the targets and predict [eps, v]
     x_t = scheduler.add_noise(target, noise, timesteps)
-    model_output = diffusion_head(x_t, timesteps, condition_embedding=condition_embedding).float()  # (N, 2C)
+    model_output = diffusion_head(x_t, timesteps, condition, return_dict=False)[0].float()  # (N, 2C)
     eps, v = model_output[:, :channels], model_output[:, channels:]
     target, x_t, noise = target.float(), x_t.float(), noise.float()
 
@@ -309,20 +309,18 @@ def mar_loss(
     class_labels = drop_labels(class_labels, num_classes, label_drop_prob, generator=generator)
 
     # 3. Per-token conditions
-    condition = transformer(tokens, mask, class_labels)  # (B, L, D)
+    condition = transformer(tokens, mask, class_labels, return_dict=False)[0]  # (B, L, D)
 
     # 4. Diffusion loss on the masked tokens, every token repeated `diffusion_batch_mul` times
-    # As in LTH14/mar forward_loss: rows are [all B * L tokens] x mul. The condition projection is row-wise, so it is
-    # computed once and repeated (same values and gradients as projecting the repeated conditions).
+    # As in LTH14/mar forward_loss: rows are [all B * L tokens] x mul.
     target = tokens.reshape(batch_size * num_tokens, token_dim).detach().repeat(diffusion_batch_mul, 1)
-    condition_embedding = diffusion_head.embed_condition(condition.reshape(batch_size * num_tokens, -1))
-    condition_embedding = condition_embedding.repeat(diffusion_batch_mul, 1)
+    condition = condition.reshape(batch_size * num_tokens, -1).repeat(diffusion_batch_mul, 1)
     row_mask = mask.reshape(batch_size * num_tokens).repeat(diffusion_batch_mul)
     diffusion = diffusion_loss(
         diffusion_head,
         scheduler,
         target,
-        condition_embedding,
+        condition,
         mask=row_mask,
         timesteps=timesteps,
         noise=noise,

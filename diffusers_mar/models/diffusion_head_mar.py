@@ -2,17 +2,33 @@
 
 Numerics follow LTH14/mar `models/diffloss.py` (`SimpleMLPAdaLN`); the AdaLN modulations of all residual blocks
 and of the final layer are one `Linear`, so a step costs one modulation GEMM instead of one per block, and a sampler
-can compute the modulations of several steps at once (`compute_modulation`).
+can compute the modulations of several steps at once (`compute_modulation`, `forward_with_modulation`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
 from torch import nn
+
+
+@dataclass
+class MARDiffusionHeadOutput(BaseOutput):
+    """
+    The output of [`MARDiffusionHead`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(N, out_channels)`):
+            `[eps, v]`: the predicted noise and the learned-range variance value of each token.
+    """
+
+    sample: torch.Tensor
 
 
 class MARResBlock(nn.Module):
@@ -110,8 +126,8 @@ class MARDiffusionHead(ModelMixin, ConfigMixin):
         The AdaLN modulation of every block for each (timestep, token) pair: `(T, N, (3 * num_res_blocks + 2) * W)`.
 
         It depends on the timestep and the condition only, not on the noisy sample, so a sampler that knows its
-        timesteps can compute it for several steps in one matrix product (`forward(..., modulation=...)` then skips
-        it). The values are those `forward` computes from `timestep` and `condition_embedding`.
+        timesteps can compute it for several steps in one matrix product and call `forward_with_modulation` with one
+        step's row. The values are those `forward` computes from the same timestep and condition.
 
         Args:
             timestep (`torch.Tensor` of shape `(T,)` or `()`, or `int`):
@@ -123,62 +139,17 @@ class MARDiffusionHead(ModelMixin, ConfigMixin):
         y = F.silu(time_embedding.unsqueeze(1) + condition_embedding.unsqueeze(0))  # (T, N, W)
         return self.adaln_modulation(y)
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | int | None = None,
-        condition: torch.Tensor | None = None,
-        condition_embedding: torch.Tensor | None = None,
-        modulation: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward_with_modulation(self, sample: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
         r"""
-        Predict the noise and the variance value of noisy tokens.
-
-        Args:
-            sample (`torch.Tensor` of shape `(N, in_channels)`):
-                Noisy tokens `x_t`.
-            timestep (`torch.Tensor` of shape `(N,)` or `()`, or `int`, *optional*):
-                Integer timesteps of the 1000-step training process (0..999). One shared timestep is embedded once.
-                Required unless `modulation` is given, which already holds it (then `timestep` is not used).
-            condition (`torch.Tensor` of shape `(N, condition_channels)`, *optional*):
-                The transformer's per-token conditions.
-            condition_embedding (`torch.Tensor` of shape `(N, model_channels)`, *optional*):
-                `embed_condition(condition)`, precomputed once for all diffusion steps.
-            modulation (`torch.Tensor` of shape `(N, (3 * num_res_blocks + 2) * model_channels)`, *optional*):
-                One timestep's row of `compute_modulation(timestep, condition_embedding)`, which already holds both
-                the timestep and the condition. Give exactly one of `condition`, `condition_embedding` and
-                `modulation`.
-
-        Returns:
-            `torch.Tensor` of shape `(N, out_channels)`: `[eps, v]`.
+        The denoiser given a precomputed AdaLN modulation (one step's row of `compute_modulation`), which already
+        holds the timestep and the condition: `(N, in_channels), (N, M) -> (N, out_channels)`.
         """
-        given = [
-            name
-            for name, value in (
-                ("condition", condition),
-                ("condition_embedding", condition_embedding),
-                ("modulation", modulation),
-            )
-            if value is not None
-        ]
-        if len(given) != 1:
+        if modulation.shape != (sample.shape[0], self.adaln_modulation.out_features):
             raise ValueError(
-                "Pass exactly one of `condition`, `condition_embedding` and `modulation`; got "
-                f"{', '.join(f'`{name}`' for name in given) or 'none'}."
+                f"`modulation` must have shape ({sample.shape[0]}, {self.adaln_modulation.out_features}) for "
+                f"{sample.shape[0]} samples, got {tuple(modulation.shape)}."
             )
         x = self.proj_in(sample)  # (N, W)
-        if modulation is None:
-            if timestep is None:
-                raise ValueError("`timestep` is required unless `modulation` is given.")
-            if condition_embedding is None:
-                condition_embedding = self.embed_condition(condition)
-            y = F.silu(self.embed_timestep(timestep, x.dtype) + condition_embedding)  # (N, W)
-            modulation = self.adaln_modulation(y)
-        elif modulation.shape != (x.shape[0], self.adaln_modulation.out_features):
-            raise ValueError(
-                f"`modulation` must have shape ({x.shape[0]}, {self.adaln_modulation.out_features}) for "
-                f"{x.shape[0]} samples, got {tuple(modulation.shape)}."
-            )
         modulation = modulation.chunk(3 * len(self.res_blocks) + 2, dim=-1)
         for i, block in enumerate(self.res_blocks):
             shift, scale, gate = modulation[3 * i : 3 * i + 3]
@@ -189,3 +160,32 @@ class MARDiffusionHead(ModelMixin, ConfigMixin):
         shift, scale = modulation[-2:]
         x = self.norm_out(x) * (1 + scale) + shift
         return self.proj_out(x)  # (N, 2C)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int,
+        condition: torch.Tensor,
+        return_dict: bool = True,
+    ) -> MARDiffusionHeadOutput | tuple[torch.Tensor]:
+        r"""
+        Predict the noise and the variance value of noisy tokens.
+
+        Args:
+            sample (`torch.Tensor` of shape `(N, in_channels)`):
+                Noisy tokens `x_t`.
+            timestep (`torch.Tensor` of shape `(N,)` or `()`, or `int`):
+                Integer timesteps of the 1000-step training process (0..999). One shared timestep is embedded once.
+            condition (`torch.Tensor` of shape `(N, condition_channels)`):
+                The transformer's per-token conditions.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`MARDiffusionHeadOutput`] or a tuple.
+
+        Returns:
+            [`MARDiffusionHeadOutput`] or `tuple`: `sample` of shape `(N, out_channels)`, `[eps, v]`.
+        """
+        y = F.silu(self.embed_timestep(timestep, sample.dtype) + self.embed_condition(condition))  # (N, W)
+        output = self.forward_with_modulation(sample, self.adaln_modulation(y))
+        if not return_dict:
+            return (output,)
+        return MARDiffusionHeadOutput(sample=output)

@@ -9,36 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-
-
-def is_plain_linear(layer: nn.Module) -> bool:
-    """Whether `layer` is an `nn.Linear` (no subclass) whose forward nothing (e.g. an Accelerate hook) replaced."""
-    return type(layer) is nn.Linear and "forward" not in layer.__dict__ and not hasattr(layer, "_hf_hook")
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor, workspace: dict | None, key: str) -> torch.Tensor:
-    """`layer(x)`; with a `workspace`, into a buffer of it that every block of the call reuses (CPU inference)."""
-    # PyTorch's CPU allocator gives each large tensor fresh pages, and the page faults cost about as much as writing
-    # them (MAR-B's MLP and QKV outputs at batch 8: 47-63 MB per block). Same product as `F.linear`: identical values.
-    if (
-        workspace is None
-        or not is_plain_linear(layer)
-        or layer.bias is None
-        or not x.is_contiguous()
-        or x.dtype != layer.weight.dtype
-        or x.device != layer.weight.device
-        or torch.is_autocast_enabled(x.device.type)
-    ):
-        return layer(x)
-    numel = x.numel() // x.shape[-1] * layer.out_features
-    buffer = workspace.get(key)
-    if buffer is None or buffer.numel() < numel or buffer.dtype != x.dtype or buffer.device != x.device:
-        buffer = workspace[key] = x.new_empty(numel)
-    out = buffer[:numel].view(-1, layer.out_features)
-    torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t(), out=out)
-    return out.view(*x.shape[:-1], layer.out_features)
 
 
 class MARAttention(nn.Module):
@@ -58,24 +31,14 @@ class MARAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        query_states: torch.Tensor | None = None,
-        workspace: dict | None = None,
-    ) -> torch.Tensor:
-        # `query_states` (B, K, D) restricts the output to K query rows; keys and values still see every row.
-        # `workspace` (inference only): buffers reused across blocks, see `_linear`.
-        if query_states is None:
-            q, k, v = _linear(self.to_qkv, hidden_states, workspace, "to_qkv").chunk(3, dim=-1)
-        else:
-            w_q, w_kv = self.to_qkv.weight.split([self.inner_dim, 2 * self.inner_dim])
-            b_q, b_kv = self.to_qkv.bias.split([self.inner_dim, 2 * self.inner_dim])
-            q = F.linear(query_states, w_q, b_q)
-            k, v = F.linear(hidden_states, w_kv, b_kv).chunk(2, dim=-1)
+    def forward(self, hidden_states: torch.Tensor, query_indices: torch.Tensor | None = None) -> torch.Tensor:
+        # `query_indices` (B, K) restricts the output to K query rows; keys and values still see every row.
+        q, k, v = self.to_qkv(hidden_states).chunk(3, dim=-1)  # each (B, N, H * Dh)
+        if query_indices is not None:
+            q = torch.gather(q, 1, query_indices.unsqueeze(-1).expand(-1, -1, q.shape[-1]))  # (B, K, H * Dh)
         dropout_p = self.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), dropout_p=dropout_p)
-        out = out.transpose(1, 2).flatten(2)  # (B, N, H * Dh)
+        out = out.transpose(1, 2).flatten(2)  # (B, K, H * Dh)
         return self.dropout(self.to_out(out))
 
 
@@ -86,9 +49,7 @@ class MARFeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, hidden_states: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
-        if workspace is not None:  # inference: no dropout, GELU in place in the reused buffer
-            return self.fc2(torch.ops.aten.gelu_(_linear(self.fc1, hidden_states, workspace, "fc1")))
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.dropout(F.gelu(self.fc1(hidden_states)))
         return self.dropout(self.fc2(hidden_states))
 
@@ -112,27 +73,14 @@ class MARTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.ff = MARFeedForward(dim, int(dim * mlp_ratio), dropout)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        query_indices: torch.Tensor | None = None,
-        workspace: dict | None = None,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, query_indices: torch.Tensor | None = None) -> torch.Tensor:
         # With `query_indices` (B, K) only those rows are updated and returned: (B, K, D).
-        # With a `workspace` (inference only: eval mode, no autograd) the large intermediates reuse its buffers and
-        # the residual sums are taken in place; the values are the same (x + y == y + x in floating point).
-        normed = self.norm1(hidden_states)
-        if query_indices is None:
-            attn_out = self.attn(normed, workspace=workspace)
-        else:
+        attn_out = self.attn(self.norm1(hidden_states), query_indices)
+        if query_indices is not None:
             index = query_indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
-            attn_out = self.attn(normed, torch.gather(normed, 1, index))
             hidden_states = torch.gather(hidden_states, 1, index)
-        if workspace is None:
-            hidden_states = hidden_states + attn_out
-            return hidden_states + self.ff(self.norm2(hidden_states))
-        hidden_states = attn_out.add_(hidden_states)
-        return self.ff(self.norm2(hidden_states), workspace=workspace).add_(hidden_states)
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.ff(self.norm2(hidden_states))
 
 
 class MARTransformer2DModel(ModelMixin, ConfigMixin):
@@ -282,14 +230,12 @@ class MARTransformer2DModel(ModelMixin, ConfigMixin):
         tokens = tokens.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
         return tokens.reshape(b, c, g * p, g * p)
 
-    def _run_blocks(
-        self, blocks: nn.ModuleList, hidden_states: torch.Tensor, workspace: dict | None = None
-    ) -> torch.Tensor:
+    def _run_blocks(self, blocks: nn.ModuleList, hidden_states: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, hidden_states)
             else:
-                hidden_states = block(hidden_states, workspace=workspace)
+                hidden_states = block(hidden_states)
         return hidden_states
 
     def forward(
@@ -298,7 +244,8 @@ class MARTransformer2DModel(ModelMixin, ConfigMixin):
         mask: torch.Tensor,
         class_labels: torch.Tensor,
         predict_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         r"""
         Compute the per-token conditions for the diffusion head.
 
@@ -313,10 +260,12 @@ class MARTransformer2DModel(ModelMixin, ConfigMixin):
             predict_indices (`torch.LongTensor` of shape `(batch, K)`, *optional*):
                 Token positions whose conditions are wanted. The last decoder block then computes only these rows
                 (an exact saving at sampling time). Defaults to all positions.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`~models.modeling_outputs.Transformer2DModelOutput`] or a tuple.
 
         Returns:
-            `torch.Tensor` of shape `(batch, num_tokens, decoder_dim)` (or `(batch, K, decoder_dim)`): the
-            conditions `z` of the original.
+            [`~models.modeling_outputs.Transformer2DModelOutput`] or `tuple`: `sample` of shape
+            `(batch, num_tokens, decoder_dim)` (or `(batch, K, decoder_dim)`), the conditions `z` of the original.
         """
         b, seq_len, token_dim = hidden_states.shape
         if (seq_len, token_dim) != (self.num_tokens, self.token_dim):
@@ -349,10 +298,7 @@ class MARTransformer2DModel(ModelMixin, ConfigMixin):
         x = torch.cat([class_slots, self.proj_in(tokens)], dim=1)  # (B, buffer + n, D_enc)
         x = x + torch.cat([encoder_pos[:, :buffer_size], token_pos], dim=1)
         x = self.proj_in_norm(x)
-        # CPU inference: large intermediates go to buffers shared by all blocks of this call (see `_linear`).
-        inference = not (torch.is_grad_enabled() or self.training or torch.compiler.is_compiling())
-        workspace = {} if inference and x.device.type == "cpu" else None
-        x = self._run_blocks(self.encoder_blocks, x, workspace)
+        x = self._run_blocks(self.encoder_blocks, x)
         x = self.encoder_norm(x)
 
         # 3. Decoder: scatter the known rows into a mask-token canvas of all positions.
@@ -364,19 +310,18 @@ class MARTransformer2DModel(ModelMixin, ConfigMixin):
         x = canvas + self.decoder_pos_embed
 
         if predict_indices is None:
-            x = self._run_blocks(self.decoder_blocks, x, workspace)
-            x = self.decoder_norm(x)[:, buffer_size:]
-            return x + self.diffusion_pos_embed  # (B, L, D_dec)
-
-        # Only the rows in `predict_indices` are needed: the last block computes just those queries.
-        x = self._run_blocks(self.decoder_blocks[:-1], x, workspace)
-        query_indices = predict_indices + buffer_size
-        if len(self.decoder_blocks) > 0:
-            x = self.decoder_blocks[-1](x, query_indices, workspace)
+            x = self._run_blocks(self.decoder_blocks, x)
+            x = self.decoder_norm(x)[:, buffer_size:] + self.diffusion_pos_embed  # (B, L, D_dec)
         else:
-            x = torch.gather(x, 1, query_indices.unsqueeze(-1).expand(-1, -1, self.decoder_dim))
-        x = self.decoder_norm(x)
-        diffusion_pos = torch.gather(
-            self.diffusion_pos_embed.expand(b, -1, -1), 1, predict_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        )
-        return x + diffusion_pos  # (B, K, D_dec)
+            # Only the rows in `predict_indices` are needed: the last block computes just those queries.
+            x = self._run_blocks(self.decoder_blocks[:-1], x)
+            query_indices = predict_indices + buffer_size
+            if len(self.decoder_blocks) > 0:
+                x = self.decoder_blocks[-1](x, query_indices)
+            else:
+                x = torch.gather(x, 1, query_indices.unsqueeze(-1).expand(-1, -1, self.decoder_dim))
+            index = predict_indices.unsqueeze(-1).expand(-1, -1, self.decoder_dim)
+            x = self.decoder_norm(x) + torch.gather(self.diffusion_pos_embed.expand(b, -1, -1), 1, index)  # (B, K, D)
+        if not return_dict:
+            return (x,)
+        return Transformer2DModelOutput(sample=x)

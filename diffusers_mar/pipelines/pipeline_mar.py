@@ -7,12 +7,14 @@ it, the scheduler loop of the diffusion head over `num_diffusion_steps`.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
+import os
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -21,13 +23,20 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffusers_mar.models.cpu_inference import cpu_inference
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
-from diffusers_mar.models.transformer_mar import MARTransformer2DModel, is_plain_linear
+from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.pipelines.model_card import copy_model_card
+from diffusers_mar.pipelines.sampling_settings import (
+    SAMPLING_KEYS,
+    check_sampling_settings,
+    resolve_sampling_settings,
+)
 
 logger = logging.get_logger(__name__)
 
-GUIDANCE_SCHEDULES = ("linear", "constant")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+TOKEN_SPACES = ("pixel", "latent")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -36,7 +45,8 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers_mar import MARPipeline
 
         >>> pipe = MARPipeline.from_pretrained("path/or/hub-id")
-        >>> images = pipe(class_labels=[207, 360], guidance_scale=3.0, generator=torch.manual_seed(0)).images
+        >>> # Sampling settings not given come from the folder (`pipe.sampling_defaults`).
+        >>> images = pipe(class_labels=[207, 360], generator=torch.manual_seed(0)).images
         ```
 """
 
@@ -73,48 +83,17 @@ def mask_by_order(num_unknown: int, orders: torch.Tensor) -> torch.Tensor:
     return mask.scatter(1, orders[:, :num_unknown], 1.0)
 
 
-@contextlib.contextmanager
-def prepacked_linears(*modules: torch.nn.Module):
-    """Run the modules' float32 `nn.Linear` layers on CPU through oneDNN with weights reordered once, for inference.
+def modulation_chunks(
+    diffusion_head: MARDiffusionHead, timesteps: torch.Tensor, condition_embedding: torch.Tensor, max_rows: int
+) -> Iterator[torch.Tensor]:
+    """The head's AdaLN modulation `(N, M)` for each timestep in turn, computed for several steps at once.
 
-    PyTorch's CPU linear repacks the weight matrix on every call. The diffusion head runs `num_diffusion_steps` times
-    per outer step on a few tokens (a few rows), so that repacking dominates its time at small batch. Inside this
-    context every eligible layer uses a copy of its weight in oneDNN's blocked layout (`torch.ops.mkldnn`), packed
-    once on entry; the results equal the plain layer's to float32 rounding. Outside it, nothing is changed. Layers are
-    left alone unless they are float32 on the CPU, gradients are off, oneDNN is available, and nothing else (an
-    Accelerate hook, `torch.compile`) has replaced their forward.
+    The modulation depends on (timestep, condition) only, so with few tokens per step that of several steps is one
+    matrix product (the weights are read once instead of once per step): chunks of about `max_rows` rows.
     """
-    swapped = []
-    usable = (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
-    for module in modules if usable else ():
-        # torch.compile'd (wrapped, or in place with `module.compile()`): leave it to the compiler.
-        if hasattr(module, "_orig_mod") or any(getattr(m, "_compiled_call_impl", None) for m in module.modules()):
-            continue
-        for layer in module.modules():
-            if not is_plain_linear(layer) or layer.weight.device.type != "cpu" or layer.weight.dtype != torch.float32:
-                continue
-            # 64: the row count oneDNN picks the layout for; calls with any other row count use the same copy.
-            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 64)
-            bias = None if layer.bias is None else layer.bias.detach()
-
-            def forward(x: torch.Tensor, packed=packed, bias=bias, fallback=layer.forward) -> torch.Tensor:
-                if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
-                    return fallback(x)
-                out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-                return out.reshape(*x.shape[:-1], out.shape[-1])
-
-            layer.forward = forward
-            swapped.append(layer)
-    try:
-        yield len(swapped)
-    finally:
-        for layer in swapped:
-            del layer.forward
+    steps_per_chunk = max(1, max_rows // condition_embedding.shape[0])
+    for start in range(0, len(timesteps), steps_per_chunk):
+        yield from diffusion_head.compute_modulation(timesteps[start : start + steps_per_chunk], condition_embedding)
 
 
 class MARPipeline(DiffusionPipeline):
@@ -133,16 +112,24 @@ class MARPipeline(DiffusionPipeline):
             The per-token diffusion process, usually [`MARDDPMScheduler`]. [`DDPMScheduler`], [`DDIMScheduler`]
             and [`DPMSolverMultistepScheduler`] built from its config also work.
         vae ([`AutoencoderKL`], *optional*):
-            Decodes the tokens' latent grid into images. Without it the pipeline works in pixel space: the tokens
-            are patchified pixels in `[-1, 1]`.
+            Decodes the tokens' latent grid into images (any diffusers VAE whose `decode` returns `.sample`).
         id2label (`dict[int, str]`, *optional*):
             Class names, comma-separated synonyms allowed (as `DiTPipeline`), for `get_label_ids`.
+        sampling (`dict`, *optional*):
+            The recommended sampling settings of the model (keys among `SAMPLING_KEYS`), the defaults of `__call__`;
+            saved in `model_index.json`. Keys not given take the paper's values clipped to the model
+            (`sampling_settings.resolve_sampling_settings`).
+        token_space (`str`, *optional*):
+            What the tokens are: `"pixel"` (patchified pixels in `[-1, 1]`) or `"latent"` (latents of a VAE).
+            Defaults to `"latent"` with a `vae` and `"pixel"` without one. A latent-space pipeline without a VAE
+            can only return `output_type="latent"`.
     """
 
     model_cpu_offload_seq = "transformer->vae"
     # The head runs between transformer calls at every step; it stays on the device instead of thrashing.
     _exclude_from_cpu_offload = ["diffusion_head"]
     _optional_components = ["vae"]
+    _callback_tensor_inputs = ["tokens", "mask", "condition"]
 
     def __init__(
         self,
@@ -151,40 +138,63 @@ class MARPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
         id2label: dict[int, str] | dict[str, str] | None = None,
+        sampling: dict | None = None,
+        token_space: str | None = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
-        self.register_to_config(id2label=id2label)
+        if sampling is not None:
+            check_sampling_settings(sampling, transformer.num_tokens, scheduler.config.num_train_timesteps, "sampling")
+        token_space = token_space or ("latent" if vae is not None else "pixel")
+        if token_space not in TOKEN_SPACES:
+            raise ValueError(f"`token_space` must be one of {TOKEN_SPACES}; got {token_space!r}.")
+        self.register_to_config(
+            id2label=id2label, sampling=dict(sampling) if sampling else None, token_space=token_space
+        )
         self.labels = {}
         for key, value in (id2label or {}).items():
             for label in value.split(","):
                 self.labels[label.strip()] = key
         self.labels = dict(sorted(self.labels.items()))
-        vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+        block_out_channels = getattr(vae.config, "block_out_channels", None) if vae is not None else None
+        self.vae_scale_factor = 2 ** (len(block_out_channels) - 1) if block_out_channels else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # The diffusion head's float32 CPU linears run on weights packed once per call (see `prepacked_linears`).
-    _cpu_prepacking = True
-    # Rows of the head's AdaLN modulation computed in one product: when a diffusion step has fewer rows, the
-    # modulations of several steps are computed together, in equal chunks of about this many rows (1: one step at a
-    # time, as the original). 256 rows keep the product efficient and its output small.
+    # Rows of the head's AdaLN modulation computed in one product (see `modulation_chunks`; 1: one step at a time,
+    # as the original). 256 rows keep the product efficient and its output small.
     modulation_rows = 256
-
-    def enable_cpu_prepacking(self) -> None:
-        """Run the diffusion head's float32 CPU linears on weights packed once per call (the default; see
-        `prepacked_linears`): about 1.03x on MAR-B at batch 1 (16 x 25 steps), equal to float32 rounding. Costs one
-        extra copy of the head's weights during the call. Has no effect on CUDA, in half precision, or on a compiled
-        head."""
-        self._cpu_prepacking = True
-
-    def disable_cpu_prepacking(self) -> None:
-        """Use PyTorch's plain CPU linear for the diffusion head (no packed weight copy)."""
-        self._cpu_prepacking = False
 
     @property
     def id2label(self) -> dict[int, str]:
         return dict(self.config.id2label or {})
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The defaults of `__call__`'s sampling arguments: the folder's `sampling`, else the paper's (clipped)."""
+        stored = self.config.get("sampling")
+        return resolve_sampling_settings(
+            stored, self.transformer.num_tokens, self.scheduler.config.num_train_timesteps
+        )
+
+    def set_sampling_defaults(self, **settings) -> None:
+        """Store recommended sampling settings (keys among `SAMPLING_KEYS`) in the config; `save_pretrained` saves
+        them. Keys not given keep their stored value."""
+        check_sampling_settings(settings, self.transformer.num_tokens, self.scheduler.config.num_train_timesteps)
+        self.register_to_config(sampling={**(self.config.get("sampling") or {}), **settings})
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained`, keeping the model card (`README.md`) of the folder loaded from."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        copy_model_card(self.config.get("_name_or_path"), save_directory)
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         r"""
@@ -208,17 +218,14 @@ class MARPipeline(DiffusionPipeline):
     def check_inputs(
         self,
         class_labels: list[int],
-        num_inference_steps: int,
-        num_diffusion_steps: int,
-        guidance_scale: float,
-        guidance_schedule: str,
-        temperature: float,
+        settings: dict,
         generator: torch.Generator | list[torch.Generator] | None,
         output_type: str,
-        latents: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        orders: torch.Tensor | None,
-        noise: list[torch.Tensor] | None,
+        latents: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        orders: torch.Tensor | None = None,
+        noise: list[torch.Tensor] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> int:
         """Validate the arguments of `__call__`; returns the number of tokens to generate per image."""
         num_classes = self.transformer.config.num_classes
@@ -245,46 +252,52 @@ class MARPipeline(DiffusionPipeline):
             raise ValueError(
                 f"`class_labels` must be in [0, {num_classes}] ({num_classes} = unconditional); got {bad}."
             )
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_unknown:
+        check_sampling_settings(settings, num_unknown, self.scheduler.config.num_train_timesteps)
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
             raise ValueError(
-                f"`num_inference_steps` must be an int in [1, {num_unknown}] (one step predicts at least one of the "
-                f"{num_unknown} tokens to generate); got {num_inference_steps!r}."
+                f"`generator` must be a `torch.Generator`, a list of them (one per image) or None; got {generator!r}."
             )
-        max_steps = self.scheduler.config.num_train_timesteps
-        if not isinstance(num_diffusion_steps, int) or not 1 <= num_diffusion_steps <= max_steps:
-            raise ValueError(f"`num_diffusion_steps` must be an int in [1, {max_steps}]; got {num_diffusion_steps!r}.")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a number >= 0 (1 disables guidance); got {guidance_scale!r}.")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}; got {guidance_schedule!r}.")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"`temperature` must be a number > 0; got {temperature!r}.")
-        if isinstance(generator, list) and len(generator) != len(class_labels):
+        if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"`generator` is a list of {len(generator)} generators but {len(class_labels)} images were "
-                "requested; pass one generator per image or a single generator."
+                f"`generator` is a list of {len(generator)} generators but the effective batch size is {batch_size} "
+                "(class labels times `num_images_per_label`); pass one generator per image or a single generator."
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        if output_type != "latent" and self.vae is None and self.config.token_space == "latent":
+            raise ValueError(
+                f"`output_type={output_type!r}` needs a VAE: this pipeline's tokens are VAE latents "
+                '(`token_space="latent"`) and it has no `vae`. Pass `output_type="latent"`, or load it with '
+                "`vae=AutoencoderKL.from_pretrained(...)`."
+            )
         if orders is not None:
-            expected = torch.arange(num_tokens).expand(len(class_labels), -1)
+            expected = torch.arange(num_tokens).expand(batch_size, -1)
             if orders.shape != expected.shape or not torch.equal(orders.sort(dim=1).values.cpu(), expected):
                 raise ValueError(
-                    f"`orders` must be a ({len(class_labels)}, {num_tokens}) tensor whose rows are permutations "
+                    f"`orders` must be a ({batch_size}, {num_tokens}) tensor whose rows are permutations "
                     f"of 0..{num_tokens - 1}."
                 )
-        if noise is not None and len(noise) != num_inference_steps:
-            raise ValueError(f"`noise` must hold one tensor per step ({num_inference_steps}); got {len(noise)}.")
+        if noise is not None and len(noise) != settings["num_inference_steps"]:
+            raise ValueError(
+                f"`noise` must hold one tensor per step ({settings['num_inference_steps']}); got {len(noise)}."
+            )
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {sorted(unknown)}; allowed: {self._callback_tensor_inputs}."
+            )
         return num_unknown
 
     def _prepare_class_labels(self, class_labels: int | list[int] | torch.Tensor) -> list[int]:
         if isinstance(class_labels, torch.Tensor):
             if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool or class_labels.ndim > 1:
                 raise ValueError(
-                    f"`class_labels` must be a 1-D integer tensor; got {class_labels.dtype} {class_labels.shape}."
+                    f"`class_labels` must be an int, a list of ints or a 0-D or 1-D integer tensor; got a "
+                    f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}."
                 )
-            class_labels = class_labels.tolist()
-        elif isinstance(class_labels, int) and not isinstance(class_labels, bool):
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
             class_labels = [class_labels]
         if (
             not isinstance(class_labels, (list, tuple))
@@ -298,8 +311,9 @@ class MARPipeline(DiffusionPipeline):
 
     def _head_scheduler(
         self, temperature: float, generator: torch.Generator | list | None
-    ) -> tuple[SchedulerMixin, bool, str | None]:
-        """The scheduler to run per token, whether it takes the learned variance, and how it gets its noise."""
+    ) -> tuple[SchedulerMixin, bool, Callable[[torch.Tensor], dict]]:
+        """The scheduler to run per token, whether it takes the learned variance, and its noise arguments for a
+        step given that step's standard normal noise."""
         scheduler = self.scheduler
         learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
         keep_variance = learned and isinstance(scheduler, DDPMScheduler)
@@ -307,22 +321,32 @@ class MARPipeline(DiffusionPipeline):
             # DPM-Solver and friends would slice a learned-variance output to 3 channels; give them eps only.
             scheduler = scheduler.__class__.from_config(scheduler.config, variance_type=None)
         step_params = inspect.signature(scheduler.step).parameters
-        if "variance_noise" not in step_params:
-            if temperature != 1.0:
-                raise ValueError(
-                    f"`temperature` != 1 needs a scheduler whose `step` takes the noise (e.g. MARDDPMScheduler); "
-                    f"{scheduler.__class__.__name__} does not."
-                )
-            if isinstance(generator, list):
-                raise ValueError(
-                    f"{scheduler.__class__.__name__} draws its own noise and takes one generator, not a list; pass "
-                    "a single `generator` or use MARDDPMScheduler."
-                )
+        if "variance_noise" in step_params and "temperature" in step_params:
+            return scheduler, keep_variance, lambda noise: {"variance_noise": noise, "temperature": temperature}
         if "variance_noise" in step_params:
-            noise_mode = "temperature" if "temperature" in step_params else "variance_noise"
-        else:
-            noise_mode = "generator" if "generator" in step_params else None
-        return scheduler, keep_variance, noise_mode
+            return scheduler, keep_variance, lambda noise: {"variance_noise": noise * temperature}
+        if temperature != 1.0:
+            raise ValueError(
+                f"`temperature` != 1 needs a scheduler whose `step` takes the noise (e.g. MARDDPMScheduler); "
+                f"{scheduler.__class__.__name__} does not."
+            )
+        if isinstance(generator, list):
+            raise ValueError(
+                f"{scheduler.__class__.__name__} draws its own noise and takes one generator, not a list; pass "
+                "a single `generator` or use MARDDPMScheduler."
+            )
+        kwargs = {"generator": generator} if "generator" in step_params else {}
+        return scheduler, keep_variance, lambda noise: kwargs
+
+    @staticmethod
+    def _guide(model_output: torch.Tensor, scale: float | None, channels: int, keep_variance: bool) -> torch.Tensor:
+        """Classifier-free guidance on eps (`scale` None: no guidance); the variance stays the conditional rows'."""
+        if scale is not None:
+            # As LTH14/mar diffloss.py forward_with_cfg: guide eps, keep the conditional half's variance.
+            cond, uncond = model_output.chunk(2)
+            eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+            model_output = torch.cat([eps, cond[:, channels:]], dim=1)
+        return model_output if keep_variance else model_output[:, :channels]
 
     def _decode_latents(self, latents: torch.Tensor, output_type: str):
         """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`."""
@@ -341,14 +365,17 @@ class MARPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: int | list[int] | torch.Tensor,
-        num_inference_steps: int = 64,
-        num_diffusion_steps: int = 100,
-        guidance_scale: float = 3.0,
-        guidance_schedule: str = "linear",
-        temperature: float = 1.0,
+        num_inference_steps: int | None = None,
+        num_diffusion_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
+        num_images_per_label: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         latents: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         orders: torch.Tensor | None = None,
@@ -357,26 +384,40 @@ class MARPipeline(DiffusionPipeline):
         r"""
         Generate images of the given classes.
 
+        The five sampling arguments (`num_inference_steps` to `temperature`) default to the pipeline's recommended
+        settings, `pipe.sampling_defaults`: those stored in its folder, else the paper's (64 steps clipped to the
+        number of tokens, 100 diffusion steps, guidance 3.0 with the linear schedule, temperature 1.0).
+
         Args:
             class_labels (`int`, `list[int]` or `torch.Tensor`):
                 One class id per image, in `[0, num_classes]`; `num_classes` means unconditional.
-            num_inference_steps (`int`, *optional*, defaults to 64):
+            num_inference_steps (`int`, *optional*):
                 Masked-autoregressive steps (the original's `num_iter`), in `[1, num_tokens]`.
-            num_diffusion_steps (`int`, *optional*, defaults to 100):
+            num_diffusion_steps (`int`, *optional*):
                 Scheduler steps of the diffusion head per token (the original's `num_sampling_steps`).
-            guidance_scale (`float`, *optional*, defaults to 3.0):
+            guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale; 1.0 disables guidance (and the doubled batch).
-            guidance_schedule (`str`, *optional*, defaults to `"linear"`):
+            guidance_schedule (`str`, *optional*):
                 `"linear"`: the scale rises with the ratio of known tokens, as in the original; `"constant"`.
-            temperature (`float`, *optional*, defaults to 1.0):
+            temperature (`float`, *optional*):
                 Multiplies the noise of every diffusion step (not the initial noise), as in the original.
+            num_images_per_label (`int`, *optional*, defaults to 1):
+                Images per class label, next to each other in the output (diffusers' `num_images_per_prompt`).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                One generator, or one per image: then each image equals the image generated alone with its
-                generator. All randomness (orders and noise) comes from it.
+                One generator, or one per image (`len(class_labels) * num_images_per_label`): then each image equals
+                the image generated alone with its generator. All randomness (orders and noise) comes from it.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`, `"np"`, `"pt"` or `"latent"` (the token grid `(B, C, H, W)`, scaled latents with a VAE).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Whether to return an [`ImagePipelineOutput`] or a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after each outer step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, with
+                `timestep` the number of tokens still unknown after the step. It may return a dict with a new
+                `"tokens"` canvas, and set `pipe._interrupt = True` to stop early (unknown tokens stay zero).
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                The tensors put in `callback_kwargs`, among `"tokens"` (the canvas `(B, L, C)`), `"mask"` (`(B, L)`,
+                1 = still unknown after the step) and `"condition"` (the step's conditions `(B', n, D)`, the
+                unconditional half after the conditional one under guidance). Defaults to `["tokens"]`.
             latents (`torch.Tensor` of shape `(batch, in_channels, sample_size, sample_size)`, *optional*):
                 A starting token grid, in the space of `output_type="latent"`: the values of the tokens that `mask`
                 keeps. They are copied to the output unchanged.
@@ -397,27 +438,38 @@ class MARPipeline(DiffusionPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. Check inputs
-        class_labels = self._prepare_class_labels(class_labels)
-        num_unknown = self.check_inputs(
-            class_labels,
-            num_inference_steps,
-            num_diffusion_steps,
-            guidance_scale,
-            guidance_schedule,
-            temperature,
-            generator,
-            output_type,
-            latents,
-            mask,
-            orders,
-            noise,
+        given = dict(
+            zip(
+                SAMPLING_KEYS,
+                (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature),
+            )
         )
-        scheduler, keep_variance, noise_mode = self._head_scheduler(temperature, generator)
+        settings = {**self.sampling_defaults, **{key: value for key, value in given.items() if value is not None}}
+        if (
+            isinstance(num_images_per_label, bool)
+            or not isinstance(num_images_per_label, int)
+            or num_images_per_label < 1
+        ):
+            raise ValueError(f"`num_images_per_label` must be an int >= 1; got {num_images_per_label!r}.")
+        class_labels = [
+            label for label in self._prepare_class_labels(class_labels) for _ in range(num_images_per_label)
+        ]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]
+        num_unknown = self.check_inputs(
+            class_labels, settings, generator, output_type, latents, mask, orders, noise,
+            callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        num_inference_steps, num_diffusion_steps = settings["num_inference_steps"], settings["num_diffusion_steps"]
+        scheduler, keep_variance, step_noise_kwargs = self._head_scheduler(settings["temperature"], generator)
         device = self._execution_device
         batch_size, num_tokens = len(class_labels), self.transformer.num_tokens
         token_dim = self.transformer.token_dim
-        do_guidance = guidance_scale != 1.0
+        do_guidance = settings["guidance_scale"] != 1.0
         generators = generator if isinstance(generator, list) else [generator] * batch_size
+        self._interrupt = False
+        self._num_timesteps = num_inference_steps
 
         # 2. Class labels; the unconditional half follows the conditional one under guidance
         labels = torch.tensor(class_labels, device=device)
@@ -438,17 +490,20 @@ class MARPipeline(DiffusionPipeline):
 
         # 4. Mask and guidance schedules, over the tokens to generate
         mask_lens = mask_schedule(num_unknown, num_inference_steps)
-        guidance = guidance_schedule_values(guidance_scale, mask_lens, num_tokens, guidance_schedule)
+        guidance = guidance_schedule_values(
+            settings["guidance_scale"], mask_lens, num_tokens, settings["guidance_schedule"]
+        )
 
         # 5. Masked-autoregressive loop; inside it, the diffusion head's scheduler loop
         if latents is None:
             tokens = torch.zeros(batch_size, num_tokens, token_dim, device=device)  # (B, L, C), float32 canvas
         else:
             tokens = self.transformer.patchify(latents.to(device=device, dtype=torch.float32))
-        packing = prepacked_linears(self.diffusion_head) if self._cpu_prepacking else contextlib.nullcontext()
         head_dtype = self.diffusion_head.dtype  # a walk over the parameters: once, not per step
-        with packing:
+        with cpu_inference(self.transformer):
             for step in self.progress_bar(range(num_inference_steps)):
+                if self.interrupt:
+                    break
                 next_unknown = 0 if step == num_inference_steps - 1 else mask_lens[step]
                 # Tokens predicted now: order[next_unknown:num_unknown], in raster order as the original's nonzero().
                 predict = orders[:, next_unknown:num_unknown].sort(dim=1).values  # (B, n)
@@ -458,8 +513,12 @@ class MARPipeline(DiffusionPipeline):
                 if do_guidance:
                     tokens_in, mask_in, predict_in = (torch.cat([x, x]) for x in (tokens, step_mask, predict))
                 condition = self.transformer(
-                    tokens_in.to(self.transformer.dtype), mask_in, labels, predict_indices=predict_in
-                )  # (B', n, D)
+                    tokens_in.to(self.transformer.dtype),
+                    mask_in,
+                    labels,
+                    predict_indices=predict_in,
+                    return_dict=False,
+                )[0]  # (B', n, D)
                 condition_embedding = self.diffusion_head.embed_condition(
                     condition.reshape(-1, condition.shape[-1]).to(head_dtype)
                 )  # (B' * n, W)
@@ -474,45 +533,30 @@ class MARPipeline(DiffusionPipeline):
 
                 # Timesteps stay on the host for the scheduler (no device sync per step); the head gets a device copy.
                 scheduler.set_timesteps(num_diffusion_steps)
-                head_timesteps = scheduler.timesteps.to(device)
-                # The AdaLN modulation depends on (timestep, condition) only: with few rows per step, that of
-                # several steps is one matrix product (the weights are read once instead of once per step),
-                # in equal chunks of at most about `modulation_rows` rows.
-                chunks = -(-len(head_timesteps) * condition_embedding.shape[0] // max(1, self.modulation_rows))
-                steps_per_modulation = -(-len(head_timesteps) // min(chunks, len(head_timesteps)))
+                modulations = modulation_chunks(
+                    self.diffusion_head, scheduler.timesteps.to(device), condition_embedding, self.modulation_rows
+                )
+                step_guidance = guidance[step] if do_guidance else None
                 sample = step_noise[0] * scheduler.init_noise_sigma  # (B * n, C), not scaled by temperature
-                for i, t in enumerate(scheduler.timesteps):
-                    if i % steps_per_modulation == 0:
-                        modulation = self.diffusion_head.compute_modulation(
-                            head_timesteps[i : i + steps_per_modulation], condition_embedding
-                        )  # (steps, B' * n, M)
+                for i, (t, modulation) in enumerate(zip(scheduler.timesteps, modulations)):
                     model_input = scheduler.scale_model_input(sample, t)
-                    if do_guidance:
-                        model_input = torch.cat([model_input, model_input])
-                    model_output = self.diffusion_head(
-                        model_input.to(head_dtype),
-                        head_timesteps[i],
-                        modulation=modulation[i % steps_per_modulation],
-                    ).float()  # (B' * n, 2C)
-                    if do_guidance:
-                        # Guide eps only; keep the conditional rows' variance, as the original's forward_with_cfg.
-                        cond, uncond = model_output.chunk(2)
-                        eps = uncond[:, :token_dim] + guidance[step] * (cond[:, :token_dim] - uncond[:, :token_dim])
-                        model_output = torch.cat([eps, cond[:, token_dim:]], dim=1)
-                    if not keep_variance:
-                        model_output = model_output[:, :token_dim]
-                    if noise_mode == "temperature":
-                        step_kwargs = {"variance_noise": step_noise[1 + i], "temperature": temperature}
-                    elif noise_mode == "variance_noise":
-                        step_kwargs = {"variance_noise": step_noise[1 + i] * temperature}
-                    else:
-                        step_kwargs = {"generator": generator} if noise_mode == "generator" else {}
-                    sample = scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+                    model_input = torch.cat([model_input, model_input]) if do_guidance else model_input
+                    model_output = self.diffusion_head.forward_with_modulation(model_input.to(head_dtype), modulation)
+                    model_output = self._guide(model_output.float(), step_guidance, token_dim, keep_variance)
+                    sample = scheduler.step(
+                        model_output, t, sample, **step_noise_kwargs(step_noise[1 + i])
+                    ).prev_sample
 
                 tokens = tokens.scatter(
                     1, predict.unsqueeze(-1).expand(-1, -1, token_dim), sample.view(batch_size, n, -1)
                 )
                 num_unknown = next_unknown
+
+                if callback_on_step_end is not None:
+                    available = {"tokens": tokens, "mask": mask_by_order(num_unknown, orders), "condition": condition}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, step, num_unknown, callback_kwargs) or {}
+                    tokens = callback_outputs.pop("tokens", tokens)
 
         # 6. Decode
         image = self._decode_latents(self.transformer.unpatchify(tokens), output_type)  # from (B, C, H, W)

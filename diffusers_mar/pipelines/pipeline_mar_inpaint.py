@@ -17,6 +17,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging
 
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS, check_sampling_settings
 
 logger = logging.get_logger(__name__)
 
@@ -271,11 +272,11 @@ class MARInpaintPipeline(MARPipeline):
         image: PipelineImageInput,
         mask_image: PipelineImageInput,
         class_labels: int | list[int] | torch.Tensor,
-        num_inference_steps: int = 64,
-        num_diffusion_steps: int = 100,
-        guidance_scale: float = 3.0,
-        guidance_schedule: str = "linear",
-        temperature: float = 1.0,
+        num_inference_steps: int | None = None,
+        num_diffusion_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -299,17 +300,18 @@ class MARInpaintPipeline(MARPipeline):
             class_labels (`int`, `list[int]` or `torch.Tensor`):
                 One class id per image (or one shared), in `[0, num_classes]`; `num_classes` means unconditional.
                 A class other than the image's edits the masked region towards it (class-guided editing).
-            num_inference_steps (`int`, *optional*, defaults to 64):
+            num_inference_steps (`int`, *optional*):
                 Masked-autoregressive steps. Each image uses at most as many steps as it has unknown tokens (a step
-                predicts at least one token).
-            num_diffusion_steps (`int`, *optional*, defaults to 100):
+                predicts at least one token). This and the next four arguments default to `pipe.sampling_defaults`
+                (the folder's recommended settings, else the paper's), as in `MARPipeline`.
+            num_diffusion_steps (`int`, *optional*):
                 Scheduler steps of the diffusion head per token.
-            guidance_scale (`float`, *optional*, defaults to 3.0):
+            guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale; 1.0 disables guidance.
-            guidance_schedule (`str`, *optional*, defaults to `"linear"`):
+            guidance_schedule (`str`, *optional*):
                 `"linear"`: the scale rises with the ratio of known tokens (the kept tokens count as known);
                 `"constant"`.
-            temperature (`float`, *optional*, defaults to 1.0):
+            temperature (`float`, *optional*):
                 Multiplies the noise of every diffusion step.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 One generator, or one per image: then each image equals the image edited alone with its generator.
@@ -333,19 +335,20 @@ class MARInpaintPipeline(MARPipeline):
         """
         # 1. Check inputs
         class_labels = self._prepare_class_labels(class_labels)
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an int >= 1; got {num_inference_steps!r}.")
+        given = dict(
+            zip(
+                SAMPLING_KEYS,
+                (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature),
+            )
+        )
+        settings = {**self.sampling_defaults, **{key: value for key, value in given.items() if value is not None}}
         if not isinstance(resize, bool):
             raise ValueError(f"`resize` must be True or False; got {resize!r}.")
-        # The other sampling arguments are checked once here (each group is checked again by MARPipeline).
-        self.check_inputs(
-            class_labels, 1, num_diffusion_steps, guidance_scale, guidance_schedule, temperature, None, output_type,
-            None, None, None, None,
-        )  # fmt: skip
+        # The sampling arguments are checked once here (each group is checked again by MARPipeline); the step count
+        # only needs to be >= 1, since each group clips it to its number of unknown tokens.
+        check_sampling_settings(settings)
+        settings["num_inference_steps"] = min(settings["num_inference_steps"], self.transformer.num_tokens)
+        self.check_inputs(class_labels, settings, None, output_type)
         mask = self.prepare_mask(mask_image, mask_dilation, resize)  # (Bm, L)
         images = _to_unit_tensor(image, "image", self.image_channels)
         counts = {"image": images.shape[0], "mask_image": mask.shape[0], "class_labels": len(class_labels)}
@@ -381,11 +384,11 @@ class MARInpaintPipeline(MARPipeline):
                 super()
                 .__call__(
                     [class_labels[i] for i in rows],
-                    num_inference_steps=min(num_inference_steps, count),
-                    num_diffusion_steps=num_diffusion_steps,
-                    guidance_scale=guidance_scale,
-                    guidance_schedule=guidance_schedule,
-                    temperature=temperature,
+                    num_inference_steps=min(settings["num_inference_steps"], count),
+                    num_diffusion_steps=settings["num_diffusion_steps"],
+                    guidance_scale=settings["guidance_scale"],
+                    guidance_schedule=settings["guidance_schedule"],
+                    temperature=settings["temperature"],
                     generator=[generator[i] for i in rows] if isinstance(generator, list) else generator,
                     output_type="latent",
                     latents=latents[rows],

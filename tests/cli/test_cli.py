@@ -12,31 +12,29 @@ import sys
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
 from diffusers_mar import MARPipeline, cli
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-# Sampling settings the tiny model's card recommends: few steps, so that every command runs in a fraction of a second.
+# Sampling settings the tiny model's folder recommends: few steps, so that every command runs in a fraction of a second.
 CARD_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 4, "num_diffusion_steps": 5}
 
 
-def write_card(folder, mar_sampling) -> None:
-    card = ModelCard.from_template(
-        ModelCardData(license="mit", mar_sampling=mar_sampling), template_str="---\n{{ card_data }}\n---\n# Tiny\n"
-    )
-    card.save(folder / "README.md")
+def write_sampling(folder, sampling) -> None:
+    """Store `sampling` in the folder's model_index.json, as a converter or a training run would (unchecked)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    index["sampling"] = sampling
+    (folder / "model_index.json").write_text(json.dumps(index))
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     pipe = make_tiny_pipeline()
-    pipe = MARPipeline(**pipe.components, id2label=dict(enumerate(NAMES)))
+    pipe = MARPipeline(**pipe.components, id2label=dict(enumerate(NAMES)), sampling=CARD_SAMPLING)
     folder = tmp_path_factory.mktemp("tiny_model")
     pipe.save_pretrained(folder)
-    write_card(folder, CARD_SAMPLING)
     return folder
 
 
@@ -91,7 +89,7 @@ def test_generate_subprocess_writes_grid_and_single_files(tiny_model, tmp_path):
             upscaled = np.asarray(single.convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
             np.testing.assert_array_equal(cells[r][k], upscaled)
     # The card's settings were used, and the output paths were printed for scripts.
-    assert "num_inference_steps=4" in result.stderr and "model card" in result.stderr
+    assert "num_inference_steps=4" in result.stderr and "recommended settings" in result.stderr
     assert str(tmp_path / "grid.png") in result.stdout
 
 
@@ -235,13 +233,13 @@ def test_missing_default_model_is_a_runtime_failure(tmp_path, monkeypatch, capsy
     assert "argument --model" in err and "default model is not installed" in err
 
 
-def test_bad_model_card_setting_is_a_runtime_failure(tiny_model, tmp_path, capsys):
+def test_bad_stored_setting_is_a_runtime_failure(tiny_model, tmp_path, capsys):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
-    write_card(folder, {"num_inference_steps": 64})  # more steps than the model's 16 tokens
+    write_sampling(folder, {"num_inference_steps": 64})  # more steps than the model's 16 tokens
     assert generate(folder, tmp_path / "grid.png") == 1
     err = capsys.readouterr().err
-    assert "num_inference_steps=64" in err and "--num-inference-steps" in err and "model card" in err
+    assert "sampling['num_inference_steps']" in err and "[1, 16]" in err and "64" in err
     assert not (tmp_path / "grid.png").exists()
 
 
@@ -266,10 +264,10 @@ def test_info_json(tiny_model, capsys):
 # Helpers.
 
 
-def test_recommended_sampling_without_card_caps_steps_at_the_token_count():
+def test_recommended_sampling_without_stored_settings_caps_steps_at_the_token_count():
     settings, source = cli.recommended_sampling(make_tiny_pipeline())
     assert settings["num_inference_steps"] == 16 and settings["guidance_scale"] == 3.0
-    assert "MARPipeline defaults" in source
+    assert "paper's settings" in source
 
 
 def test_parse_class_labels_ids_and_names():

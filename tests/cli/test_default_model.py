@@ -37,7 +37,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def settings(pipe):
-    return cli.recommended_sampling(pipe, DEFAULT_MODEL)[0]
+    return cli.recommended_sampling(pipe)[0]
 
 
 def test_cli_generates_with_the_default_model_offline(tmp_path):
@@ -46,7 +46,7 @@ def test_cli_generates_with_the_default_model_offline(tmp_path):
     command = [sys.executable, "-m", "diffusers_mar.cli", "generate", "--class-labels", "0", "1", "2", "-o"]
     result = subprocess.run([*command, str(tmp_path / "digits.png")], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert "model card" in result.stderr  # the shipped card recommends the sampling settings
+    assert "recommended settings" in result.stderr  # the shipped folder recommends the sampling settings
     grid = Image.open(tmp_path / "digits.png")
     assert grid.format == "PNG" and grid.height == 6 + 3 * (64 + 4) - 4 + 6
 
@@ -71,7 +71,7 @@ def test_same_seed_same_grid(tmp_path):
 def test_samples_are_mostly_classified_as_the_requested_digit(pipe, settings):
     from benchmarks.eval_digits import DigitsEvaluator, generate_digits
 
-    assert settings["guidance_scale"] > 1.0  # the card recommends guidance
+    assert settings["guidance_scale"] > 1.0  # the folder recommends guidance
     images, labels, _ = generate_digits(pipe, num_per_class=5, seed=0, **settings)
     metrics = DigitsEvaluator().evaluate(images, labels)
     # A random or broken model scores about 0.1; the benchmark's target for the shipped model is 0.95.

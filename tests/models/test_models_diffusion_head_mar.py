@@ -11,7 +11,7 @@ def test_head_output_matches_original():
     io = fixture_io()
     _, head = fixture_models()
     with torch.no_grad():
-        out = head(io["mlp.x_t"], io["mlp.t"], io["mlp.c"])
+        out = head(io["mlp.x_t"], io["mlp.t"], io["mlp.c"]).sample
     torch.testing.assert_close(out, io["mlp.out"], rtol=0, atol=1e-5)
 
 
@@ -34,7 +34,7 @@ def test_guided_output_matches_original_forward_with_cfg():
     half = x.shape[0] // 2
     scale = io["mlp_cfg.cfg_scale"]
     with torch.no_grad():
-        out = head(torch.cat([x[:half], x[:half]]), t, c)
+        out = head(torch.cat([x[:half], x[:half]]), t, c).sample
     cond, uncond = out[:half, :16], out[half:, :16]
     guided = uncond + scale * (cond - uncond)
     expected = io["mlp_cfg.out"]
@@ -43,24 +43,26 @@ def test_guided_output_matches_original_forward_with_cfg():
     torch.testing.assert_close(out[:, 16:], expected[:, 16:], rtol=0, atol=1e-5)
 
 
-def test_shared_timestep_and_condition_embedding_give_the_same_output():
+def test_shared_timestep_gives_the_same_output():
     head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)).eval()
     x, c = torch.randn(5, 4), torch.randn(5, 16)
     with torch.no_grad():
-        per_row = head(x, torch.full((5,), 421), c)
-        shared = head(x, 421, condition_embedding=head.embed_condition(c))
-        shared_tensor = head(x, torch.tensor(421), c)
+        per_row = head(x, torch.full((5,), 421), c).sample
+        shared = head(x, 421, c).sample
+        shared_tensor = head(x, torch.tensor(421), c).sample
     torch.testing.assert_close(shared, per_row, rtol=0, atol=1e-6)
     torch.testing.assert_close(shared_tensor, per_row, rtol=0, atol=1e-6)
     assert per_row.shape == (5, 8)
 
 
-def test_exactly_one_condition_is_required():
-    head = MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)
-    with pytest.raises(ValueError, match="exactly one"):
-        head(torch.randn(2, 4), 3)
-    with pytest.raises(ValueError, match="exactly one"):
-        head(torch.randn(2, 4), 3, torch.randn(2, 16), torch.randn(2, 16))
+def test_return_dict_false_gives_a_tuple_with_the_same_tensor():
+    head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)).eval()
+    x, t, c = torch.randn(3, 4), torch.tensor([1, 500, 999]), torch.randn(3, 16)
+    with torch.no_grad():
+        output = head(x, t, c)
+        as_tuple = head(x, t, c, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.equal(as_tuple[0], output.sample) and torch.equal(output[0], output.sample)
 
 
 def test_precomputed_modulation_gives_the_same_output():
@@ -72,28 +74,22 @@ def test_precomputed_modulation_gives_the_same_output():
         modulation = head.compute_modulation(timesteps, embedding)
         assert modulation.shape == (3, 5, (3 * 1 + 2) * 16)
         for i, t in enumerate(timesteps.tolist()):
-            expected = head(x, t, condition_embedding=embedding)
-            torch.testing.assert_close(head(x, modulation=modulation[i]), expected, rtol=0, atol=1e-6)
-            # The timestep is not used when the modulation is given (a sampler may still pass it).
-            torch.testing.assert_close(head(x, 0, modulation=modulation[i]), expected, rtol=0, atol=1e-6)
+            expected = head(x, t, c).sample
+            torch.testing.assert_close(head.forward_with_modulation(x, modulation[i]), expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(head.compute_modulation(421, embedding)[0], modulation[1], rtol=0, atol=1e-6)
 
 
-def test_modulation_arguments_are_checked():
+def test_modulation_shape_is_checked():
     head = MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)
     x, c = torch.randn(2, 4), torch.randn(2, 16)
     modulation = head.compute_modulation(5, head.embed_condition(c))[0]
-    with pytest.raises(ValueError, match="exactly one.*`condition`, `modulation`"):
-        head(x, 5, c, modulation=modulation)
-    with pytest.raises(ValueError, match="`timestep` is required"):
-        head(x, condition=c)
     with pytest.raises(ValueError, match=r"`modulation` must have shape \(2, 80\)"):
-        head(x, modulation=modulation[:, :16])
+        head.forward_with_modulation(x, modulation[:, :16])
 
 
 def test_original_initialisation_zeroes_the_output():
     head = MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)
-    out = head(torch.randn(3, 4), torch.tensor([1, 2, 3]), torch.randn(3, 16))
+    out = head(torch.randn(3, 4), torch.tensor([1, 2, 3]), torch.randn(3, 16)).sample
     assert torch.count_nonzero(out) == 0
 
 
@@ -103,7 +99,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     def grads():
         head.zero_grad()
-        head(x, t, c).square().sum().backward()
+        head(x, t, c).sample.square().sum().backward()
         return {name: p.grad.clone() for name, p in head.named_parameters()}
 
     plain = grads()

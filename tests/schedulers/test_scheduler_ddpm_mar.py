@@ -18,9 +18,8 @@ STOCK_CONFIG = {
 
 def _run_loop(scheduler, head, x_t, condition, noises, temperature=1.0):
     x = x_t.clone()
-    embedding = head.embed_condition(condition)
     for i, t in enumerate(scheduler.timesteps):
-        out = head(x, t, condition_embedding=embedding)
+        out = head(x, t, condition).sample
         x = scheduler.step(out, t, x, variance_noise=noises[i], temperature=temperature).prev_sample
     return x
 
@@ -55,7 +54,7 @@ def test_single_steps_match_original_p_sample():
     timestep_map = io["diffusion.gen.timestep_map"]
     x, t_index = io["sampler.step.x_t"], io["sampler.step.t_index"]
     with torch.no_grad():
-        model_out = head(x, timestep_map[t_index], io["sampler.step.c"])
+        model_out = head(x, timestep_map[t_index], io["sampler.step.c"]).sample
     torch.testing.assert_close(model_out, io["sampler.step.model_out"], rtol=0, atol=1e-5)
     for row in range(x.shape[0]):
         rows = slice(row, row + 1)
@@ -97,7 +96,7 @@ def test_sampling_loop_with_well_conditioned_head_matches_original(temperature):
     x = io["sampler.x_T"].clone()
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
-            out = head(x, t, io["sampler.c"])
+            out = head(x, t, io["sampler.c"]).sample
             eps = torch.sqrt(1 - abar[t]).float() * x + 0.1 * out[:, :16]
             model_output = torch.cat([eps, torch.tanh(out[:, 16:])], dim=1)
             x = scheduler.step(
@@ -116,9 +115,8 @@ def test_guided_sampling_loop_matches_original():
     condition, scale, x = io["sampler_cfg.c"], float(io["sampler_cfg.cfg_scale"]), io["sampler_cfg.x_T"].clone()
     n = x.shape[0]
     with torch.no_grad():
-        embedding = head.embed_condition(condition)
         for i, t in enumerate(scheduler.timesteps):
-            cond, uncond = head(torch.cat([x, x]), t, condition_embedding=embedding).chunk(2)
+            cond, uncond = head(torch.cat([x, x]), t, condition).sample.chunk(2)
             eps = uncond[:, :16] + scale * (cond[:, :16] - uncond[:, :16])
             model_output = torch.cat([eps, cond[:, 16:]], dim=1)
             x = scheduler.step(model_output, t, x, variance_noise=io["sampler_cfg.noise"][i][:n]).prev_sample

@@ -45,7 +45,7 @@ def test_diffusion_loss_matches_original_fixture():
             head,
             MARDDPMScheduler(),
             io["loss.target"],
-            head.embed_condition(io["loss.z"]),
+            io["loss.z"],
             mask=io["loss.mask"],
             timesteps=io["loss.t"],
             noise=io["loss.noise"],
@@ -162,7 +162,7 @@ def test_training_module_drops_labels_in_train_mode_only(monkeypatch):
     seen = []
     forward = transformer.forward
     monkeypatch.setattr(
-        transformer, "forward", lambda t, m, labels: seen.append(labels.clone()) or forward(t, m, labels)
+        transformer, "forward", lambda t, m, labels, **kw: seen.append(labels.clone()) or forward(t, m, labels, **kw)
     )
     latents, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     module.train()(latents, labels)
@@ -215,13 +215,13 @@ def test_only_masked_tokens_count_and_vb_does_not_train_the_noise_prediction():
     target, condition = torch.randn(8, 4, generator=generator), torch.randn(8, 16, generator=generator)
     timesteps, noise = torch.tensor([0, 1, 5, 100, 400, 700, 998, 999]), torch.randn(8, 4, generator=generator)
     mask = torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 0])
-    out = diffusion_loss(head, scheduler, target, head.embed_condition(condition), mask, timesteps, noise)
+    out = diffusion_loss(head, scheduler, target, condition, mask, timesteps, noise)
     torch.testing.assert_close(out.loss, out.rows[mask == 1].mean())
 
     # The VB term reaches v only: its gradient with respect to eps_hat is zero (the frozen-mean trick).
     model_output = {}
     hook = head.proj_out.register_forward_hook(lambda m, i, o: model_output.setdefault("out", o))
-    out = diffusion_loss(head, scheduler, target, head.embed_condition(condition), mask, timesteps, noise)
+    out = diffusion_loss(head, scheduler, target, condition, mask, timesteps, noise)
     hook.remove()
     grad = torch.autograd.grad(out.vb.sum(), model_output["out"])[0]
     assert torch.all(grad[:, :4] == 0) and grad[:, 4:].abs().sum() > 0
