@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="Runs of each implementation per setting, interleaved (official, ours, official, ...); the table gives "
+        "the median and the spread (min-max), the speed-up that of the per-pair ratios.",
+    )
     parser.add_argument("--check-equal", action="store_true", help="Replay the official draws through ours.")
     parser.add_argument(
         "--no-warmup",
@@ -388,6 +395,25 @@ def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     return spawn_worker(__file__, args, worker, [*shared, *extra])
 
 
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def summarise_runs(runs: list[dict]) -> dict:
+    """Medians of the numeric fields of repeated runs; `images_per_second` and `peak_memory_mb` also with spread."""
+    summary = {key: value for key, value in runs[-1].items() if not isinstance(value, (int, float))}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)):
+            summary[key] = float(np.median([run[key] for run in runs]))
+    summary["spread"] = {key: spread([run[key] for run in runs]) for key in ("images_per_second", "peak_memory_mb")}
+    return summary
+
+
+def _range(stats: dict, digits: int) -> str:
+    return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
+
+
 def machine_description(args: argparse.Namespace) -> str:
     if args.device == "cuda":
         return f"{torch.cuda.get_device_name()} ({args.dtype}), torch {torch.__version__}"
@@ -396,11 +422,12 @@ def machine_description(args: argparse.Namespace) -> str:
 
 
 def _table(rows: list[dict], have_official: bool) -> str:
+    """Median (min-max) over the repeats; the speed-up and memory ratio are those of the interleaved pairs."""
     header = "| batch | steps (outer x inner) | ours img/s | ours peak MB |"
     rule = "|---:|---|---:|---:|"
     if have_official:
-        header += " official img/s | official peak MB | speed-up |"
-        rule += "---:|---:|---:|"
+        header += " official img/s | official peak MB | speed-up | memory ratio |"
+        rule += "---:|---:|---:|---:|"
     header += " ours: encoder / decoder / head+scheduler (s) |"
     rule += "---|"
     if have_official:
@@ -409,10 +436,12 @@ def _table(rows: list[dict], have_official: bool) -> str:
     lines = [header, rule]
     for row in rows:
         ours, official = row["ours"], row.get("official")
-        line = f"| {row['batch_size']} | {row['steps']} x {row['diffusion_steps']} | {ours['images_per_second']:.3f} | {ours['peak_memory_mb']:.0f} |"
+        line = f"| {row['batch_size']} | {row['steps']} x {row['diffusion_steps']} | "
+        line += f"{_range(ours['spread']['images_per_second'], 3)} | {_range(ours['spread']['peak_memory_mb'], 0)} |"
         if official:
-            ratio = ours["images_per_second"] / official["images_per_second"]
-            line += f" {official['images_per_second']:.3f} | {official['peak_memory_mb']:.0f} | {ratio:.2f}x |"
+            line += f" {_range(official['spread']['images_per_second'], 3)} |"
+            line += f" {_range(official['spread']['peak_memory_mb'], 0)} |"
+            line += f" {_range(row['speedup'], 2)}x | {_range(row['memory_ratio'], 2)}x |"
         line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**ours)
         if official:
             line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**official)
@@ -458,11 +487,20 @@ def main(argv: list[str] | None = None) -> int:
                     setting = ["--batch-sizes", str(batch_size), "--num-inference-steps", str(steps)]
                     setting += ["--num-diffusion-steps", str(diffusion_steps)]
                     row = {"batch_size": batch_size, "steps": steps, "diffusion_steps": diffusion_steps}
+                    runs = {"ours": [], "official": []}
+                    for repeat in range(args.repeats):
+                        if have_official:
+                            runs["official"].append(_spawn(args, "official", setting))
+                        profile = args.profile_step is not None and not rows and repeat == args.repeats - 1
+                        extra = ["--profile-step", str(args.profile_step)] if profile else []
+                        runs["ours"].append(_spawn(args, "ours", setting + extra))
+                    row["ours"] = summarise_runs(runs["ours"])
                     if have_official:
-                        row["official"] = _spawn(args, "official", setting)
-                    if args.profile_step is not None and not rows:
-                        setting += ["--profile-step", str(args.profile_step)]
-                    row["ours"] = _spawn(args, "ours", setting)
+                        row["official"] = summarise_runs(runs["official"])
+                        ratios = [o["images_per_second"] / f["images_per_second"] for o, f in zip(*runs.values())]
+                        row["speedup"] = spread(ratios)
+                        memory = [o["peak_memory_mb"] / f["peak_memory_mb"] for o, f in zip(*runs.values())]
+                        row["memory_ratio"] = spread(memory)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         check = _spawn(args, "check", []) if args.check_equal else None
@@ -476,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     section = (
         f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. Guidance "
-        f"{args.guidance_scale} (linear). {timing}.\n"
+        f"{args.guidance_scale} (linear). {timing}. {args.repeats} runs of each implementation per setting, "
+        "interleaved; median (min-max), ratios per interleaved pair.\n"
     )
     section += f"Command: `{command}`\n\n{_table(rows, have_official)}\n"
     profile = rows[0]["ours"].pop("profile", None) if rows else None

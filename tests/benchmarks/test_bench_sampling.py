@@ -37,3 +37,25 @@ def test_no_warmup_times_the_first_call():
     _timed_calls(args, "cpu", timer, call)
     assert len(calls) == 1
     assert timer.totals["total"] >= 0.3 and timer.totals["transformer"] >= 0.3
+
+
+def test_repeats_are_summarised_by_median_and_spread():
+    runs = [
+        {"images_per_second": v, "peak_memory_mb": m, "seconds": 1 / v, "memory_kind": "rss"}
+        for v, m in ((1.0, 100.0), (3.0, 90.0), (2.0, 120.0))
+    ]
+    summary = bench_sampling.summarise_runs(runs)
+    assert summary["images_per_second"] == 2.0 and summary["peak_memory_mb"] == 100.0
+    assert summary["spread"]["images_per_second"] == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 3}
+    assert summary["memory_kind"] == "rss"
+    row = {
+        "batch_size": 1,
+        "steps": 16,
+        "diffusion_steps": 25,
+        "ours": {**summary, "encoder_seconds": 1.0, "decoder_seconds": 2.0, "head_seconds": 3.0},
+        "official": {**summary, "encoder_seconds": 1.0, "decoder_seconds": 2.0, "head_seconds": 3.0},
+        "speedup": bench_sampling.spread([1.1, 1.3, 1.2]),
+        "memory_ratio": bench_sampling.spread([1.0, 0.9, 1.1]),
+    }
+    line = bench_sampling._table([row], have_official=True).splitlines()[-1]
+    assert "2.000 (1.000-3.000)" in line and "1.20 (1.10-1.30)x" in line and "1.00 (0.90-1.10)x" in line
