@@ -86,6 +86,7 @@ from diffusers_mar import (  # noqa: E402
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The weight mapping: one list of (original, diffusers-mar) key pairs per model, read in both directions. A pair
 # ending in "." maps every key under that prefix; `{i}` stands for a block index.
@@ -307,8 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _original_factory(args: argparse.Namespace, train_args: dict, preset_name: str | None, head_source: str) -> str:
-    """The factory of the LTH14/mar checkout that rebuilds the original model for `--verify --original_repo`;
-    refuses a verification that could not check the head counts."""
+    """The checkout's factory that rebuilds the original model for `--verify` ("" without `--original_repo`)."""
     if args.original_repo is None:
         if head_source == "flags":
             raise VerificationError(
