@@ -17,8 +17,12 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
+from conversion import card as conversion_card
+from conversion import checkpoints, kl_vae
 from conversion import convert_mar_to_diffusers as convert
+from conversion.verify import VerificationError, verify_pipeline_folder
 from diffusers_mar import MARDiffusionHead, MARPipeline, MARTransformer2DModel, get_preset_config
+from diffusers_mar.pipelines.sampling_settings import PAPER_SAMPLING
 from tests.testing_utils import (
     FIXTURE_HEAD_CONFIG,
     FIXTURE_TRANSFORMER_CONFIG,
@@ -76,12 +80,13 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def converted_fixture(tmp_path_factory) -> pathlib.Path:
-    """The fixture checkpoint and VAE converted by `main()` with `--verify`."""
+def converted_fixture(tmp_path_factory, stand_in_checkout) -> pathlib.Path:
+    """The fixture checkpoint and VAE converted by `main()` with `--verify --original_repo`."""
     if not CHECKPOINT.exists():
         pytest.skip(f"LTH14/mar fixtures not found in {FIXTURES_DIR}")
     output_dir = tmp_path_factory.mktemp("converted") / "mar-tiny"
-    assert convert.main([str(arg) for arg in fixture_argv(output_dir, "--verify")]) == 0
+    argv = fixture_argv(output_dir, "--verify", "--original_repo", stand_in_checkout)
+    assert convert.main([str(arg) for arg in argv]) == 0
     return output_dir
 
 
@@ -89,15 +94,17 @@ def converted_fixture(tmp_path_factory) -> pathlib.Path:
 @requires_fixtures
 def test_command_line_script_runs(tmp_path):
     """`python conversion/convert_mar_to_diffusers.py ...` as the README shows it (subprocesses: slow imports)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    # No PYTHONPATH: the script finds the `conversion` modules beside it itself.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     argv = [str(arg) for arg in fixture_argv(tmp_path / "out", vae=None)]
     script = REPO_ROOT / "conversion" / "convert_mar_to_diffusers.py"
-    result = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True, text=True, timeout=300)
+    run = {"env": env, "capture_output": True, "text": True, "timeout": 300, "cwd": REPO_ROOT}
+    result = subprocess.run([sys.executable, script, *argv], **run)
     assert result.returncode == 0, result.stderr
     assert "Converted `model_ema`" in result.stdout and "no VAE" in result.stdout
     assert (tmp_path / "out" / "model_index.json").is_file()
-    result = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    result = subprocess.run([sys.executable, script, *argv], **run)
+    assert result.returncode == 2  # bad input
     assert "exists and is not empty; pass `--overwrite`" in result.stderr
 
 
@@ -159,8 +166,7 @@ def test_conversion_takes_the_ema_weights(converted_fixture):
     for key, value in ema_head.items():
         assert torch.equal(pipe.diffusion_head.state_dict()[key], value), key
     card = ModelCard.load(converted_fixture / "README.md")
-    assert card.data.to_dict()["mar_conversion"]["weights"] == "model_ema"
-    assert "**EMA weights** (`model_ema`)" in card.text
+    assert "| Weights | EMA (`model_ema`), the ones the paper's results are measured with |" in card.text
 
 
 @requires_fixtures
@@ -178,9 +184,7 @@ def test_use_non_ema_converts_the_training_weights(tmp_path, capsys):
     with torch.no_grad():
         z = pipe.transformer(io["transformer.x"], io["transformer.mask"], io["transformer.cond.labels"]).sample
     assert (z - io["transformer.cond.z"]).abs().max() > 1e-3  # the fixture's outputs are the EMA model's
-    card = ModelCard.load(tmp_path / "out" / "README.md")
-    assert card.data.to_dict()["mar_conversion"]["weights"] == "model"
-    assert "non-EMA" in card.text
+    assert "| Weights | training, non-EMA (`model`)" in ModelCard.load(tmp_path / "out" / "README.md").text
 
 
 @requires_fixtures
@@ -207,26 +211,49 @@ def test_folder_layout_and_model_card_metadata(converted_fixture):
     data = card.data.to_dict()
     assert data["license"] == "mit"
     assert data["library_name"] == "diffusers"
-    assert data["pipeline_tag"] == "unconditional-image-generation"
     assert {"mar", "class-conditional"} <= set(data["tags"])
-    # A custom size: the sampling settings come from the checkpoint's args (cfg 3.0, temperature 0.9, num_iter 4).
+    assert "mar_sampling" not in data  # the settings live in the pipeline's config
+    assert f"`checkpoint-last.pth`, epoch {fixture_checkpoint()['epoch']} |" in card.text
+    assert "4 / 4 heads" in card.text and "| VAE | `vae_tiny.ckpt` as a diffusers `AutoencoderKL` |" in card.text
+    assert "@article{li2024autoregressive" in card.text
+    assert "no published numbers" in card.text
+
+
+@requires_fixtures
+def test_recommended_sampling_settings_are_in_the_pipeline_config(converted_fixture):
+    # A custom size: the settings come from the checkpoint's args (cfg 3.0, temperature 0.9, num_iter 4).
     args = vars(fixture_checkpoint()["args"])
-    assert data["mar_sampling"] == {
+    expected = {
         "guidance_scale": args["cfg"],
         "guidance_schedule": args["cfg_schedule"],
         "temperature": args["temperature"],
         "num_inference_steps": args["num_iter"],
         "num_diffusion_steps": int(args["num_sampling_steps"]),
     }
-    assert data["mar_conversion"]["epoch"] == fixture_checkpoint()["epoch"]
-    assert "@article{li2024autoregressive" in card.text
-    assert "no published numbers" in card.text
+    assert json.loads((converted_fixture / "model_index.json").read_text())["sampling"] == expected
+    assert load_pipeline(converted_fixture).sampling_defaults == expected
+    text = ModelCard.load(converted_fixture / "README.md").text
+    assert "`guidance_scale=3.0`, `guidance_schedule='linear'`" in text and "`temperature=0.9`" in text
+
+
+def test_recommended_sampling_falls_back_to_the_paper_clipped():
+    # Unusable or missing values in `args` take the paper's, clipped to the model's 16 tokens.
+    args = {"cfg": -1.0, "cfg_schedule": "cosine", "num_iter": 200, "num_sampling_steps": "abc"}
+    assert conversion_card.recommended_sampling(None, args, num_tokens=16) == {
+        **PAPER_SAMPLING,
+        "num_inference_steps": 16,
+    }
+    assert conversion_card.recommended_sampling("mar-large", {}, num_tokens=256) == {
+        **PAPER_SAMPLING,
+        "guidance_scale": 3.0,
+    }
 
 
 @requires_fixtures
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_half_precision_is_stored_and_verified(tmp_path, capsys, dtype, torch_dtype):
-    rc, err = run_main(fixture_argv(tmp_path / "out", "--dtype", dtype, "--verify"), capsys)
+def test_half_precision_is_stored_and_verified(tmp_path, capsys, dtype, torch_dtype, stand_in_checkout):
+    argv = fixture_argv(tmp_path / "out", "--dtype", dtype, "--verify", "--original_repo", stand_in_checkout)
+    rc, err = run_main(argv, capsys)
     assert rc == 0, err
     for component in ("transformer", "diffusion_head", "vae"):
         tensors = load_file(tmp_path / "out" / component / "diffusion_pytorch_model.safetensors")
@@ -249,7 +276,7 @@ def test_no_safe_serialization_writes_torch_files(tmp_path, capsys):
 @requires_fixtures
 def test_verification_fails_when_the_folder_differs(converted_fixture):
     pipe = load_pipeline(converted_fixture)
-    assert set(convert.verify_pipeline_folder(converted_fixture, pipe)) == {
+    assert set(verify_pipeline_folder(converted_fixture, pipe)) == {
         "transformer",
         "diffusion_head",
         "vae.encode",
@@ -257,16 +284,18 @@ def test_verification_fails_when_the_folder_differs(converted_fixture):
     }
     with torch.no_grad():
         pipe.diffusion_head.proj_out.bias.add_(1e-3)
-    with pytest.raises(ValueError, match=r"tensors differ .*\['diffusion_head.proj_out.bias'\]"):
-        convert.verify_pipeline_folder(converted_fixture, pipe)
-    with pytest.raises(ValueError, match=r"stores \['torch.float32'\], asked for torch.float16"):
-        convert.verify_pipeline_folder(converted_fixture, pipe, dtype=torch.float16)
+    with pytest.raises(VerificationError, match=r"tensors differ .*\['diffusion_head.proj_out.bias'\]"):
+        verify_pipeline_folder(converted_fixture, pipe)
+    with pytest.raises(VerificationError, match=r"stores \['torch.float32'\], asked for torch.float16"):
+        verify_pipeline_folder(converted_fixture, pipe, dtype=torch.float16)
     # Same tensors, other head split (as if the saved config were wrong): the outputs differ.
     pipe = load_pipeline(converted_fixture)
     for block in pipe.transformer.encoder_blocks:
         block.attn.num_heads, block.attn.head_dim = 2, 32
-    with pytest.raises(ValueError, match="reloaded outputs differ from the converted weights by {'transformer'"):
-        convert.verify_pipeline_folder(converted_fixture, pipe)
+    with pytest.raises(
+        VerificationError, match="reloaded outputs differ from the converted weights by {'transformer'"
+    ):
+        verify_pipeline_folder(converted_fixture, pipe)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,7 +344,7 @@ def test_model_type_must_match_the_checkpoint():
         convert.infer_configs_from_checkpoint(state_dict, {}, model_type="mar-large")
     # `args.model` of the official checkpoints names the factory, which gives the heads of an odd width too.
     fixture_sd = fixture_checkpoint()["model_ema"]
-    with pytest.raises(ValueError, match="num_attention_heads"):
+    with pytest.raises(ValueError, match="width 64 is not one of MAR-B/L/H .* Pass `--num_attention_heads`"):
         convert.infer_configs_from_checkpoint(fixture_sd, {})
     transformer_config, _, found = convert.infer_configs_from_checkpoint(fixture_sd, {}, num_attention_heads=4)
     assert found is None and transformer_config["attention_head_dim"] == 16
@@ -327,15 +356,18 @@ def test_full_size_mar_base_fp32_command_line(tmp_path, capsys):
     args = argparse.Namespace(model="mar_base", vae_embed_dim=16, patch_size=1, num_sampling_steps="100")
     checkpoint = save_checkpoint(tmp_path / "checkpoint-last.pth", model=state_dict, model_ema=state_dict, args=args)
     del state_dict
-    rc, err = run_main(["--checkpoint_path", checkpoint, "--output_dir", tmp_path / "out", "--verify"], capsys)
+    rc = convert.main(
+        [str(arg) for arg in ["--checkpoint_path", checkpoint, "--output_dir", tmp_path / "out", "--verify"]]
+    )
+    out, err = capsys.readouterr()
     assert rc == 0, err
     pipe = load_pipeline(tmp_path / "out")
     num_parameters = sum(p.numel() for p in pipe.transformer.parameters())
     num_parameters += sum(p.numel() for p in pipe.diffusion_head.parameters())
     assert num_parameters == 207_924_768
     assert pipe.get_label_ids(["golden retriever"]) == [207]
-    data = ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()
-    assert data["mar_sampling"]["guidance_scale"] == 2.9
+    assert pipe.sampling_defaults == {**PAPER_SAMPLING, "guidance_scale": 2.9}
+    assert "Verified: the folder reloads to the converted weights and outputs." in out  # heads from args.model
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -400,13 +432,13 @@ def test_production_kl16_vae_structure_converts_strictly():
     # ...and at ch 128 gives the production KL-16 layout, which maps onto the expected diffusers config.
     with torch.device("meta"):
         state_dict = {key: torch.empty(shape) for key, shape in original_vae_shapes(128).items()}
-    config = convert.infer_vae_config(state_dict)
+    config = kl_vae.infer_vae_config(state_dict)
     assert config["block_out_channels"] == [128, 128, 256, 256, 512]
     assert config["down_block_types"] == ["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"]
     assert config["up_block_types"] == ["UpDecoderBlock2D"] * 5
     assert (config["layers_per_block"], config["latent_channels"], config["norm_num_groups"]) == (2, 16, 32)
     assert config["scaling_factor"] == 0.2325 and config["mid_block_add_attention"]
-    vae = convert.build_vae(state_dict, config)
+    vae = kl_vae.build_vae(state_dict, config)
     assert sum(p.numel() for p in vae.parameters()) == sum(value.numel() for value in state_dict.values())
     assert round(sum(p.numel() for p in vae.parameters()) / 1e6, 1) == 66.5  # the fixture README's KL-16 size
 
@@ -415,8 +447,8 @@ def test_vae_group_count_must_divide_the_widths():
     with torch.device("meta"):
         state_dict = {key: torch.empty(shape) for key, shape in original_vae_shapes(8).items()}
     with pytest.raises(ValueError, match="--vae_norm_num_groups` 32 does not divide the VAE widths"):
-        convert.infer_vae_config(state_dict)
-    assert convert.infer_vae_config(state_dict, norm_num_groups=4)["norm_num_groups"] == 4
+        kl_vae.infer_vae_config(state_dict)
+    assert kl_vae.infer_vae_config(state_dict, norm_num_groups=4)["norm_num_groups"] == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -430,38 +462,33 @@ def test_preset_model_card_renders_paper_numbers_and_sampling(preset):
     with init_empty_weights():
         transformer = MARTransformer2DModel.from_config(config["transformer"])
         head = MARDiffusionHead.from_config(config["diffusion_head"])
-    sampling = convert.sampling_settings(preset, {"num_sampling_steps": "100"}, transformer.num_tokens)
-    card = convert.make_model_card(
+    sampling = conversion_card.recommended_sampling(preset, {"num_sampling_steps": "100"}, transformer.num_tokens)
+    assert sampling == {**PAPER_SAMPLING, "guidance_scale": PAPER[preset]["cfg"]}
+    card = conversion_card.conversion_model_card(
         transformer, head, preset, sampling, "model_ema", "checkpoint-last.pth", "kl16.ckpt", repo_id="user/mar"
     )
     reloaded = ModelCard(str(card))  # what `ModelCard.load` of the saved README gives
     data = reloaded.data.to_dict()
     assert data["license"] == "mit" and data["library_name"] == "diffusers"
-    assert {"mar", "class-conditional", "imagenet"} <= set(data["tags"])
+    assert {"mar", "class-conditional"} <= set(data["tags"])
     assert data["datasets"] == ["imagenet-1k"]
-    assert data["mar_sampling"] == {
-        "guidance_scale": PAPER[preset]["cfg"],
-        "guidance_schedule": "linear",
-        "temperature": 1.0,
-        "num_inference_steps": 64,
-        "num_diffusion_steps": 100,
-    }
+    assert "mar_sampling" not in data
     text = reloaded.text
     paper = PAPER[preset]
     assert f"# {paper['title']} for diffusers" in text
     assert f"| {paper['title']} | {paper['params']} |" in text
     assert f"| {paper['fid']} | {paper['is']} |" in text
     assert str(config["paper"]["fid_no_guidance"]) in text
-    assert 'MARPipeline.from_pretrained("user/mar")' in text
-    assert 'pipe.get_label_ids(["golden retriever"])' not in text  # no id2label given
-    assert "@article{li2024autoregressive" in text and "EMA weights" in text
+    assert f"`guidance_scale={PAPER[preset]['cfg']}`" in text
+    assert 'MARPipeline.from_pretrained("user/mar")' in text and "class_labels=[207]" in text
+    assert "@article{li2024autoregressive" in text and "EMA (`model_ema`)" in text
 
 
 def test_bundled_imagenet_labels():
-    id2label = convert.load_id2label(None, 1000)
+    id2label = checkpoints.load_id2label(None, 1000)
     assert len(id2label) == 1000
     assert (id2label[0], id2label[207], id2label[999]) == ("tench", "golden retriever", "toilet tissue")
-    assert convert.load_id2label(None, 10) is None
+    assert checkpoints.load_id2label(None, 10) is None
 
 
 @requires_fixtures
@@ -473,7 +500,7 @@ def test_id2label_path_is_saved_and_checked(tmp_path, capsys):
     assert load_pipeline(tmp_path / "out").get_label_ids(["class 7", "class 2"]) == [7, 2]
     (tmp_path / "bad.json").write_text(json.dumps({"0": "only one"}))
     rc, err = run_main(fixture_argv(tmp_path / "out2", "--id2label_path", tmp_path / "bad.json", vae=None), capsys)
-    assert rc == 1 and "must map every class id 0..9" in err
+    assert rc == 2 and "must map every class id 0..9" in err
     assert_nothing_written(tmp_path, "out2")
 
 
@@ -517,14 +544,11 @@ def test_push_to_hub_needs_a_repo_id(tmp_path, capsys):
 def test_file_that_is_not_a_mar_checkpoint(tmp_path, capsys):
     other = save_checkpoint(tmp_path / "other.pth", state_dict={"weight": torch.ones(2)})
     rc, err = run_main(fixture_argv(tmp_path / "out", checkpoint=other), capsys)
-    assert rc == 1 and "Not a MAR training checkpoint" in err
+    assert rc == 2 and "`--checkpoint_path` is not a MAR training checkpoint" in err
     rc, err = run_main(fixture_argv(tmp_path / "out", checkpoint=VAE), capsys)  # the VAE file: {"model": vae weights}
-    assert rc == 1 and "Not a MAR checkpoint: `model` lacks the MAR keys" in err
-    (tmp_path / "text.pth").write_text("not a checkpoint")
-    rc, err = run_main(fixture_argv(tmp_path / "out", checkpoint=tmp_path / "text.pth"), capsys)
-    assert rc == 1 and "is not a readable torch checkpoint" in err
+    assert rc == 2 and "Not a MAR checkpoint: `model` lacks the MAR keys" in err
     rc, err = run_main(fixture_argv(tmp_path / "out", checkpoint=tmp_path / "missing.pth"), capsys)
-    assert rc == 1 and "does not exist" in err
+    assert rc == 2 and "does not exist" in err
     assert_nothing_written(tmp_path)
 
 
@@ -533,7 +557,8 @@ def test_truncated_checkpoint(tmp_path, capsys):
     data = CHECKPOINT.read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
     rc, err = run_main(fixture_argv(tmp_path / "out", checkpoint=tmp_path / "truncated.pth"), capsys)
-    assert rc == 1 and "not a readable torch checkpoint (truncated or corrupted?)" in err
+    assert rc == 2 and "is not a readable torch checkpoint: it is a zip archive that torch cannot read" in err
+    assert "(truncated or corrupted?)" in err
     assert_nothing_written(tmp_path)
 
 
@@ -542,12 +567,12 @@ def test_checkpoint_without_ema_needs_use_non_ema(tmp_path, capsys):
     source = fixture_checkpoint()
     checkpoint = save_checkpoint(tmp_path / "no_ema.pth", model=source["model"], args=source["args"])
     rc, err = run_main(fixture_argv(tmp_path / "out", checkpoint=checkpoint), capsys)
-    assert rc == 1 and "no EMA weights (`model_ema`)" in err and "--use_non_ema" in err
+    assert rc == 2 and "no EMA weights (`model_ema`)" in err and "--use_non_ema" in err
     assert_nothing_written(tmp_path)
     with pytest.warns(UserWarning, match="no EMA weights"):
         rc, err = run_main(fixture_argv(tmp_path / "out", "--use_non_ema", checkpoint=checkpoint), capsys)
     assert rc == 0, err
-    assert ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()["mar_conversion"]["weights"] == "model"
+    assert "| Weights | training, non-EMA (`model`)" in ModelCard.load(tmp_path / "out" / "README.md").text
 
 
 @requires_fixtures
@@ -555,21 +580,29 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path, capsys, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")
     rc, err = run_main(fixture_argv(tmp_path / "out", vae=None), capsys)
-    assert rc == 1 and "exists and is not empty; pass `--overwrite`" in err
+    assert rc == 2 and "exists and is not empty; pass `--overwrite`" in err
+    # --overwrite replaces only a pipeline folder: a folder of other files is never deleted.
+    rc, err = run_main(fixture_argv(tmp_path / "out", "--overwrite", vae=None), capsys)
+    assert rc == 2 and "is not a pipeline folder (no `model_index.json`)" in err
     assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    # A previous conversion is replaced (only once the new one is complete).
+    (tmp_path / "out" / "keep.txt").unlink()
+    rc, err = run_main(fixture_argv(tmp_path / "out", vae=None), capsys)
+    assert rc == 0, err
+    (tmp_path / "out" / "stale.txt").write_text("from the previous conversion")
     rc, err = run_main(fixture_argv(tmp_path / "out", "--overwrite", vae=None), capsys)
     assert rc == 0, err
-    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert not (tmp_path / "out" / "stale.txt").exists()
     assert (tmp_path / "out" / "model_index.json").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary folders left
     # --overwrite never replaces a folder that holds an input file or the current folder.
     checkpoint = save_checkpoint(tmp_path / "out" / "checkpoint-last.pth", **fixture_checkpoint())
     rc, err = run_main(fixture_argv(tmp_path / "out", "--overwrite", vae=None, checkpoint=checkpoint), capsys)
-    assert rc == 1 and "holds the current folder or an input file" in err and checkpoint.is_file()
+    assert rc == 2 and "holds the current folder or an input file" in err and checkpoint.is_file()
     monkeypatch.chdir(tmp_path / "out")
     rc, err = run_main(fixture_argv(pathlib.Path("."), "--overwrite", vae=None), capsys)
-    assert rc == 1 and "holds the current folder or an input file" in err
+    assert rc == 2 and "holds the current folder or an input file" in err
     assert (tmp_path / "out" / "model_index.json").is_file()
     (tmp_path / "empty").mkdir()  # an empty folder is fine
     rc, err = run_main(fixture_argv(tmp_path / "empty", vae=None), capsys)
@@ -609,7 +642,7 @@ def test_vae_with_wrong_shapes(tmp_path, capsys, case, message):
         state_dict = {"model.layer.weight": torch.ones(2)}
     vae = save_checkpoint(tmp_path / "vae.ckpt", model=state_dict)
     rc, err = run_main(fixture_argv(tmp_path / "out", vae=vae), capsys)
-    assert rc == 1, err
+    assert rc == 2, err
     assert message in err
     assert_nothing_written(tmp_path)
 
@@ -621,14 +654,14 @@ def test_untrusted_pickle_needs_trust_checkpoint(tmp_path, capsys):
         tmp_path / "custom.pth", model=source["model"], model_ema=source["model_ema"], extra=pathlib.PurePosixPath("x")
     )
     rc, err = run_main(fixture_argv(tmp_path / "out", vae=None, checkpoint=checkpoint), capsys)
-    assert rc == 1 and "pickles `pathlib.PurePosixPath`" in err and "--trust_checkpoint" in err
+    assert rc == 2 and "pickles `pathlib.PurePosixPath`" in err and "--trust_checkpoint" in err
     assert_nothing_written(tmp_path)
     rc, err = run_main(fixture_argv(tmp_path / "out", "--trust_checkpoint", vae=None, checkpoint=checkpoint), capsys)
     assert rc == 0, err
 
 
 @requires_fixtures
-def test_failed_verification_exits_non_zero_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+def test_failed_verification_exits_non_zero_and_leaves_no_folder(tmp_path, capsys, monkeypatch, stand_in_checkout):
     from_pretrained = MARPipeline.from_pretrained.__func__
 
     def reload_with_a_changed_weight(cls, *args, **kwargs):  # as if the saved folder had a wrong tensor
@@ -638,7 +671,9 @@ def test_failed_verification_exits_non_zero_and_leaves_no_folder(tmp_path, capsy
         return pipe
 
     monkeypatch.setattr(MARPipeline, "from_pretrained", classmethod(reload_with_a_changed_weight))
-    rc, err = run_main(fixture_argv(tmp_path / "out", "--verify", vae=None), capsys)
+    rc, err = run_main(
+        fixture_argv(tmp_path / "out", "--verify", "--original_repo", stand_in_checkout, vae=None), capsys
+    )
     assert rc == 1 and "reloaded tensors differ from the converted weights: ['transformer.mask_token']" in err
     assert_nothing_written(tmp_path)
 
@@ -649,13 +684,14 @@ def test_failure_while_writing_leaves_no_folder(tmp_path, capsys, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ModelCard, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        convert.main([str(arg) for arg in fixture_argv(tmp_path / "out")])
+    rc, err = run_main(fixture_argv(tmp_path / "out"), capsys)
+    assert rc == 1 and "error: disk full" in err  # a failure while running, not bad input
     assert_nothing_written(tmp_path)
-    # With --overwrite, the previous folder survives a failed conversion.
+    # With --overwrite, the previous pipeline folder survives a failed conversion.
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model_index.json").write_text("{}")
     (tmp_path / "out" / "keep.txt").write_text("previous")
-    with pytest.raises(OSError, match="disk full"):
-        convert.main([str(arg) for arg in fixture_argv(tmp_path / "out", "--overwrite")])
+    rc, err = run_main(fixture_argv(tmp_path / "out", "--overwrite"), capsys)
+    assert rc == 1 and "error: disk full" in err
     assert (tmp_path / "out" / "keep.txt").read_text() == "previous"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]

@@ -1,0 +1,237 @@
+"""`--verify` against the original model (head counts), head-count flags, latent folders without a VAE, and the
+converter's error messages and exit codes (2: bad input, 1: a failure while running)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from conversion import convert_mar_to_diffusers as convert
+from diffusers_mar import MARPipeline
+from tests.conversion.test_convert_mar_to_diffusers import (
+    CHECKPOINT,
+    assert_nothing_written,
+    original_state_dict,
+    run_main,
+    save_checkpoint,
+)
+from tests.testing_utils import fixture_checkpoint, requires_fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def heads_argv(output_dir: pathlib.Path, encoder: int, decoder: int | None = None, *extra) -> list:
+    """The fixture checkpoint without VAE and with the given head counts instead of the true 4 / 4."""
+    argv = ["--checkpoint_path", CHECKPOINT, "--output_dir", output_dir, "--num_attention_heads", encoder, *extra]
+    return argv + (["--decoder_num_attention_heads", decoder] if decoder is not None else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Head counts: not in the weights, so `--verify` checks them against the original model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@requires_fixtures
+@pytest.mark.parametrize("encoder, decoder", [(2, None), (4, 2), (8, 4)])
+def test_verify_catches_wrong_head_counts_against_the_original(tmp_path, capsys, stand_in_checkout, encoder, decoder):
+    argv = heads_argv(tmp_path / "out", encoder, decoder, "--verify", "--original_repo", stand_in_checkout)
+    rc, err = run_main(argv, capsys)
+    assert rc == 1, err  # a failure while running, not bad input
+    assert "differs from the original LTH14/mar model by {'transformer'" in err
+    assert (
+        f"The original has 4 encoder / 4 decoder attention heads, the conversion {encoder} / {decoder or encoder}"
+        in err
+    )
+    assert_nothing_written(tmp_path)
+
+
+@requires_fixtures
+def test_verify_with_the_right_head_counts_says_what_it_proved(tmp_path, capsys, stand_in_checkout):
+    argv = heads_argv(tmp_path / "out", 4, 4, "--verify", "--original_repo", stand_in_checkout)
+    assert convert.main([str(arg) for arg in argv]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "Verified: the folder reloads to the converted weights and outputs; the transformer and diffusion head " in out
+    )
+    assert f"reproduce the original `mar_tiny_fixture` of {stand_in_checkout}" in out
+    config = json.loads((tmp_path / "out" / "transformer" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["decoder_num_attention_heads"]) == (4, 4)
+
+
+@requires_fixtures
+def test_verify_without_the_original_refuses_head_counts_it_cannot_check(tmp_path, capsys):
+    rc, err = run_main(heads_argv(tmp_path / "out", 2, None, "--verify"), capsys)
+    assert rc == 1
+    assert "`--verify` cannot check head counts given by `--num_attention_heads`" in err
+    assert "Pass `--original_repo path/to/LTH14-mar`" in err and "`mar_tiny_fixture`" in err
+    assert_nothing_written(tmp_path)
+    # Without --verify the flags are taken as given.
+    rc, err = run_main(heads_argv(tmp_path / "out", 4, 2), capsys)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "out" / "transformer" / "config.json").read_text())
+    assert (config["decoder_num_attention_heads"], config["decoder_attention_head_dim"]) == (2, 32)
+    assert (config["num_attention_heads"], config["attention_head_dim"]) == (4, 16)
+
+
+@requires_fixtures
+def test_verify_needs_the_factory_in_the_original_checkout(tmp_path, capsys):
+    empty_checkout = tmp_path / "LTH14-mar"
+    (empty_checkout / "models").mkdir(parents=True)
+    (empty_checkout / "models" / "mar.py").write_text("def mar_base(**kwargs):\n    raise AssertionError\n")
+    rc, err = run_main(heads_argv(tmp_path / "out", 4, None, "--verify", "--original_repo", empty_checkout), capsys)
+    assert rc == 1 and "models/mar.py has no factory `mar_tiny_fixture`" in err
+    assert_nothing_written(tmp_path)
+
+
+def test_original_repo_flag_is_checked(tmp_path, capsys):
+    argv = ["--checkpoint_path", "x.pth", "--output_dir", str(tmp_path / "out")]
+    for extra, message in [
+        (["--original_repo", str(tmp_path)], "`--original_repo` is used by `--verify`; add `--verify`"),
+        (["--verify", "--original_repo", str(tmp_path)], "is not a LTH14/mar checkout (no models/mar.py)"),
+        (["--decoder_num_attention_heads", "0"], "`--decoder_num_attention_heads` must be >= 1; got 0"),
+    ]:
+        with pytest.raises(SystemExit) as error:
+            convert.main(argv + extra)
+        assert error.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_head_counts_come_from_the_checkpoints_factory():
+    state_dict = original_state_dict("mar-base")  # meta tensors, the original layout
+    assert convert.attention_heads(state_dict, {"model": "mar_base"}) == (12, 12, "args.model")
+    assert convert.attention_heads(state_dict, {}) == (12, 12, "width")
+    assert convert.attention_heads(state_dict, {}, num_attention_heads=12) == (12, 12, "width")
+    assert convert.attention_heads(state_dict, {}, num_attention_heads=8) == (8, 8, "flags")
+    assert convert.attention_heads(state_dict, {}, "mar-base") == (12, 12, "model_type")
+    with pytest.raises(
+        ValueError, match=r"`--num_attention_heads` 8 contradicts the checkpoint's `args.model` mar_base, "
+    ):
+        convert.attention_heads(state_dict, {"model": "mar_base"}, num_attention_heads=8)
+    with pytest.raises(ValueError, match="`--decoder_num_attention_heads` 6 contradicts `--model_type mar-base`"):
+        convert.attention_heads(state_dict, {}, "mar-base", decoder_num_attention_heads=6)
+    # A factory of one's own at a MAR-B width: the width says nothing about its heads.
+    with pytest.raises(
+        ValueError, match=r"`args.model` is `my_mar`, not a factory of LTH14/mar .* Pass `--num_attention_heads`"
+    ):
+        convert.attention_heads(state_dict, {"model": "my_mar"})
+    assert convert.attention_heads(state_dict, {"model": "my_mar"}, None, 6, 8) == (6, 8, "flags")
+
+
+@requires_fixtures
+def test_head_count_messages_name_the_flag(tmp_path, capsys):
+    rc, err = run_main(["--checkpoint_path", CHECKPOINT, "--output_dir", tmp_path / "out"], capsys)
+    assert rc == 2 and "Pass `--num_attention_heads`." in err
+    rc, err = run_main(heads_argv(tmp_path / "out", 3), capsys)
+    assert rc == 2 and "`--num_attention_heads` 3 does not divide the width 64." in err
+    rc, err = run_main(heads_argv(tmp_path / "out", 4, 5), capsys)
+    assert rc == 2 and "`--decoder_num_attention_heads` 5 does not divide the width 64." in err
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parity
+@pytest.mark.skipif("MAR_ORIGINAL_REPO" not in os.environ, reason="set MAR_ORIGINAL_REPO to a LTH14/mar checkout")
+@requires_fixtures
+def test_verify_against_the_official_code(tmp_path, capsys):
+    """The official LTH14/mar code (needs timm 0.9.12), with the fixture's factory added as the fixture's README says
+    it was built: `MAR(...)` 64 wide, 2+2 blocks, 4 heads, LayerNorm eps 1e-6."""
+    checkout = tmp_path / "LTH14-mar"
+    for folder in ("models", "diffusion"):
+        shutil.copytree(pathlib.Path(os.environ["MAR_ORIGINAL_REPO"]) / folder, checkout / folder)
+    with open(checkout / "models" / "mar.py", "a") as mar:
+        mar.write(
+            "\n\ndef mar_tiny_fixture(**kwargs):\n    return MAR(encoder_embed_dim=64, encoder_depth=2, "
+            "encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, "
+            "norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)\n"
+        )
+    rc, err = run_main(heads_argv(tmp_path / "good", 4, None, "--verify", "--original_repo", checkout), capsys)
+    assert rc == 0, err
+    rc, err = run_main(heads_argv(tmp_path / "bad", 2, None, "--verify", "--original_repo", checkout), capsys)
+    assert rc == 1 and "The original has 4 encoder / 4 decoder attention heads, the conversion 2 / 2" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A folder without a VAE is a latent model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@requires_fixtures
+def test_folder_without_vae_says_its_tokens_are_latents(tmp_path, capsys):
+    rc, err = run_main(heads_argv(tmp_path / "out", 4), capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["token_space"] == "latent"
+    pipe = MARPipeline.from_pretrained(tmp_path / "out")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae is None and pipe.config.token_space == "latent"
+    call = {"class_labels": [1], "num_inference_steps": 2, "num_diffusion_steps": 2}
+    with pytest.raises(ValueError, match='output_type="latent"'):
+        pipe(**call, output_type="np")
+    latents = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 16, 4, 4)
+    assert 'it samples with `output_type="latent"` only' in (tmp_path / "out" / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Messages and exit codes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@requires_fixtures
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("hello world\n", "it is a text file (a torch checkpoint is the binary file `torch.save` writes"),
+        (b"", "it is empty"),
+        (b"\x00\x01\x02binary", "it has an unknown format"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_gets_a_clear_message(tmp_path, capsys, content, message):
+    path = tmp_path / "checkpoint.pth"
+    path.write_text(content) if isinstance(content, str) else path.write_bytes(content)
+    rc, err = run_main(["--checkpoint_path", path, "--output_dir", tmp_path / "out"], capsys)
+    assert rc == 2
+    assert f"error: `--checkpoint_path` {str(path)!r} is not a readable torch checkpoint: {message}" in err
+    assert not err.rstrip().endswith(": 101") and "101" not in err
+    assert_nothing_written(tmp_path)
+
+
+@requires_fixtures
+def test_no_safe_serialization_verify_prints_no_fetch_error(tmp_path, capsys, stand_in_checkout):
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        argv = heads_argv(tmp_path / "out", 4, None, "--no-safe_serialization", "--verify")
+        rc, err = run_main(argv + ["--original_repo", stand_in_checkout], capsys)
+    finally:
+        logger.removeHandler(handler)
+    assert rc == 0, err
+    assert (tmp_path / "out" / "transformer" / "diffusion_pytorch_model.bin").is_file()
+    assert [record.getMessage() for record in records] == []  # was "An error occurred while trying to fetch ..."
+
+
+@requires_fixtures
+def test_bad_input_exits_2_before_reading_the_checkpoint(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    rc, err = run_main(heads_argv(tmp_path / "out", 4, None, "--overwrite"), capsys)
+    assert rc == 2 and "is not a pipeline folder" in err
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    source = fixture_checkpoint()
+    no_ema = save_checkpoint(tmp_path / "no_ema.pth", model=source["model"], args=argparse.Namespace(model="x"))
+    rc, err = run_main(["--checkpoint_path", no_ema, "--output_dir", tmp_path / "new"], capsys)
+    assert rc == 2 and "--use_non_ema" in err
