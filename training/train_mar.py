@@ -790,15 +790,46 @@ def model_card(
     )
 
 
+def load_checkpoint(
+    accelerator: Accelerator, resume_from_checkpoint: str, output_dir: Path, emas: list[EMAModel], global_batch: int
+) -> tuple[int, list[float]]:
+    """Restore `--resume_from_checkpoint` ('latest': the newest of `output_dir`, if any); (step, recent losses)."""
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
+            return 0, []
+        path = checkpoints[-1]
+    else:
+        path = Path(resume_from_checkpoint)
+    state = json.loads((path / "training_state.json").read_text())
+    if state["global_batch"] != global_batch or state["num_processes"] != accelerator.num_processes:
+        logger.warning(
+            f"The checkpoint was written with global batch {state['global_batch']} on "
+            f"{state['num_processes']} process(es); the data order will not continue exactly."
+        )
+    saved = {p.name: int(CHECKPOINT_PATTERN.match(p.name).group(1)) for p in list_checkpoints(output_dir)}
+    newer = [name for name, step in saved.items() if step > state["global_step"]]
+    if newer:
+        logger.warning(f"Resuming from {path.name} although {newer} exist; `latest` would pick those.")
+    accelerator.load_state(str(path))
+    for ema in emas:
+        ema.to(accelerator.device)
+    logger.info(f"Resumed from {path} at step {state['global_step']}.")
+    return state["global_step"], state.get("recent_losses", [])
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: Path,
     global_step: int,
     training_state: dict,
-    write_pipeline: typing.Callable[[Path], None],
+    models: Models,
+    emas: list[EMAModel],
+    card: ModelCard,
     checkpoints_total_limit: int | None,
 ) -> Path:
-    """Write `checkpoint-N`: `accelerator.save_state`, `training_state.json` and `pipeline/` (`write_pipeline`)."""
+    """Write `checkpoint-N`: `accelerator.save_state`, `training_state.json` and `pipeline/` (EMA weights, `card`)."""
     # Written as checkpoint-N.tmp and renamed once complete: a killed run never leaves a half checkpoint.
     final = output_dir / f"checkpoint-{global_step}"
     tmp = output_dir / f"checkpoint-{global_step}.tmp"
@@ -808,7 +839,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / "training_state.json").write_text(json.dumps({"global_step": global_step, **training_state}, indent=2))
-        write_pipeline(tmp / "pipeline")
+        save_pipeline(tmp / "pipeline", models, emas, card)
         stale = final.with_name(final.name + ".old")  # a checkpoint of the same step from before a resume
         if final.exists():
             os.replace(final, stale)
@@ -824,29 +855,30 @@ def save_checkpoint(
 
 
 def log_samples(
+    args: argparse.Namespace,
     models: Models,
     emas: list[EMAModel],
-    num_images: int,
-    seed: int,
-    device: torch.device,
-    path: Path,
-    trackers: list,
+    output_dir: Path,
+    accelerator: Accelerator,
     step: int,
 ) -> None:
-    """Sample `num_images` images (classes 0, 1, ...) with the EMA weights and the pipeline's own generator (the
-    training randomness is untouched); save them as a grid with one row per class and log them to tensorboard."""
+    """Sample `--num_sample_images` images (classes 0, 1, ...) with the EMA weights and the pipeline's own generator
+    (the training randomness is untouched); save `samples/step-N.png`, one row per class, and log them to
+    tensorboard."""
     num_classes = models.transformer.config.num_classes
-    class_labels = [i % num_classes for i in range(num_images)]
+    class_labels = [i % num_classes for i in range(args.num_sample_images)]
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
     with ema_weights(models, emas):
         pipeline = models.pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        images = pipeline(class_labels, generator=torch.Generator(device).manual_seed(seed), output_type="np").images
+        images = pipeline(class_labels, generator=generator, output_type="np").images
     pil = pipeline.numpy_to_pil(images)
     rows = {label: [image for image, row in zip(pil, class_labels) if row == label] for label in class_labels}
     names = [(models.id2label or {}).get(label, str(label)) for label in rows]
+    path = output_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     make_grid(list(rows.values()), names, scale=max(1, math.ceil(64 / images.shape[1]))).save(path)
-    for tracker in trackers:
+    for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
 
@@ -867,11 +899,10 @@ def main(args: argparse.Namespace) -> Path:
     space = resolve_token_space(args, pretrained)
     data = load_data(args, accelerator, space, pretrained)
     models = build_models(args, data, space, pretrained)
-    scheduler = MARDDPMScheduler()
     model = MARTrainingModule(
         models.transformer,
         models.diffusion_head,
-        scheduler,
+        MARDDPMScheduler(),
         mask_ratio_min=args.mask_ratio_min,
         label_drop_prob=args.label_drop_prob,
         diffusion_batch_mul=args.diffusion_batch_mul,
@@ -906,7 +937,7 @@ def main(args: argparse.Namespace) -> Path:
         )
     optimizer = torch.optim.AdamW(
         weight_decay_param_groups(model.transformer, model.diffusion_head, args.adam_weight_decay),
-        lr=1.0,  # set every step by `learning_rate_at`
+        lr=0.0,  # set at every step by `learning_rate_at`
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
@@ -937,33 +968,10 @@ def main(args: argparse.Namespace) -> Path:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
-    global_step = 0
-    recent: collections.deque = collections.deque(maxlen=100)  # losses of the last steps, for the model card
+    global_step, recent = 0, collections.deque(maxlen=100)  # losses of the last steps, for the model card
     if args.resume_from_checkpoint is not None:
-        if args.resume_from_checkpoint == "latest":
-            checkpoints = list_checkpoints(output_dir)
-            path = checkpoints[-1] if checkpoints else None
-        else:
-            path = Path(args.resume_from_checkpoint)
-        if path is None:
-            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
-        else:
-            state = json.loads((path / "training_state.json").read_text())
-            if state["global_batch"] != global_batch or state["num_processes"] != accelerator.num_processes:
-                logger.warning(
-                    f"The checkpoint was written with global batch {state['global_batch']} on "
-                    f"{state['num_processes']} process(es); the data order will not continue exactly."
-                )
-            saved = {p.name: int(CHECKPOINT_PATTERN.match(p.name).group(1)) for p in list_checkpoints(output_dir)}
-            newer = [name for name, step in saved.items() if step > state["global_step"]]
-            if newer:
-                logger.warning(f"Resuming from {path.name} although {newer} exist; `latest` would pick those.")
-            accelerator.load_state(str(path))
-            for ema in emas:
-                ema.to(accelerator.device)
-            global_step = state["global_step"]
-            recent.extend(state.get("recent_losses", []))
-            logger.info(f"Resumed from {path} at step {global_step}.")
+        global_step, losses = load_checkpoint(accelerator, args.resume_from_checkpoint, output_dir, emas, global_batch)
+        recent.extend(losses)
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -974,29 +982,6 @@ def main(args: argparse.Namespace) -> Path:
     )
     logger.info(f"  Per-device batch = {args.train_batch_size}, global batch = {global_batch}, lr = {base_lr:.3e}")
     logger.info(f"  Steps = {max_train_steps} ({steps_per_epoch} per epoch), warm-up steps = {warmup_steps}")
-
-    def write_pipeline(path: Path) -> None:
-        save_pipeline(path, models, emas, model_card(args, data, space, models, schedule, global_step, list(recent)))
-
-    def checkpoint_state() -> dict:
-        return {
-            "global_batch": global_batch,
-            "num_processes": accelerator.num_processes,
-            "recent_losses": list(recent),
-        }
-
-    def samples() -> None:
-        path = output_dir / "samples" / f"step-{global_step:07d}.png"
-        log_samples(
-            models,
-            emas,
-            args.num_sample_images,
-            args.seed,
-            accelerator.device,
-            path,
-            accelerator.trackers,
-            global_step,
-        )
 
     # 6. Training loop
     progress_bar = tqdm(
@@ -1067,16 +1052,17 @@ def main(args: argparse.Namespace) -> Path:
             step_loss = 0.0
 
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                card = model_card(args, data, space, models, schedule, global_step, list(recent))
+                state = {
+                    "global_batch": global_batch,
+                    "num_processes": accelerator.num_processes,
+                    "recent_losses": list(recent),
+                }
                 save_checkpoint(
-                    accelerator,
-                    output_dir,
-                    global_step,
-                    checkpoint_state(),
-                    write_pipeline,
-                    args.checkpoints_total_limit,
+                    accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
                 )
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
-                samples()
+                log_samples(args, models, emas, output_dir, accelerator, global_step)
             step_start = time.perf_counter()
             if global_step >= max_train_steps:
                 break
@@ -1088,7 +1074,9 @@ def main(args: argparse.Namespace) -> Path:
         staging = output_dir / "pipeline.tmp"
         if staging.exists():
             shutil.rmtree(staging)
-        write_pipeline(staging)
+        save_pipeline(
+            staging, models, emas, model_card(args, data, space, models, schedule, global_step, list(recent))
+        )
         # model_index.json moves last: until then the folder is not a loadable pipeline.
         for name in PIPELINE_ITEMS:
             target = output_dir / name
@@ -1100,7 +1088,7 @@ def main(args: argparse.Namespace) -> Path:
                 os.replace(staging / name, target)
         shutil.rmtree(staging)
         if not args.sample_steps or global_step % args.sample_steps != 0:
-            samples()
+            log_samples(args, models, emas, output_dir, accelerator, global_step)
         logger.info(f"Saved the pipeline to {output_dir}")
         if args.push_to_hub:
             repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
