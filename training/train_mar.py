@@ -46,7 +46,7 @@ from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
 from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, get_preset_config
-from diffusers_mar.cli import make_grid
+from diffusers_mar.cli import GRID_MIN_CELL, make_grid
 from diffusers_mar.configs import MAR_PRESETS
 from diffusers_mar.pipelines.model_card import make_model_card
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
@@ -877,7 +877,7 @@ def log_samples(
     names = [(models.id2label or {}).get(label, str(label)) for label in rows]
     path = output_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
-    make_grid(list(rows.values()), names, scale=max(1, math.ceil(64 / images.shape[1]))).save(path)
+    make_grid(list(rows.values()), names, scale=max(1, math.ceil(GRID_MIN_CELL / images.shape[1]))).save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
