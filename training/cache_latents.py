@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` importable when run as a script
 
 import numpy as np
 import torch
@@ -28,11 +31,17 @@ from diffusers.models import AutoencoderKL
 from tqdm.auto import tqdm
 
 from diffusers_mar import MARPipeline
-
-try:
-    from training import train_mar
-except ImportError:  # run as a script: its own folder is on sys.path
-    import train_mar
+from training.data import (
+    CACHE_INFO,
+    DIGITS,
+    check_image_folder,
+    check_local_path,
+    dataset_class_names,
+    image_transform,
+    load_image_dataset,
+    vae_scale_factor,
+)
+from training.launch import check_launch, run_script
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -59,14 +68,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     if (args.train_data_dir is None) == (args.dataset_name is None):
         raise ValueError("Give exactly one of --train_data_dir and --dataset_name.")
-    if args.dataset_name == "digits":
+    if args.dataset_name == DIGITS:
         raise ValueError("Digits train in pixel space; there is nothing to cache.")
     if args.train_data_dir is not None:
-        train_mar.check_image_folder(args.train_data_dir)
+        check_image_folder(args.train_data_dir)
     if (args.pretrained_vae is None) == (args.pretrained_model is None):
         raise ValueError("Give exactly one of --pretrained_vae and --pretrained_model (a pipeline with a VAE).")
-    train_mar.check_local_path("--pretrained_vae", args.pretrained_vae)
-    train_mar.check_local_path("--pretrained_model", args.pretrained_model)
+    check_local_path("--pretrained_vae", args.pretrained_vae)
+    check_local_path("--pretrained_model", args.pretrained_model)
     for name in ("resolution", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}.")
@@ -78,13 +87,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def main(args: argparse.Namespace) -> Path:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    train_mar.check_launch(state.num_processes)
+    check_launch(state.num_processes)
     output_dir = Path(args.output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
 
     # 1. Data and VAE (every check before any encoding)
     with state.main_process_first():
-        dataset, labels = train_mar.load_image_dataset(args)
+        dataset, labels = load_image_dataset(args)
     if args.pretrained_vae is not None:
         vae, vae_source = AutoencoderKL.from_pretrained(args.pretrained_vae), args.pretrained_vae
         if Path(vae_source).expanduser().exists():
@@ -95,7 +104,7 @@ def main(args: argparse.Namespace) -> Path:
             raise ValueError(f"--pretrained_model {args.pretrained_model!r} has no VAE.")
         local = Path(args.pretrained_model).expanduser()
         vae_source = str(local.resolve() / "vae") if local.exists() else None
-    downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+    downsample = vae_scale_factor(vae)
     if args.resolution % downsample != 0:
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE downsampling ({downsample}).")
     vae = vae.to(state.device).eval()
@@ -113,14 +122,10 @@ def main(args: argparse.Namespace) -> Path:
     state.wait_for_everyone()
     arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in ("moments", "moments_flip")}
 
-    def preprocess(batch: dict) -> dict:
-        images = [
-            train_mar.center_crop_arr(image.convert("RGB"), args.resolution) for image in batch[args.image_column]
-        ]
-        return {"pixel_values": [train_mar.image_to_tensor(image) for image in images]}
-
     indices = list(range(state.process_index, len(dataset), state.num_processes))
-    shard = torch.utils.data.Subset(dataset.with_transform(preprocess), indices)
+    shard = torch.utils.data.Subset(
+        dataset.with_transform(image_transform(args.image_column, args.resolution)), indices
+    )
     loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.dataloader_num_workers)
     position = 0
     for batch in tqdm(loader, desc="Encoding", disable=not state.is_local_main_process):
@@ -146,9 +151,9 @@ def main(args: argparse.Namespace) -> Path:
             "shift_factor": vae.config.shift_factor,
             "vae": vae_source,
             "dataset": args.dataset_name or args.train_data_dir,
-            "id2label": train_mar.dataset_class_names(dataset, args.label_column),
+            "id2label": dataset_class_names(dataset, args.label_column),
         }
-        (tmp / train_mar.CACHE_INFO).write_text(json.dumps(info, indent=2))
+        (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2))
         if output_dir.exists():
             shutil.rmtree(output_dir)
         tmp.rename(output_dir)
@@ -158,4 +163,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run_script("cache_latents.py", parse_args, main))

@@ -94,20 +94,9 @@ class DiffusionLossTables:
 
     @classmethod
     def from_scheduler(cls, scheduler: MARDDPMScheduler, device: torch.device | str | None = None):
-        # As in LTH14/mar gaussian_diffusion.py GaussianDiffusion.__init__, from the scheduler's float64 tables.
-        betas = np.asarray(scheduler.betas_float64, dtype=np.float64)
-        alphas_cumprod = np.asarray(scheduler.alphas_cumprod_float64, dtype=np.float64)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        tables = {
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-            "posterior_log_variance_clipped": np.log(np.append(posterior_variance[1], posterior_variance[1:])),
-            "log_betas": np.log(betas),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
-        }
-        return cls(**{name: torch.from_numpy(value).float().to(device) for name, value in tables.items()})
+        # The scheduler's float64 tables of the full 1000-step process (LTH14/mar GaussianDiffusion.__init__).
+        tables = scheduler.process_tables()
+        return cls(**{name: torch.from_numpy(tables[name]).float().to(device) for name in cls.__dataclass_fields__})
 
     def gather(self, name: str, timesteps: torch.Tensor) -> torch.Tensor:
         table = getattr(self, name)

@@ -1,12 +1,14 @@
 """Train MAR from scratch, or fine-tune a converted one, with Accelerate: from one CPU to many GPUs.
 
-    accelerate launch training/train_mar.py --train_data_dir ./my_images --pretrained_vae ./kl16 --output_dir out
+    python training/train_mar.py --train_data_dir ./my_images --pretrained_vae ./kl16 --output_dir out
+    accelerate launch --multi_gpu --num_processes 8 training/train_mar.py ...
 
 The defaults are the paper's recipe (LTH14/mar `main_mar.py`, `engine_mar.py`): AdamW (0.9, 0.95), weight decay
 0.02 except on 1-D tensors, biases and the diffusion head, `lr = blr * global_batch / 256` with blr 1e-4, 100 epochs
 of linear warm-up then a constant rate, gradient clipping at 3.0, EMA 0.9999 from the first step, random orders,
 a truncated-normal mask ratio on [0.7, 1], label dropout 0.1 and `diffusion_batch_mul` 4. The loss lives in
-`training/mar_loss.py`. The result is a `MARPipeline` folder (EMA weights, model card) in `--output_dir`.
+`training/mar_loss.py`, the data in `training/data.py`. The result is a `MARPipeline` folder (EMA weights, the
+recommended sampling settings in `model_index.json`, a model card) in `--output_dir`.
 
 See `training/README.md` for the launch commands.
 """
@@ -15,18 +17,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import inspect
-import io
+import contextlib
 import json
 import logging
 import math
 import os
 import re
-import shlex
 import shutil
 import sys
 import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` importable when run as a script
 
 import datasets
 import diffusers
@@ -34,31 +38,48 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.models import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
-from PIL import Image
+from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
 from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, get_preset_config
+from diffusers_mar.cli import GRID_MIN_CELL, make_grid
 from diffusers_mar.configs import MAR_PRESETS
-
-try:
-    from training.mar_loss import MARTrainingModule, weight_decay_param_groups
-except ImportError:  # run as a script: its own folder is on sys.path
-    from mar_loss import MARTrainingModule, weight_decay_param_groups
+from diffusers_mar.pipelines.model_card import make_model_card
+from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
+from training.data import (
+    DIGITS,
+    CachedLatentsDataset,
+    DigitsDataset,
+    check_image_folder,
+    check_labels,
+    check_latent_cache,
+    check_local_path,
+    dataset_class_names,
+    image_transform,
+    load_image_dataset,
+    vae_scale_factor,
+)
+from training.launch import check_launch, launch_command, resume_argv, run_script
+from training.mar_loss import MARTrainingModule, weight_decay_param_groups
 
 logger = get_logger(__name__, log_level="INFO")
 
-DIGITS = "digits"
+SCRIPT = "training/train_mar.py"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DIGITS_CONFIG = CONFIGS_DIR / "mar-digits.json"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-CACHE_INFO = "cache_info.json"
 PIPELINE_ITEMS = ("transformer", "diffusion_head", "scheduler", "vae", "README.md", "model_index.json")
+# `--sample_*` flag of each sampling setting it overrides.
+SAMPLE_FLAGS = {
+    "guidance_scale": "sample_guidance_scale",
+    "num_inference_steps": "sample_num_inference_steps",
+    "num_diffusion_steps": "sample_num_diffusion_steps",
+    "temperature": "sample_temperature",
+}
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +102,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--cache_dir", type=str, default=None, help="Cache folder of `datasets`.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N images.")
     data.add_argument(
-        "--resolution", type=int, default=None, help="Image side after the ADM center crop (256; digits: 8)."
+        "--resolution",
+        type=int,
+        default=None,
+        help="Image side after the ADM center crop (default 256; digits: 8; fine-tuning: the model's).",
     )
     data.add_argument("--image_mode", type=str, default="RGB", choices=["RGB", "L"], help="Pixel-space channels.")
     data.add_argument(
@@ -160,11 +184,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     # Output, checkpoints, logging, samples
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", type=str, default="mar-model")
+    output.add_argument("--output_dir", type=str, default="mar-model", help="Must be new or empty, unless resuming.")
+    output.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in a non-empty --output_dir: its checkpoints, pipeline, samples and logs are removed.",
+    )
     output.add_argument("--checkpointing_steps", type=int, default=5000)
     output.add_argument("--checkpoints_total_limit", type=int, default=None)
     output.add_argument(
-        "--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder path."
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="'latest' (the newest checkpoint of --output_dir; a new run if there is none) or a checkpoint folder.",
     )
     output.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard | wandb | all | none.")
     output.add_argument("--logging_dir", type=str, default="logs", help="Relative to --output_dir.")
@@ -181,7 +213,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     output.add_argument("--license", type=str, default="mit", help="License in the model card's metadata.")
 
     args = parser.parse_args(input_args)
-    args.command = " ".join(shlex.quote(arg) for arg in (input_args if input_args is not None else sys.argv[1:]))
+    argv = list(input_args if input_args is not None else sys.argv[1:])
+    args.argv = argv
+    args.command = launch_command(SCRIPT, argv)
 
     # Checks that need no data: fail before any work.
     sources = [name for name in ("train_data_dir", "dataset_name", "cached_latents_dir") if getattr(args, name)]
@@ -191,17 +225,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         )
     if args.train_data_dir is not None:
         check_image_folder(args.train_data_dir)
-    if args.cached_latents_dir is not None and not (Path(args.cached_latents_dir) / CACHE_INFO).is_file():
-        raise ValueError(
-            f"--cached_latents_dir {args.cached_latents_dir!r} is not a latent cache (no {CACHE_INFO}); "
-            "write one with training/cache_latents.py."
-        )
+    if args.cached_latents_dir is not None:
+        check_latent_cache(args.cached_latents_dir)
     if args.resume_from_checkpoint not in (None, "latest"):
         if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
             raise ValueError(
                 f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder of this script "
                 "(no training_state.json); give 'latest' or an existing checkpoint-N folder."
             )
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.pretrained_model is not None and (args.model_config is not None or args.overrides):
         raise ValueError(
             "--pretrained_model fixes the architecture; do not combine it with --model_config/--override."
@@ -214,6 +246,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(
             f"--model_config must be one of {sorted(MAR_PRESETS)} or a JSON file; {args.model_config!r} is neither."
         )
+    if args.pretrained_model is None:
+        apply_overrides(load_model_config(model_config_source(args)[1]), args.overrides)  # keys and value types
     check_local_path("--pretrained_model", args.pretrained_model)
     check_local_path("--pretrained_vae", args.pretrained_vae)
     positive = {
@@ -241,192 +275,52 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--sample_steps must be >= 0; got {args.sample_steps}.")
     if args.dataset_name == DIGITS and args.image_mode != "RGB":
         raise ValueError("--image_mode does not apply to digits (they are single-channel).")
+    for key, flag in SAMPLE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                check_sampling_settings({key: value})
+            except ValueError as error:
+                raise ValueError(f"--{flag}: {error}") from None
     return args
 
 
-def check_launch(num_processes: int) -> None:
-    """Stop when the launcher asked for several processes but this one runs alone (CPU-only launches)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and num_processes == 1:
-        raise RuntimeError(
-            "Several processes were launched but they do not form a group (no GPU?). On CPU-only machines run "
-            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`."
-        )
-    launched_alone = not any(name in os.environ for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if (
-        num_processes == 1
-        and parse_flag_from_env("ACCELERATE_USE_CPU")
-        and "MASTER_ADDR" in os.environ
-        and launched_alone
-    ):
-        raise RuntimeError(
-            "`accelerate launch --cpu --num_processes N` starts ONE process unless mpirun is used. For N CPU "
-            "processes run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`."
-        )
-
-
-def check_local_path(flag: str, path: str | None) -> None:
-    # A Hub id reads "owner/name"; anything else must be an existing local path.
-    if path is None or Path(path).expanduser().exists():
-        return
-    if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        raise ValueError(f"{flag} {path!r} does not exist (give a local folder or a Hub id 'owner/name').")
-
-
-def check_image_folder(path: str) -> None:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"--train_data_dir {path!r} does not exist or is not a folder.")
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*") if p.is_file()):
-        raise ValueError(
-            f"--train_data_dir {path!r} holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))}); put the images of "
-            "each class in its own sub-folder."
-        )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def center_crop_arr(image: Image.Image, resolution: int) -> Image.Image:
-    """ADM center crop: box-halve while the short side is >= 2 * resolution, bicubic resize, crop the center."""
-    # As in LTH14/mar util/crop.py (from openai/guided-diffusion).
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> `(C, H, W)` float32 in [-1, 1] (as torchvision's ToTensor then Normalize(0.5, 0.5))."""
-    array = np.asarray(image, dtype=np.float32)
-    array = array[:, :, None] if array.ndim == 2 else array
-    return (torch.from_numpy(array.copy()).permute(2, 0, 1) / 255.0 - 0.5) / 0.5
-
-
-class DigitsDataset(torch.utils.data.Dataset):
-    """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, values 0..16) in [-1, 1]."""
-
-    def __init__(self, resolution: int = 8):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.from_numpy(digits.images).float().unsqueeze(1)  # (N, 1, 8, 8), 0..16
-        if resolution == 8:
-            self.images = images / 8.0 - 1.0
-        else:
-            # Through 8-bit grayscale and the same ADM crop/resize as image folders.
-            pil = [Image.fromarray(np.round(im[0].numpy() * 255.0 / 16.0).astype(np.uint8), "L") for im in images]
-            self.images = torch.stack([image_to_tensor(center_crop_arr(im, resolution)) for im in pil])
-        self.labels = torch.from_numpy(digits.target).long()
-        self.num_classes = 10
-        self.id2label = {i: str(i) for i in range(10)}
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.images[index], "class_labels": self.labels[index]}
-
-
-class CachedLatentsDataset(torch.utils.data.Dataset):
-    """VAE posteriors written by `cache_latents.py`: `moments` of each image and of its flipped copy."""
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-        self.info = json.loads((self.path / CACHE_INFO).read_text())
-        self.moments = np.load(self.path / "moments.npy", mmap_mode="r")
-        self.moments_flip = np.load(self.path / "moments_flip.npy", mmap_mode="r")
-        self.labels = np.load(self.path / "labels.npy")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        moments = np.stack([self.moments[index], self.moments_flip[index]])  # (2, 2C, h, w)
-        return {"moments": torch.from_numpy(moments), "class_labels": torch.tensor(int(self.labels[index]))}
-
-
-def _readable(image: dict | None, mode: str) -> bool:
-    if image is None:
-        return False
-    try:
-        with Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]) as pil:
-            pil.convert(mode).load()
-        return True
-    except Exception:  # noqa: BLE001 - any decoding failure makes the image unreadable
-        return False
-
-
-def load_image_dataset(args: argparse.Namespace) -> tuple[datasets.Dataset, list[int]]:
-    """Load `--train_data_dir` or `--dataset_name`, drop or report unreadable images; returns (dataset, labels)."""
-    if args.train_data_dir is not None:
-        dataset = datasets.load_dataset(
-            "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"
-        )
-    else:
-        dataset = datasets.load_dataset(
-            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train"
-        )
-    if args.image_column not in dataset.column_names:
-        raise ValueError(
-            f"--image_column {args.image_column!r} is not a column of the dataset; columns: {dataset.column_names}."
-        )
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise ValueError("The dataset has no images.")
-
-    # Every image is decoded once; `datasets` caches the result, so later runs and other processes reuse it.
-    raw = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    flags = raw.map(
-        lambda example: {"_readable": _readable(example[args.image_column], args.image_mode)},
-        remove_columns=raw.column_names,
-        num_proc=args.dataloader_num_workers or None,
-        desc="Checking images",
-    )["_readable"]
-    bad = [i for i, ok in enumerate(flags) if not ok]
-    if bad:
-        names = [str((raw[i][args.image_column] or {}).get("path") or f"row {i}") for i in bad[:10]]
-        if args.bad_images == "error":
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool) -> None:
+    """One run per output folder: a non-empty one is refused unless the run resumes or `overwrite` is given."""
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output_dir {output_dir!r} exists and is not a folder.")
+    if overwrite and resume_from_checkpoint is not None:
+        raise ValueError("--overwrite_output_dir starts a new run; do not combine it with --resume_from_checkpoint.")
+    if resume_from_checkpoint not in (None, "latest") and list_checkpoints(folder):
+        if Path(resume_from_checkpoint).resolve().parent != folder.resolve():
             raise ValueError(
-                f"{len(bad)} unreadable image(s), e.g. {names}; fix or remove them, or pass --bad_images skip."
+                f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint of --output_dir "
+                f"{output_dir!r}, which holds checkpoints of another run; resume into the checkpoint's own folder "
+                "or into a new --output_dir."
             )
-        logger.warning(f"Skipping {len(bad)} unreadable image(s), e.g. {names}.")
-        dataset = dataset.select([i for i, ok in enumerate(flags) if ok])
-        if len(dataset) == 0:
-            raise ValueError("Every image of the dataset is unreadable.")
-
-    if args.label_column in dataset.column_names:
-        labels = [int(label) for label in dataset[args.label_column]]
-    else:
-        logger.warning(f"No label column {args.label_column!r}: every image gets class 0 (a single-class model).")
-        labels = [0] * len(dataset)
-    return dataset, labels
-
-
-def dataset_class_names(dataset: datasets.Dataset, label_column: str) -> dict[int, str] | None:
-    feature = dataset.features.get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return dict(enumerate(feature.names))
-    return None
-
-
-def check_labels(labels: list[int], num_classes: int, what: str) -> None:
-    """Every label must be a class of the model: in `[0, num_classes)`."""
-    bad = sorted({label for label in labels if not 0 <= label < num_classes})
-    if bad:
+    contents = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if contents and resume_from_checkpoint is None and not overwrite:
         raise ValueError(
-            f"The data has labels {bad[:10]}{' ...' if len(bad) > 10 else ''} outside [0, {num_classes}) "
-            f"({what}); pass a larger --num_classes (at least {max(labels) + 1})."
+            f"--output_dir {output_dir!r} is not empty (it holds {', '.join(contents[:5])}"
+            f"{', ...' if len(contents) > 5 else ''}). Pass --resume_from_checkpoint latest to continue its run, "
+            "--overwrite_output_dir to start a new one there (its checkpoints, pipeline, samples and logs are "
+            "removed), or choose another --output_dir."
         )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Model configs
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def model_config_source(args: argparse.Namespace) -> tuple[str, str]:
+    """The model config's name (for the model card) and what to load: `--model_config` or the data's default."""
+    if args.model_config is not None:
+        return args.model_config, args.model_config
+    if args.dataset_name == DIGITS:
+        return str(DIGITS_CONFIG.relative_to(CONFIGS_DIR.parents[1])), str(DIGITS_CONFIG)
+    return "mar-large", "mar-large"
 
 
 def load_model_config(name: str) -> dict:
@@ -446,7 +340,24 @@ def load_model_config(name: str) -> dict:
     return config
 
 
+def _config_type_error(value: object, hint: object) -> str | None:
+    """None if `value` fits the `__init__` annotation `hint` (int, float, bool, str, or a union with None)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):
+        fits = bool in allowed
+    elif isinstance(value, int):
+        fits = int in allowed or float in allowed
+    else:
+        fits = any(isinstance(value, kind) for kind in allowed if isinstance(kind, type) and kind is not type(None))
+    names = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
+    return None if fits else f"must be {'an' if names[0] in 'aeiou' else 'a'} {names}; got {value!r}"
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Apply `--override COMPONENT.KEY=VALUE` (VALUE parsed as JSON) and check every key and value type."""
+    overridden = set()
     for override in overrides:
         key, sep, value = override.partition("=")
         component, dot, field = key.partition(".")
@@ -459,11 +370,22 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             config[component][field] = json.loads(value)
         except json.JSONDecodeError:
             config[component][field] = value
+        overridden.add((component, field))
     for component, cls in (("transformer", MARTransformer2DModel), ("diffusion_head", MARDiffusionHead)):
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = set(config[component]) - allowed
+        hints = typing.get_type_hints(cls.__init__)
+        unknown = set(config[component]) - set(hints)
         if unknown:
-            raise ValueError(f"Unknown {component} config keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
+            raise ValueError(f"Unknown {component} config keys {sorted(unknown)}; allowed: {sorted(hints)}.")
+        for field, value in config[component].items():
+            error = _config_type_error(value, hints[field])
+            if error is not None:
+                source = "--override" if (component, field) in overridden else "--model_config"
+                raise ValueError(f"{source}: {component}.{field} {error}.")
+    try:
+        check_sampling_settings(config["sampling"], name="sampling")
+    except ValueError as error:
+        source = "--override" if any(component == "sampling" for component, _ in overridden) else "--model_config"
+        raise ValueError(f"{source}: {error}") from None
     return config
 
 
@@ -511,8 +433,257 @@ def reinit_class_embedding(transformer: MARTransformer2DModel, num_classes: int)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Schedules, checkpoints, pipeline folders
+# The steps of `main`
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenSpace:
+    """What the tokens are: latents of `vae` (a `grid_size`^2 grid of `channels`) or pixels (`vae` None)."""
+
+    vae: AutoencoderKL | None
+    resolution: int
+    grid_size: int
+    channels: int
+    cache_info: dict | None
+
+    @property
+    def description(self) -> str:
+        if self.vae is None:
+            return f"pixel space ({self.channels}x{self.resolution}x{self.resolution})"
+        size = f"{self.channels}x{self.grid_size}x{self.grid_size}"
+        return f"latent space ({size}, scaling factor {self.vae.config.scaling_factor})"
+
+
+@dataclass
+class TrainData:
+    """The training set (a torch dataset of pixels or posterior moments) and its classes."""
+
+    dataset: torch.utils.data.Dataset
+    labels: list[int]
+    num_classes: int
+    id2label: dict[int, str] | None
+    random_flip: bool
+    name: str
+
+
+@dataclass
+class Models:
+    """The networks to train and what the saved pipeline needs besides them."""
+
+    transformer: MARTransformer2DModel
+    diffusion_head: MARDiffusionHead
+    vae: AutoencoderKL | None
+    id2label: dict[int, str] | None
+    sampling: dict
+    config_name: str
+
+    def pipeline(self) -> MARPipeline:
+        """A `MARPipeline` of the current weights, with the recommended sampling settings in its config."""
+        # Pixels are bounded, so x0_hat is clipped as in pixel-space DDPM; the unbounded latents keep the original's
+        # `clip_denoised=False`. Early in training this turns saturated pixel samples into clean ones (docs/training.md).
+        scheduler = MARDDPMScheduler(clip_sample=self.vae is None)
+        return MARPipeline(
+            self.transformer,
+            self.diffusion_head,
+            scheduler,
+            vae=self.vae,
+            id2label=self.id2label,
+            sampling=self.sampling,
+        )
+
+
+@dataclass
+class Schedule:
+    """Batch sizes, learning rate and step counts."""
+
+    global_batch: int
+    base_lr: float
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    warmup_steps: int
+
+
+def setup_accelerator(args: argparse.Namespace) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        # One shuffling seed for all processes, advanced per epoch: the data order survives a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    check_launch(accelerator.num_processes)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    verbosity = "warning" if accelerator.is_local_main_process else "error"
+    for library in (datasets, diffusers):
+        getattr(library.utils.logging, f"set_verbosity_{verbosity}")()
+    return accelerator
+
+
+def resolve_token_space(args: argparse.Namespace, pretrained: MARPipeline | None) -> TokenSpace:
+    """The VAE (or none), the resolution and the token grid; fine-tuning takes the resolution from the model."""
+    is_digits = args.dataset_name == DIGITS
+    cache_info = CachedLatentsDataset.read_info(args.cached_latents_dir) if args.cached_latents_dir else None
+    vae = None
+    if args.pretrained_vae is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae)
+    elif pretrained is not None and pretrained.vae is not None:
+        vae = pretrained.vae
+    elif cache_info is not None:
+        if not cache_info.get("vae"):
+            raise ValueError("The latent cache does not name its VAE; pass --pretrained_vae.")
+        vae = AutoencoderKL.from_pretrained(cache_info["vae"])
+    if is_digits and vae is not None:
+        raise ValueError("Digits train in pixel space (8x8, one channel); drop the VAE.")
+    if cache_info is not None and vae is None:
+        raise ValueError("Training from cached latents needs the VAE that wrote them.")
+    downsample = vae_scale_factor(vae) if vae is not None else 1
+
+    if cache_info is not None:
+        resolution = cache_info["resolution"]
+        if args.resolution not in (None, resolution):
+            raise ValueError(
+                f"The latent cache was written at resolution {resolution}, not --resolution {args.resolution}."
+            )
+    elif args.resolution is not None:
+        resolution = args.resolution
+    elif pretrained is not None:
+        resolution = pretrained.transformer.config.sample_size * downsample  # the model's own resolution
+    else:
+        resolution = 8 if is_digits else 256
+    if resolution % downsample != 0:
+        raise ValueError(f"--resolution {resolution} is not a multiple of the VAE downsampling ({downsample}).")
+    if vae is None:
+        return TokenSpace(None, resolution, resolution, 1 if is_digits else len(args.image_mode), None)
+
+    vae.requires_grad_(False).eval()
+    grid_size, channels = resolution // downsample, vae.config.latent_channels
+    if not is_digits and cache_info is None and vae.config.in_channels != len(args.image_mode):
+        raise ValueError(f"The VAE takes {vae.config.in_channels}-channel images; --image_mode is {args.image_mode}.")
+    if cache_info is not None and (cache_info["latent_channels"], cache_info["grid_size"]) != (channels, grid_size):
+        raise ValueError(
+            f"The latent cache holds {cache_info['latent_channels']}-channel {cache_info['grid_size']}^2 latents "
+            f"but the VAE gives {channels}-channel {grid_size}^2 latents."
+        )
+    return TokenSpace(vae, resolution, grid_size, channels, cache_info)
+
+
+def load_data(
+    args: argparse.Namespace, accelerator: Accelerator, space: TokenSpace, pretrained: MARPipeline | None
+) -> TrainData:
+    """The training set, its labels and the number of classes (every check here runs before any training work)."""
+    is_digits = args.dataset_name == DIGITS
+    if space.cache_info is not None:
+        dataset = CachedLatentsDataset(args.cached_latents_dir)
+        labels = dataset.labels.tolist()
+        names = space.cache_info.get("id2label")
+        id2label = {int(k): v for k, v in names.items()} if names else None
+    elif is_digits:
+        dataset = DigitsDataset(space.resolution)
+        labels, id2label = dataset.labels.tolist(), dataset.id2label
+    else:
+        with accelerator.main_process_first():
+            hf_dataset, labels = load_image_dataset(args)
+        id2label = dataset_class_names(hf_dataset, args.label_column)
+        transform = image_transform(args.image_column, space.resolution, args.image_mode, args.label_column)
+        dataset = hf_dataset.with_transform(transform)
+    if args.max_train_samples is not None and (is_digits or space.cache_info is not None):
+        dataset = torch.utils.data.Subset(dataset, range(min(args.max_train_samples, len(labels))))
+        labels = labels[: len(dataset)]
+
+    if min(labels) < 0:
+        raise ValueError(f"The data has negative labels ({min(labels)}); labels must be class indices >= 0.")
+    data_classes = max(labels) + 1
+    if args.num_classes is not None:
+        num_classes = args.num_classes
+        check_labels(labels, num_classes, "--num_classes")
+    elif pretrained is not None:
+        num_classes = pretrained.transformer.config.num_classes
+        check_labels(labels, num_classes, f"the classes of --pretrained_model {args.pretrained_model!r}")
+    else:
+        num_classes = max(len(id2label) if id2label else data_classes, data_classes)
+    if id2label is None and pretrained is not None and num_classes == pretrained.transformer.config.num_classes:
+        id2label = pretrained.id2label or None
+    random_flip = (not is_digits) if args.random_flip is None else args.random_flip
+    name = args.dataset_name or args.train_data_dir or args.cached_latents_dir
+    return TrainData(dataset, labels, num_classes, id2label, random_flip, name)
+
+
+def build_models(
+    args: argparse.Namespace, data: TrainData, space: TokenSpace, pretrained: MARPipeline | None
+) -> Models:
+    """The transformer and the head (all processes build the same initial weights) and the sampling settings."""
+    set_seed(args.seed)
+    num_train_timesteps = MARDDPMScheduler().config.num_train_timesteps
+    if pretrained is not None:
+        transformer, diffusion_head = pretrained.transformer, pretrained.diffusion_head
+        config = transformer.config
+        if (config.sample_size, config.in_channels) != (space.grid_size, space.channels):
+            needed = config.sample_size * (space.resolution // space.grid_size)
+            raise ValueError(
+                f"--pretrained_model works on {config.in_channels}-channel {config.sample_size}^2 grids but the data "
+                f"gives {space.channels}-channel {space.grid_size}^2 ones; "
+                + (
+                    f"pass --resolution {needed} (or leave it out: fine-tuning takes the model's)."
+                    if config.in_channels == space.channels
+                    else "use the model's own VAE (drop --pretrained_vae) or a cache written with it."
+                )
+            )
+        if data.num_classes != config.num_classes:
+            logger.info(
+                f"Re-initialising the class embedding for {data.num_classes} classes (was {config.num_classes})."
+            )
+            transformer = reinit_class_embedding(transformer, data.num_classes)
+        sampling = pretrained.sampling_defaults  # the base model's recommended settings (its model_index.json)
+        config_name = args.pretrained_model
+    else:
+        config_name, config_path = model_config_source(args)
+        config = apply_overrides(load_model_config(config_path), args.overrides)
+        config_name = " ".join([config_name, *args.overrides])
+        transformer_config, head_config = resolve_model_configs(
+            config, space.grid_size, space.channels, data.num_classes
+        )
+        transformer = MARTransformer2DModel.from_config(transformer_config)
+        diffusion_head = MARDiffusionHead.from_config(head_config)
+        sampling = config["sampling"]
+    num_tokens = transformer.num_tokens
+    try:
+        sampling = check_sampling_settings(
+            resolve_sampling_settings(sampling, num_tokens, num_train_timesteps), num_tokens, num_train_timesteps
+        )
+    except ValueError as error:
+        raise ValueError(f"The recommended sampling of {config_name!r}: {error}") from None
+    for key, flag in SAMPLE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                sampling[key] = check_sampling_settings({key: value}, num_tokens, num_train_timesteps)[key]
+            except ValueError as error:
+                raise ValueError(f"--{flag}: {error} (the model has {num_tokens} tokens)") from None
+    transformer.train()
+    diffusion_head.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+        diffusion_head.enable_gradient_checkpointing()
+    return Models(transformer, diffusion_head, space.vae, data.id2label, sampling, config_name)
+
+
+def make_schedule(args: argparse.Namespace, num_processes: int, batches_per_epoch: int) -> Schedule:
+    global_batch = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    base_lr = args.learning_rate if args.learning_rate is not None else args.blr * global_batch / 256
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    warmup_steps = (
+        args.lr_warmup_steps if args.lr_warmup_steps is not None else round(args.lr_warmup_epochs * steps_per_epoch)
+    )
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    return Schedule(global_batch, base_lr, steps_per_epoch, max_train_steps, num_epochs, warmup_steps)
 
 
 def learning_rate_at(
@@ -528,6 +699,11 @@ def learning_rate_at(
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Output folder: checkpoints, pipeline, model card, samples
+# --------------------------------------------------------------------------------------------------------------------
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (`checkpoint-N`, not `.tmp`), oldest first."""
     folder = Path(output_dir)
@@ -537,96 +713,174 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def sampling_scheduler(vae: AutoencoderKL | None) -> MARDDPMScheduler:
-    """The pipeline's scheduler: the original's (no clipping) in latent space; pixels are clipped to [-1, 1]."""
-    # Pixels are bounded, so x0_hat is clipped as in pixel-space DDPM; the unbounded latents keep the original's
-    # `clip_denoised=False`. Early in training this turns saturated pixel samples into clean ones (docs/training.md).
-    return MARDDPMScheduler(clip_sample=vae is None)
+def clear_run_outputs(output_dir: Path, logging_dir: str) -> None:
+    """Remove what a run of this script writes (`--overwrite_output_dir`); other files stay."""
+    for path in sorted(output_dir.iterdir()):
+        ours = path.name in (*PIPELINE_ITEMS, "samples", logging_dir, "pipeline.tmp") or path.name.startswith(
+            "checkpoint-"
+        )
+        if ours:
+            logger.info(f"--overwrite_output_dir: removing {path}")
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def save_pipeline(
-    path: Path,
-    model: MARTrainingModule,
-    emas: list[EMAModel],
-    vae: AutoencoderKL | None,
-    id2label: dict[int, str] | None,
-    card: dict,
-) -> None:
-    """Write a `MARPipeline` folder with the EMA weights and a model card (main process only)."""
-    modules = [model.transformer, model.diffusion_head]
+@contextlib.contextmanager
+def ema_weights(models: Models, emas: list[EMAModel]):
+    """The EMA weights in both networks, in eval mode, for the duration of the block; then the training weights."""
+    modules = [models.transformer, models.diffusion_head]
     for ema, module in zip(emas, modules):
         ema.store(module.parameters())
         ema.copy_to(module.parameters())
+        module.eval()
     try:
-        pipeline = MARPipeline(
-            model.transformer, model.diffusion_head, sampling_scheduler(vae), vae=vae, id2label=id2label
-        )
-        pipeline.save_pretrained(path, safe_serialization=True)
+        yield
     finally:
         for ema, module in zip(emas, modules):
             ema.restore(module.parameters())
-    write_model_card(path, card)
+            module.train()
 
 
-def write_model_card(path: Path, card: dict) -> None:
-    metadata = ModelCardData(
-        license=card["license"],
-        library_name="diffusers",
-        tags=["diffusers", "diffusers-mar", "mar", "image-generation", "class-conditional", "autoregressive"],
-        datasets=[card["dataset"]] if card.get("dataset_on_hub") else None,
-        base_model=card.get("base_model"),
-        mar_sampling=card["sampling"],
+def save_pipeline(path: Path, models: Models, emas: list[EMAModel], card: ModelCard) -> None:
+    """Write a `MARPipeline` folder with the EMA weights and the model card (main process only)."""
+    with ema_weights(models, emas):
+        models.pipeline().save_pretrained(path, safe_serialization=True)
+    card.save(path / "README.md")
+
+
+def model_card(
+    args: argparse.Namespace,
+    data: TrainData,
+    space: TokenSpace,
+    models: Models,
+    schedule: Schedule,
+    global_step: int,
+    recent_losses: list[float],
+) -> ModelCard:
+    """The card of the pipeline folder after `global_step` steps (from `diffusers_mar`'s one template)."""
+    final_loss = (
+        f"{np.mean(recent_losses):.4f} (mean of the last {len(recent_losses)} steps)" if recent_losses else "n/a"
     )
-    classes = card["num_classes"]
-    sampling = ", ".join(f"{key}={value!r}" for key, value in card["sampling"].items())
-    body = f"""
-# {card["title"]}
-
-A class-conditional MAR model (*Autoregressive Image Generation without Vector Quantization*, Li et al. 2024,
-original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, trained with `training/train_mar.py`.
-The weights are the exponential moving average (decay {card["ema_decay"]}{", with warm-up" if card["ema_warmup"] else ""}).
-Load it with `MARPipeline`; the `mar_sampling` metadata above holds the recommended sampling arguments.
-
-| | |
-|---|---|
-| data | {card["dataset"]} ({card["num_images"]} images, {classes} classes, {card["space"]}) |
-| model | {card["model_config"]} |
-| resolution | {card["resolution"]} |
-| training | {card["steps"]} optimizer steps ({card["epochs"]:.2f} epochs), global batch {card["global_batch"]} |
-| final loss | {card["final_loss"]} |
-| parameters | transformer {card["transformer_params"]:,}, diffusion head {card["head_params"]:,} |
-
-```python
-import torch
-from diffusers_mar import MARPipeline
-
-pipe = MARPipeline.from_pretrained("{card["repo"]}")
-generator = torch.Generator().manual_seed(0)
-images = pipe(class_labels=[0], generator=generator, {sampling}).images
-```
-
-Training command:
-
-```bash
-accelerate launch training/train_mar.py {card["command"]}
-```
-"""
-    ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}").save(path / "README.md")
+    ema = f"decay {args.ema_decay}{', with warm-up' if args.ema_warmup else ''}"
+    transformer_params = sum(p.numel() for p in models.transformer.parameters())
+    head_params = sum(p.numel() for p in models.diffusion_head.parameters())
+    details = {
+        "data": f"{data.name} ({len(data.dataset)} images, {data.num_classes} classes, {space.description})",
+        "model": models.config_name,
+        "resolution": str(space.resolution),
+        "training": f"{global_step} optimizer steps ({global_step / schedule.steps_per_epoch:.2f} epochs), "
+        f"global batch {schedule.global_batch}",
+        "final loss": final_loss,
+        "weights": f"exponential moving average ({ema})",
+        "parameters": f"transformer {transformer_params:,}, diffusion head {head_params:,}",
+    }
+    hub = not (Path(args.dataset_name).exists() or args.dataset_name == DIGITS) if args.dataset_name else False
+    base_model = args.pretrained_model if args.pretrained_model and not Path(args.pretrained_model).exists() else None
+    return make_model_card(
+        title=f"MAR trained on {data.name}",
+        description="A class-conditional MAR model (*Autoregressive Image Generation without Vector Quantization*, "
+        "Li et al. 2024, original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, trained with "
+        "`training/train_mar.py`.",
+        details=details,
+        sampling=models.sampling,
+        repo_id=args.hub_model_id or "path/to/this-folder",
+        sections=f"## Training\n\nTraining command (from the repository root):\n\n```bash\n{args.command}\n```",
+        license=args.license,
+        base_model=base_model,
+        datasets=[args.dataset_name] if hub else None,
+    )
 
 
-def make_grid(images: np.ndarray, cols: int | None = None, min_tile: int = 64) -> Image.Image:
-    """(N, H, W, C) floats in [0, 1] -> one PIL grid, small tiles upscaled (nearest) to `min_tile` pixels."""
-    n, h, w, c = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.ones((rows * h, cols * w, c), dtype=np.float32)
-    for i, image in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
-    grid = (grid * 255).round().clip(0, 255).astype(np.uint8)
-    pil = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    factor = max(1, math.ceil(min_tile / h))
-    return pil.resize((pil.width * factor, pil.height * factor), resample=Image.NEAREST)
+def load_checkpoint(
+    accelerator: Accelerator, resume_from_checkpoint: str, output_dir: Path, emas: list[EMAModel], global_batch: int
+) -> tuple[int, list[float]]:
+    """Restore `--resume_from_checkpoint` ('latest': the newest of `output_dir`, if any); (step, recent losses)."""
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
+            return 0, []
+        path = checkpoints[-1]
+    else:
+        path = Path(resume_from_checkpoint)
+    state = json.loads((path / "training_state.json").read_text())
+    if state["global_batch"] != global_batch or state["num_processes"] != accelerator.num_processes:
+        logger.warning(
+            f"The checkpoint was written with global batch {state['global_batch']} on "
+            f"{state['num_processes']} process(es); the data order will not continue exactly."
+        )
+    saved = {p.name: int(CHECKPOINT_PATTERN.match(p.name).group(1)) for p in list_checkpoints(output_dir)}
+    newer = [name for name, step in saved.items() if step > state["global_step"]]
+    if newer:
+        logger.warning(f"Resuming from {path.name} although {newer} exist; `latest` would pick those.")
+    accelerator.load_state(str(path))
+    for ema in emas:
+        ema.to(accelerator.device)
+    logger.info(f"Resumed from {path} at step {state['global_step']}.")
+    return state["global_step"], state.get("recent_losses", [])
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    global_step: int,
+    training_state: dict,
+    models: Models,
+    emas: list[EMAModel],
+    card: ModelCard,
+    checkpoints_total_limit: int | None,
+) -> Path:
+    """Write `checkpoint-N`: `accelerator.save_state`, `training_state.json` and `pipeline/` (EMA weights, `card`)."""
+    # Written as checkpoint-N.tmp and renamed once complete: a killed run never leaves a half checkpoint.
+    final = output_dir / f"checkpoint-{global_step}"
+    tmp = output_dir / f"checkpoint-{global_step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "training_state.json").write_text(json.dumps({"global_step": global_step, **training_state}, indent=2))
+        save_pipeline(tmp / "pipeline", models, emas, card)
+        stale = final.with_name(final.name + ".old")  # a checkpoint of the same step from before a resume
+        if final.exists():
+            os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+        checkpoints = list_checkpoints(output_dir)
+        if checkpoints_total_limit is not None:
+            for old in checkpoints[: max(0, len(checkpoints) - checkpoints_total_limit)]:
+                shutil.rmtree(old)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def log_samples(
+    args: argparse.Namespace,
+    models: Models,
+    emas: list[EMAModel],
+    output_dir: Path,
+    accelerator: Accelerator,
+    step: int,
+) -> None:
+    """Sample `--num_sample_images` images (classes 0, 1, ...) with the EMA weights and the pipeline's own generator
+    (the training randomness is untouched); save `samples/step-N.png`, one row per class, and log them to
+    tensorboard."""
+    num_classes = models.transformer.config.num_classes
+    class_labels = [i % num_classes for i in range(args.num_sample_images)]
+    generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    with ema_weights(models, emas):
+        pipeline = models.pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        images = pipeline(class_labels, generator=generator, output_type="np").images
+    pil = pipeline.numpy_to_pil(images)
+    rows = {label: [image for image, row in zip(pil, class_labels) if row == label] for label in class_labels}
+    names = [(models.id2label or {}).get(label, str(label)) for label in rows]
+    path = output_dir / "samples" / f"step-{step:07d}.png"
+    path.parent.mkdir(exist_ok=True)
+    make_grid(list(rows.values()), names, scale=max(1, math.ceil(GRID_MIN_CELL / images.shape[1]))).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -638,193 +892,36 @@ def main(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
 
     # 1. Accelerator, logging, launch sanity
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        # One shuffling seed for all processes, advanced per epoch: the data order survives a resume.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-    )
-    check_launch(accelerator.num_processes)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        datasets.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
+    accelerator = setup_accelerator(args)
 
-    # 2. Data: source, labels, classes (every check here runs before any training work)
-    is_digits = args.dataset_name == DIGITS
-    pretrained = None
-    if args.pretrained_model is not None:
-        pretrained = MARPipeline.from_pretrained(args.pretrained_model)
-    cache_info = None
-    if args.cached_latents_dir is not None:
-        train_dataset = CachedLatentsDataset(args.cached_latents_dir)
-        cache_info = train_dataset.info
-        labels = train_dataset.labels.tolist()
-        id2label = {int(k): v for k, v in cache_info["id2label"].items()} if cache_info.get("id2label") else None
-        resolution = cache_info["resolution"]
-        if args.resolution not in (None, resolution):
-            raise ValueError(
-                f"The latent cache was written at resolution {resolution}, not --resolution {args.resolution}."
-            )
-        if args.max_train_samples is not None:
-            train_dataset = torch.utils.data.Subset(train_dataset, range(min(args.max_train_samples, len(labels))))
-            labels = labels[: len(train_dataset)]
-    elif is_digits:
-        resolution = args.resolution or 8
-        train_dataset = DigitsDataset(resolution)
-        labels = train_dataset.labels.tolist()
-        id2label = train_dataset.id2label
-        if args.max_train_samples is not None:
-            train_dataset = torch.utils.data.Subset(train_dataset, range(min(args.max_train_samples, len(labels))))
-            labels = labels[: len(train_dataset)]
-    else:
-        resolution = args.resolution or 256
-        with accelerator.main_process_first():
-            hf_dataset, labels = load_image_dataset(args)
-        id2label = dataset_class_names(hf_dataset, args.label_column)
-    if min(labels) < 0:
-        raise ValueError(f"The data has negative labels ({min(labels)}); labels must be class indices >= 0.")
-    data_classes = max(labels) + 1
-    if args.num_classes is not None:
-        num_classes = args.num_classes
-        check_labels(labels, num_classes, "--num_classes")
-    elif pretrained is not None:
-        num_classes = pretrained.transformer.config.num_classes
-        check_labels(labels, num_classes, f"the classes of --pretrained_model {args.pretrained_model!r}")
-    else:
-        num_classes = len(id2label) if id2label else data_classes
-        num_classes = max(num_classes, data_classes)
-    if id2label is None and pretrained is not None and num_classes == pretrained.transformer.config.num_classes:
-        id2label = pretrained.id2label or None
-    random_flip = (not is_digits) if args.random_flip is None else args.random_flip
-
-    # 3. Token space: a VAE's latents or pixels
-    vae = None
-    if args.pretrained_vae is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae)
-    elif pretrained is not None and pretrained.vae is not None:
-        vae = pretrained.vae
-    elif cache_info is not None:
-        if not cache_info.get("vae"):
-            raise ValueError("The latent cache does not name its VAE; pass --pretrained_vae.")
-        vae = AutoencoderKL.from_pretrained(cache_info["vae"])
-    if is_digits and vae is not None:
-        raise ValueError("Digits train in pixel space (8x8, one channel); drop the VAE.")
-    if vae is not None:
-        vae.requires_grad_(False).eval()
-        downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-        if resolution % downsample != 0:
-            raise ValueError(f"--resolution {resolution} is not a multiple of the VAE downsampling ({downsample}).")
-        grid_size, channels = resolution // downsample, vae.config.latent_channels
-        image_channels = vae.config.in_channels
-        if not is_digits and cache_info is None and image_channels != len(args.image_mode):
-            raise ValueError(f"The VAE takes {image_channels}-channel images; --image_mode is {args.image_mode}.")
-        if cache_info is not None and (cache_info["latent_channels"], cache_info["grid_size"]) != (
-            channels,
-            grid_size,
-        ):
-            raise ValueError(
-                f"The latent cache holds {cache_info['latent_channels']}-channel {cache_info['grid_size']}^2 latents "
-                f"but the VAE gives {channels}-channel {grid_size}^2 latents."
-            )
-        space = f"latent space ({channels}x{grid_size}x{grid_size}, scaling factor {vae.config.scaling_factor})"
-    else:
-        if cache_info is not None:
-            raise ValueError("Training from cached latents needs the VAE that wrote them.")
-        grid_size, channels = resolution, 1 if is_digits else len(args.image_mode)
-        space = f"pixel space ({channels}x{resolution}x{resolution})"
-
-    # 4. Models (all processes build the same initial weights)
-    set_seed(args.seed)
-    if pretrained is not None:
-        transformer, diffusion_head = pretrained.transformer, pretrained.diffusion_head
-        config = transformer.config
-        if (config.sample_size, config.in_channels) != (grid_size, channels):
-            raise ValueError(
-                f"--pretrained_model works on {config.in_channels}-channel {config.sample_size}^2 grids but the data "
-                f"gives {channels}-channel {grid_size}^2 ones; change --resolution or the VAE."
-            )
-        if num_classes != config.num_classes:
-            logger.info(f"Re-initialising the class embedding for {num_classes} classes (was {config.num_classes}).")
-            transformer = reinit_class_embedding(transformer, num_classes)
-        # The recommended sampling of the pretrained model's card, when it has one.
-        card_path = Path(args.pretrained_model) / "README.md"
-        sampling = ModelCard.load(card_path).data.to_dict().get("mar_sampling", {}) if card_path.is_file() else {}
-        model_config_name = args.pretrained_model
-    else:
-        model_config_name = args.model_config or ("training/configs/mar-digits.json" if is_digits else "mar-large")
-        config_path = DIGITS_CONFIG if args.model_config is None and is_digits else model_config_name
-        config = apply_overrides(load_model_config(str(config_path)), args.overrides)
-        model_config_name = " ".join([model_config_name, *args.overrides])
-        transformer_config, head_config = resolve_model_configs(config, grid_size, channels, num_classes)
-        transformer = MARTransformer2DModel.from_config(transformer_config)
-        diffusion_head = MARDiffusionHead.from_config(head_config)
-        sampling = dict(config.get("sampling", {}))
-    transformer.train()
-    diffusion_head.train()
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-        diffusion_head.enable_gradient_checkpointing()
-    num_tokens = transformer.num_tokens
-    defaults = {
-        "guidance_scale": 3.0,
-        "guidance_schedule": "linear",
-        "temperature": 1.0,
-        "num_inference_steps": min(64, num_tokens),
-        "num_diffusion_steps": 100,
-    }
-    flags = {
-        "guidance_scale": args.sample_guidance_scale,
-        "temperature": args.sample_temperature,
-        "num_inference_steps": args.sample_num_inference_steps,
-        "num_diffusion_steps": args.sample_num_diffusion_steps,
-    }
-    # The --sample_* flags, else the config's (or pretrained card's) `sampling`, else the pipeline's defaults.
-    sampling = {
-        key: flags[key] if flags.get(key) is not None else sampling.get(key, default)
-        for key, default in defaults.items()
-    }
-    if not 1 <= sampling["num_inference_steps"] <= num_tokens:
-        raise ValueError(f"--sample_num_inference_steps must be in [1, {num_tokens}] (the token count).")
+    # 2. Token space, data, models (every check runs here, before any output is written)
+    pretrained = MARPipeline.from_pretrained(args.pretrained_model) if args.pretrained_model is not None else None
+    space = resolve_token_space(args, pretrained)
+    data = load_data(args, accelerator, space, pretrained)
+    models = build_models(args, data, space, pretrained)
     model = MARTrainingModule(
-        transformer,
-        diffusion_head,
+        models.transformer,
+        models.diffusion_head,
         MARDDPMScheduler(),
         mask_ratio_min=args.mask_ratio_min,
         label_drop_prob=args.label_drop_prob,
         diffusion_batch_mul=args.diffusion_batch_mul,
     )
+    vae, random_flip = space.vae, data.random_flip
 
-    # 5. EMA of both networks, as the original: constant decay from the first step (see docs/training.md)
+    # 3. EMA of both networks, as the original: constant decay from the first step (see docs/training.md)
     ema_kwargs = (
         {"use_ema_warmup": True, "inv_gamma": args.ema_inv_gamma, "power": args.ema_power}
         if args.ema_warmup
         else {"use_ema_warmup": False, "min_decay": args.ema_decay, "update_after_step": -1}
     )
-    emas = [EMAModel(m.parameters(), decay=args.ema_decay, **ema_kwargs) for m in (transformer, diffusion_head)]
+    emas = [
+        EMAModel(m.parameters(), decay=args.ema_decay, **ema_kwargs) for m in (model.transformer, model.diffusion_head)
+    ]
 
-    # 6. Data loader, batch sizes, learning rate
-    if args.cached_latents_dir is None and not is_digits:
-
-        def preprocess(batch: dict) -> dict:
-            images = [
-                center_crop_arr(image.convert(args.image_mode), resolution) for image in batch[args.image_column]
-            ]
-            out = {"pixel_values": [image_to_tensor(image) for image in images]}
-            out["class_labels"] = batch.get(args.label_column, [0] * len(images))
-            return out
-
-        train_dataset = hf_dataset.with_transform(preprocess)
+    # 4. Data loader, batch sizes, learning rate
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
+        data.dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
         drop_last=True,
@@ -833,16 +930,14 @@ def main(args: argparse.Namespace) -> Path:
         # generator that the training step uses.
         generator=torch.Generator().manual_seed(args.seed),
     )
-    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if len(train_dataset) < args.train_batch_size * accelerator.num_processes:
+    if len(data.dataset) < args.train_batch_size * accelerator.num_processes:
         raise ValueError(
-            f"The dataset has {len(train_dataset)} images, fewer than one batch of --train_batch_size "
+            f"The dataset has {len(data.dataset)} images, fewer than one batch of --train_batch_size "
             f"{args.train_batch_size} on each of {accelerator.num_processes} process(es)."
         )
-    base_lr = args.learning_rate if args.learning_rate is not None else args.blr * global_batch / 256
     optimizer = torch.optim.AdamW(
-        weight_decay_param_groups(transformer, diffusion_head, args.adam_weight_decay),
-        lr=base_lr,
+        weight_decay_param_groups(model.transformer, model.diffusion_head, args.adam_weight_decay),
+        lr=0.0,  # set at every step by `learning_rate_at`
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
     )
@@ -855,17 +950,16 @@ def main(args: argparse.Namespace) -> Path:
     if vae is not None:
         vae.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
+    models.transformer, models.diffusion_head = unwrapped.transformer, unwrapped.diffusion_head
+    schedule = make_schedule(args, accelerator.num_processes, len(train_dataloader))
+    global_batch, base_lr, steps_per_epoch = schedule.global_batch, schedule.base_lr, schedule.steps_per_epoch
+    max_train_steps, num_epochs, warmup_steps = schedule.max_train_steps, schedule.num_epochs, schedule.warmup_steps
 
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    warmup_steps = (
-        args.lr_warmup_steps if args.lr_warmup_steps is not None else round(args.lr_warmup_epochs * steps_per_epoch)
-    )
-
-    # 7. Output folder, trackers, resume
+    # 5. Output folder, trackers, resume
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir:
+            clear_run_outputs(output_dir, args.logging_dir)
         for leftover in [*output_dir.glob("checkpoint-*.tmp"), *output_dir.glob("checkpoint-*.old")]:
             logger.warning(f"Removing {leftover}, left by an interrupted checkpoint save.")
             shutil.rmtree(leftover)
@@ -874,135 +968,22 @@ def main(args: argparse.Namespace) -> Path:
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
-    global_step = 0
-    recent: collections.deque = collections.deque(maxlen=100)  # losses of the last steps, for the model card
+    global_step, recent = 0, collections.deque(maxlen=100)  # losses of the last steps, for the model card
     if args.resume_from_checkpoint is not None:
-        if args.resume_from_checkpoint == "latest":
-            checkpoints = list_checkpoints(output_dir)
-            path = checkpoints[-1] if checkpoints else None
-        else:
-            path = Path(args.resume_from_checkpoint)
-        if path is None:
-            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
-        else:
-            state = json.loads((path / "training_state.json").read_text())
-            if state["global_batch"] != global_batch or state["num_processes"] != accelerator.num_processes:
-                logger.warning(
-                    f"The checkpoint was written with global batch {state['global_batch']} on "
-                    f"{state['num_processes']} process(es); the data order will not continue exactly."
-                )
-            saved = {p.name: int(CHECKPOINT_PATTERN.match(p.name).group(1)) for p in list_checkpoints(output_dir)}
-            newer = [name for name, step in saved.items() if step > state["global_step"]]
-            if newer:
-                logger.warning(f"Resuming from {path.name} although {newer} exist; `latest` would pick those.")
-            accelerator.load_state(str(path))
-            for ema in emas:
-                ema.to(accelerator.device)
-            global_step = state["global_step"]
-            recent.extend(state.get("recent_losses", []))
-            logger.info(f"Resumed from {path} at step {global_step}.")
+        global_step, losses = load_checkpoint(accelerator, args.resume_from_checkpoint, output_dir, emas, global_batch)
+        recent.extend(losses)
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     logger.info("***** Running training *****")
-    logger.info(f"  Images = {len(train_dataset)}, classes = {num_classes}, {space}, {num_tokens} tokens")
+    logger.info(
+        f"  Images = {len(data.dataset)}, classes = {data.num_classes}, {space.description}, "
+        f"{models.transformer.num_tokens} tokens"
+    )
     logger.info(f"  Per-device batch = {args.train_batch_size}, global batch = {global_batch}, lr = {base_lr:.3e}")
     logger.info(f"  Steps = {max_train_steps} ({steps_per_epoch} per epoch), warm-up steps = {warmup_steps}")
-    logger.info(
-        f"  Parameters: transformer {sum(p.numel() for p in transformer.parameters()):,}, "
-        f"diffusion head {sum(p.numel() for p in diffusion_head.parameters()):,}"
-    )
 
-    def mean_recent() -> float | None:
-        return float(np.mean(recent)) if recent else None
-
-    def card_info(final_loss: float | None) -> dict:
-        return {
-            "title": f"MAR trained on {args.dataset_name or args.train_data_dir or args.cached_latents_dir}",
-            "license": args.license,
-            "dataset": args.dataset_name or args.train_data_dir or args.cached_latents_dir,
-            "dataset_on_hub": args.dataset_name not in (None, DIGITS) and not Path(args.dataset_name).exists(),
-            "base_model": args.pretrained_model
-            if args.pretrained_model and not Path(args.pretrained_model).exists()
-            else None,
-            "sampling": sampling,
-            "num_classes": num_classes,
-            "num_images": len(train_dataset),
-            "space": space,
-            "resolution": resolution,
-            "model_config": model_config_name,
-            "steps": global_step,
-            "epochs": global_step / steps_per_epoch,
-            "global_batch": global_batch,
-            "final_loss": "n/a" if final_loss is None else f"{final_loss:.4f} (mean of the last {len(recent)} steps)",
-            "ema_decay": args.ema_decay,
-            "ema_warmup": args.ema_warmup,
-            "transformer_params": sum(p.numel() for p in transformer.parameters()),
-            "head_params": sum(p.numel() for p in diffusion_head.parameters()),
-            "repo": args.hub_model_id or str(output_dir),
-            "command": args.command,
-        }
-
-    def save_checkpoint() -> Path:
-        # Written as checkpoint-N.tmp and renamed once complete: a killed run never leaves a half checkpoint.
-        final = output_dir / f"checkpoint-{global_step}"
-        tmp = output_dir / f"checkpoint-{global_step}.tmp"
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            state = {
-                "global_step": global_step,
-                "global_batch": global_batch,
-                "num_processes": accelerator.num_processes,
-                "recent_losses": list(recent),
-            }
-            (tmp / "training_state.json").write_text(json.dumps(state, indent=2))
-            save_pipeline(tmp / "pipeline", unwrapped, emas, vae, id2label, card_info(mean_recent()))
-            stale = final.with_name(final.name + ".old")  # a checkpoint of the same step from an earlier run
-            if final.exists():
-                os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-            checkpoints = list_checkpoints(output_dir)
-            if args.checkpoints_total_limit is not None:
-                for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit)]:
-                    shutil.rmtree(old)
-            logger.info(f"Saved {final}")
-        accelerator.wait_for_everyone()
-        return final
-
-    def log_samples() -> None:
-        # EMA weights, eval mode, the pipeline's own generator (training randomness is untouched).
-        modules = [unwrapped.transformer, unwrapped.diffusion_head]
-        for ema, module in zip(emas, modules):
-            ema.store(module.parameters())
-            ema.copy_to(module.parameters())
-            module.eval()
-        try:
-            pipeline = MARPipeline(unwrapped.transformer, unwrapped.diffusion_head, sampling_scheduler(vae), vae=vae)
-            pipeline.set_progress_bar_config(disable=True)
-            class_labels = [i % num_classes for i in range(args.num_sample_images)]
-            images = pipeline(
-                class_labels,
-                generator=torch.Generator(accelerator.device).manual_seed(args.seed),
-                output_type="np",
-                **sampling,
-            ).images
-        finally:
-            for ema, module in zip(emas, modules):
-                ema.restore(module.parameters())
-                module.train()
-        (output_dir / "samples").mkdir(exist_ok=True)
-        # One column per class when the classes fit in a row (images cycle through the classes).
-        cols = num_classes if num_classes <= min(16, args.num_sample_images) else None
-        make_grid(images, cols).save(output_dir / "samples" / f"step-{global_step:07d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"samples": images}, step=global_step, dataformats="NHWC")
-
-    # 8. Training loop
+    # 6. Training loop
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
@@ -1071,21 +1052,31 @@ def main(args: argparse.Namespace) -> Path:
             step_loss = 0.0
 
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
-                save_checkpoint()
+                card = model_card(args, data, space, models, schedule, global_step, list(recent))
+                state = {
+                    "global_batch": global_batch,
+                    "num_processes": accelerator.num_processes,
+                    "recent_losses": list(recent),
+                }
+                save_checkpoint(
+                    accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
+                )
             if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
-                log_samples()
+                log_samples(args, models, emas, output_dir, accelerator, global_step)
             step_start = time.perf_counter()
             if global_step >= max_train_steps:
                 break
     progress_bar.close()
 
-    # 9. Final pipeline folder (EMA weights + model card), sample grid, Hub upload
+    # 7. Final pipeline folder (EMA weights, sampling settings, model card), sample grid, Hub upload
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         staging = output_dir / "pipeline.tmp"
         if staging.exists():
             shutil.rmtree(staging)
-        save_pipeline(staging, unwrapped, emas, vae, id2label, card_info(mean_recent()))
+        save_pipeline(
+            staging, models, emas, model_card(args, data, space, models, schedule, global_step, list(recent))
+        )
         # model_index.json moves last: until then the folder is not a loadable pipeline.
         for name in PIPELINE_ITEMS:
             target = output_dir / name
@@ -1097,7 +1088,7 @@ def main(args: argparse.Namespace) -> Path:
                 os.replace(staging / name, target)
         shutil.rmtree(staging)
         if not args.sample_steps or global_step % args.sample_steps != 0:
-            log_samples()
+            log_samples(args, models, emas, output_dir, accelerator, global_step)
         logger.info(f"Saved the pipeline to {output_dir}")
         if args.push_to_hub:
             repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
@@ -1114,5 +1105,12 @@ def main(args: argparse.Namespace) -> Path:
     return output_dir
 
 
+def resume_hint(args: argparse.Namespace) -> str:
+    """What to print on Ctrl-C: the last complete checkpoint and the command that continues from it."""
+    checkpoints = list_checkpoints(args.output_dir)
+    saved = f"The last complete checkpoint is {checkpoints[-1]}." if checkpoints else "No checkpoint was saved yet."
+    return f"{saved} Resume with:\n  {launch_command(SCRIPT, resume_argv(args.argv))}"
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run_script("train_mar.py", parse_args, main, on_interrupt=resume_hint))

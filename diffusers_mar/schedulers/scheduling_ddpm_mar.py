@@ -106,6 +106,14 @@ class MARDDPMScheduler(DDPMScheduler):
         """Set the timesteps as `DDPMScheduler` does and build the respaced float64 tables for them."""
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, timesteps=timesteps)
         kept = np.sort(self.timesteps.cpu().numpy().astype(np.int64))  # ascending original timesteps
+        self._tables = self.process_tables(kept)
+        self._step_index_of = {int(t): i for i, t in enumerate(kept)}
+
+    def process_tables(self, timesteps: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The float64 tables of the chain respaced to `timesteps` (ascending; all `num_train_timesteps` if not
+        given, the training process): `sqrt_recip_alphas_cumprod`, `sqrt_recipm1_alphas_cumprod`,
+        `posterior_mean_coef1`, `posterior_mean_coef2`, `posterior_log_variance_clipped` and `log_betas`."""
+        kept = np.arange(self.config.num_train_timesteps) if timesteps is None else np.asarray(timesteps)
 
         # As in LTH14/mar diffusion/respace.py SpacedDiffusion: betas of the respaced chain, then its tables.
         alphas_cumprod = self.alphas_cumprod_float64[kept]
@@ -114,7 +122,7 @@ class MARDDPMScheduler(DDPMScheduler):
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         clipped = np.append(posterior_variance[1], posterior_variance[1:]) if len(kept) > 1 else posterior_variance
-        self._tables = {
+        return {
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
@@ -122,7 +130,6 @@ class MARDDPMScheduler(DDPMScheduler):
             "posterior_log_variance_clipped": np.log(np.maximum(clipped, 1e-20)),
             "log_betas": np.log(betas),
         }
-        self._step_index_of = {int(t): i for i, t in enumerate(kept)}
 
     def _coefficient(self, name: str, index: int) -> float:
         # float64 value rounded to float32, as the original's `_extract_into_tensor(...).float()`.

@@ -227,11 +227,30 @@ def test_only_masked_tokens_count_and_vb_does_not_train_the_noise_prediction():
     assert torch.all(grad[:, :4] == 0) and grad[:, 4:].abs().sum() > 0
 
 
-def test_loss_tables_equal_the_original_process_tables():
-    io_free = DiffusionLossTables.from_scheduler(MARDDPMScheduler())
-    # posterior log variance at t = 0 is clipped to the value at t = 1, as the original.
-    assert io_free.posterior_log_variance_clipped[0] == io_free.posterior_log_variance_clipped[1]
-    assert torch.all(io_free.log_betas <= 0) and io_free.log_betas.shape == (1000,)
+def test_loss_tables_are_the_schedulers_full_process_tables():
+    scheduler = MARDDPMScheduler()
+    tables = DiffusionLossTables.from_scheduler(scheduler)
+    # The original's GaussianDiffusion.__init__ formulas on the float64 betas (the reference, kept in the test only).
+    betas = scheduler.betas_float64
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    expected = {
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        "posterior_log_variance_clipped": np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+        "log_betas": np.log(betas),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
+    }
+    full = scheduler.process_tables()
+    for name, value in expected.items():
+        np.testing.assert_allclose(full[name], value, rtol=1e-12, atol=0, err_msg=name)
+        assert torch.equal(getattr(tables, name), torch.from_numpy(full[name]).float()), name
+    # The same tables whatever timesteps the scheduler was last set to (sampling respaces only its own copy).
+    scheduler.set_timesteps(10)
+    assert torch.equal(DiffusionLossTables.from_scheduler(scheduler).log_betas, tables.log_betas)
+    assert tables.log_betas.shape == (1000,)
 
 
 def test_ema_settings_give_the_original_constant_decay_update():

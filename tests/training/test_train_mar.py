@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from diffusers_mar import MARPipeline, MARTransformer2DModel
 from tests.testing_utils import REPO_ROOT, TINY_PIXEL_TRANSFORMER_CONFIG
-from training import cache_latents, train_mar
-from training.train_mar import DIGITS_CONFIG, center_crop_arr, learning_rate_at, list_checkpoints, parse_args
+from training import cache_latents, launch, train_mar
+from training.data import center_crop_arr, image_to_tensor
+from training.train_mar import DIGITS_CONFIG, learning_rate_at, list_checkpoints, parse_args
 
 # A digits run of a few seconds: 40 images, batch 8 -> 5 steps per epoch; dropout, flips and label drop all on so
 # that every source of training randomness is exercised.
@@ -116,6 +117,11 @@ def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
     assert "samples" in events.Tags()["images"]
     assert (output_dir / "samples" / "step-0000003.png").is_file()
 
+    # The model card records the launch as given, launcher flags and environment included.
+    card = (output_dir / "README.md").read_text()
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes=2 --num_machines=1" in card
+    assert "training/train_mar.py --dataset_name=digits" in card
+
     pipe = MARPipeline.from_pretrained(output_dir)
     assert pipe.vae is None and pipe.transformer.config.num_classes == 10 and pipe.id2label[3] == "3"
     image = pipe([3], num_inference_steps=2, num_diffusion_steps=3, generator=torch.manual_seed(0)).images[0]
@@ -176,24 +182,35 @@ def test_checkpoints_are_pruned_and_an_interrupted_save_leaves_the_last_good_one
     assert MARPipeline.from_pretrained(output_dir / "checkpoint-5" / "pipeline").transformer.config.num_classes == 10
 
 
-def test_model_card_has_sampling_metadata_and_training_facts(tmp_path):
+def test_sampling_settings_in_the_pipeline_config_and_a_model_card_from_the_template(tmp_path):
     output_dir = run(tmp_path, "--max_train_steps=2", "--sample_guidance_scale=1.5")
-    card = ModelCard.load(output_dir / "README.md")
-    assert card.data.library_name == "diffusers" and card.data.license == "mit"
-    assert "diffusers-mar" in card.data.tags
-    sampling = card.data.to_dict()["mar_sampling"]
-    assert sampling == {
+    expected = {
         "guidance_scale": 1.5,
         "guidance_schedule": "linear",
         "temperature": 1.0,
         "num_inference_steps": 2,
         "num_diffusion_steps": 3,
     }
+    # The recommended settings live in model_index.json (the pipeline's config), not in the card.
+    assert json.loads((output_dir / "model_index.json").read_text())["sampling"] == expected
     pipe = MARPipeline.from_pretrained(output_dir)
-    pipe.set_progress_bar_config(disable=True)
-    pipe([1], generator=torch.manual_seed(0), **sampling)  # the keys are __call__ arguments
+    assert pipe.sampling_defaults == expected
     assert pipe.scheduler.config.clip_sample  # pixel space: x0_hat is clipped to [-1, 1]
+    pipe.set_progress_bar_config(disable=True)
+    # No argument: the stored settings are the defaults (2 outer steps on 16 tokens, 3 diffusion steps).
+    steps = []
+    pipe([1], generator=torch.manual_seed(0), callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
+    assert steps == [0, 1]
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "mit"
+    assert "diffusers-mar" in card.data.tags and "mar_sampling" not in card.data.to_dict()
+    assert "`guidance_scale=1.5`" in card.text  # the template's usage section lists the stored settings
     assert "--dataset_name=digits" in card.text and "2 optimizer steps" in card.text
+    assert "## Citation" in card.text
+    # The checkpoint's pipeline is a complete pipeline folder too, with the same settings.
+    checkpoint = MARPipeline.from_pretrained(output_dir / "checkpoint-2" / "pipeline")
+    assert checkpoint.sampling_defaults == expected
 
 
 def test_mixed_precision_gradient_checkpointing_and_accumulation(tmp_path):
@@ -232,7 +249,11 @@ def test_dataset_with_other_column_names(tmp_path):
     assert pipe.transformer.config.num_classes == 3 and pipe.transformer.config.in_channels == 1
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(ValueError, match="--image_column 'image' is not a column"):
-        train_mar.main(parse_args([a for a in args if not a.startswith("--image_column")]))
+        bad = [a for a in args if not a.startswith("--image_column")]
+        train_mar.main(parse_args([*bad, "--overwrite_output_dir"]))
+    # Bad input is found before --overwrite_output_dir removes anything: the finished run is intact.
+    assert MARPipeline.from_pretrained(tmp_path / "out").transformer.config.num_classes == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-1"]
 
 
 def test_push_to_hub_uploads_the_pipeline_folder(tmp_path, monkeypatch):
@@ -332,8 +353,8 @@ def test_processes_that_do_not_form_a_group_are_refused(monkeypatch):
     # `accelerate launch --multi_gpu` on a CPU-only machine without ACCELERATE_USE_CPU: N lonely processes.
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="do not form a group"):
-        train_mar.check_launch(1)
-    train_mar.check_launch(2)
+        launch.check_launch(1)
+    launch.check_launch(2)
 
 
 @pytest.mark.slow
@@ -355,7 +376,7 @@ def test_two_cpu_processes_share_the_latent_cache(tmp_path):
     moments = np.load(tmp_path / "cache" / "moments.npy")
     files = sorted((data).glob("*/*.png"))
     for row, path in enumerate(files):  # rows written by both processes, in dataset order
-        pixels = train_mar.image_to_tensor(center_crop_arr(Image.open(path).convert("RGB"), 16))[None]
+        pixels = image_to_tensor(center_crop_arr(Image.open(path).convert("RGB"), 16))[None]
         with torch.no_grad():
             expected = vae.encode(pixels).latent_dist.parameters[0].numpy()
         np.testing.assert_allclose(moments[row], expected, rtol=0, atol=1e-5)
@@ -431,7 +452,7 @@ def test_image_folder_in_latent_space_and_from_cached_latents(tmp_path):
     assert info["num_images"] == 6 and info["grid_size"] == 8 and info["scaling_factor"] == 0.5
     moments, flipped = np.load(cache / "moments.npy"), np.load(cache / "moments_flip.npy")
     image = Image.open(data / "dog" / "1.png").convert("RGB")
-    pixels = train_mar.image_to_tensor(center_crop_arr(image, 16))[None]
+    pixels = image_to_tensor(center_crop_arr(image, 16))[None]
     with torch.no_grad():
         expected = vae.encode(pixels).latent_dist.parameters
         expected_flip = vae.encode(pixels.flip(-1)).latent_dist.parameters
@@ -509,5 +530,5 @@ def test_center_crop_is_adm_box_halving_then_bicubic_then_center():
     halves[:, 100:] = 255
     cropped = np.asarray(center_crop_arr(Image.fromarray(halves), 10))
     assert cropped[:, :4].max() < 128 and cropped[:, 6:].min() > 127
-    pixels = train_mar.image_to_tensor(Image.fromarray(np.array([[0, 255]], dtype=np.uint8)))
+    pixels = image_to_tensor(Image.fromarray(np.array([[0, 255]], dtype=np.uint8)))
     assert pixels.tolist() == [[[-1.0, 1.0]]]
