@@ -3,7 +3,8 @@
 PyTorch's CPU allocator gives each tensor above glibc's mmap threshold (32 MB) fresh pages from the OS, and the page
 faults cost about as much as writing the values (MAR-B's QKV and MLP hidden outputs are 47-63 MB per block at batch
 8). Inside `cpu_inference(transformer)` every block of the model runs the same operations, but writes its QKV and MLP
-hidden outputs into two buffers reused by all blocks, and takes the GELU and the residual sums in place. The values
+hidden outputs into one buffer reused by all blocks (the QKV is consumed by the attention before the MLP runs), and
+takes the GELU and the residual sums in place. The values
 are identical to the plain forward (the same `addmm` that `F.linear` runs; `x + y == y + x` in floating point). On
 exit the blocks get their own forward back. The models themselves hold no trace of this.
 """
@@ -47,16 +48,16 @@ def _buffered_linear(layer: nn.Linear, x: torch.Tensor, buffers: dict, key: str)
 def _buffered_block_forward(
     block: MARTransformerBlock, buffers: dict, hidden_states: torch.Tensor, query_indices: torch.Tensor | None = None
 ) -> torch.Tensor:
-    # MARTransformerBlock.forward (eval mode: no dropout) with the QKV and MLP hidden outputs in `buffers`.
+    # MARTransformerBlock.forward (eval mode: no dropout) with the QKV, then the MLP hidden output, in one buffer.
     attn = block.attn
-    q, k, v = _buffered_linear(attn.to_qkv, block.norm1(hidden_states), buffers, "to_qkv").chunk(3, dim=-1)
+    q, k, v = _buffered_linear(attn.to_qkv, block.norm1(hidden_states), buffers, "hidden").chunk(3, dim=-1)
     if query_indices is not None:
         q = torch.gather(q, 1, query_indices.unsqueeze(-1).expand(-1, -1, q.shape[-1]))
         index = query_indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
         hidden_states = torch.gather(hidden_states, 1, index)
     out = F.scaled_dot_product_attention(attn._heads(q), attn._heads(k), attn._heads(v))
     hidden_states = attn.to_out(out.transpose(1, 2).flatten(2)).add_(hidden_states)
-    mlp_hidden = _buffered_linear(block.ff.fc1, block.norm2(hidden_states), buffers, "fc1")
+    mlp_hidden = _buffered_linear(block.ff.fc1, block.norm2(hidden_states), buffers, "hidden")  # q, k, v are dead
     return block.ff.fc2(torch.ops.aten.gelu_(mlp_hidden)).add_(hidden_states)
 
 
