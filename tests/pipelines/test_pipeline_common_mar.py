@@ -141,7 +141,11 @@ def test_save_load_local(case, tmp_path, safe_serialization):
     assert loaded.config.sampling == FAST and loaded.config.token_space == pipe.config.token_space
     for name, component in pipe.components.items():
         assert type(loaded.components[name]) is type(component)
-    assert torch.equal(_images(loaded, case), _images(pipe, case))
+    expected = _images(pipe, case)
+    assert torch.equal(_images(loaded, case), expected)
+    mapped = case.pipeline_class.from_pretrained(tmp_path, device_map="cpu")  # accelerate's loading path
+    mapped.set_progress_bar_config(disable=True)
+    assert mapped.hf_device_map == "cpu" and torch.equal(_images(mapped, case), expected)
 
 
 def test_save_load_optional_components(case, tmp_path):
