@@ -329,6 +329,24 @@ def test_sequential_cpu_offload_gives_the_same_images(case):
     assert torch.equal(_images(pipe, case), expected)
 
 
+# torch 2.13: `Parameter.to("cpu:0")` copies into a plain tensor, which accelerate's offload hooks cannot handle.
+_CPU0_DROPS_PARAMETERS = type(torch.nn.Parameter(torch.zeros(1)).to("cpu:0")) is not torch.nn.Parameter
+
+
+@pytest.mark.xfail(
+    _CPU0_DROPS_PARAMETERS,
+    reason="enable_sequential_cpu_offload(device='cpu') passes 'cpu:0' and torch drops the Parameter class there",
+    raises=TypeError,
+    strict=True,  # passes again once torch or accelerate change: then the test above can call the method itself
+)
+def test_enable_sequential_cpu_offload_method_on_the_cpu():
+    case = CASES["pixel"]
+    expected = _images(case.make(), case)
+    pipe = case.make()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert torch.equal(_images(pipe, case), expected)
+
+
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offloading_of_each_model_gives_the_same_images(case, tmp_path, offload_type):
     expected = _images(case.make(), case)
