@@ -71,6 +71,9 @@ class MARDiffusionHead(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Samplers call `embed_condition`, `compute_modulation` and `forward_with_modulation`, not `forward`: block-level
+    # group offloading must onload these layers when they run, not when `forward` is entered (as AutoencoderKL).
+    _group_offload_block_modules = ["time_embedding", "cond_proj", "proj_in", "adaln_modulation", "proj_out"]
 
     @register_to_config
     def __init__(

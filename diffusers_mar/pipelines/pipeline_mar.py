@@ -428,9 +428,10 @@ class MARPipeline(DiffusionPipeline):
                 Generation orders, one permutation per image; the first entries stay unknown longest. Drawn with
                 `generator` (`torch.randperm`) if not given. With `mask`, kept tokens are moved (stably) to the end.
             noise (`list[torch.Tensor]`, *optional*):
-                Per step `k`, a `(1 + num_diffusion_steps, batch, n_k, C)` tensor: `[0]` the initial noise and
-                `[1 + i]` the noise of diffusion step `i` for the `n_k` tokens predicted at step `k` (raster order).
-                Drawn with `generator` if not given; for replaying recorded randomness in tests.
+                Per step `k`, a `(1 + S, batch, n_k, C)` tensor: `[0]` the initial noise and `[1 + i]` the noise of
+                diffusion step `i` for the `n_k` tokens predicted at step `k` (raster order). `S` is the number of
+                scheduler timesteps: `num_diffusion_steps`, or more for second-order and PNDM schedulers. Drawn with
+                `generator` if not given; for replaying recorded randomness in tests.
 
         Examples:
 
@@ -523,16 +524,18 @@ class MARPipeline(DiffusionPipeline):
                     condition.reshape(-1, condition.shape[-1]).to(head_dtype)
                 )  # (B' * n, W)
 
+                # Timesteps stay on the host for the scheduler (no device sync per step); the head gets a device copy.
+                # Second-order and PNDM schedulers run more steps than `num_diffusion_steps`: one noise per step run.
+                scheduler.set_timesteps(num_diffusion_steps)
+                num_steps = len(scheduler.timesteps)
                 if noise is None:
                     step_noise = randn_tensor(
-                        (batch_size, 1 + num_diffusion_steps, n, token_dim), generator=generator, device=device
+                        (batch_size, 1 + num_steps, n, token_dim), generator=generator, device=device
                     ).transpose(0, 1)  # (1 + S, B, n, C)
                 else:
                     step_noise = noise[step].to(device=device, dtype=torch.float32)
-                step_noise = step_noise.reshape(1 + num_diffusion_steps, batch_size * n, token_dim)
+                step_noise = step_noise.reshape(1 + num_steps, batch_size * n, token_dim)
 
-                # Timesteps stay on the host for the scheduler (no device sync per step); the head gets a device copy.
-                scheduler.set_timesteps(num_diffusion_steps)
                 modulations = modulation_chunks(
                     self.diffusion_head, scheduler.timesteps.to(device), condition_embedding, self.modulation_rows
                 )

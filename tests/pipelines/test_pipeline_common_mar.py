@@ -1,0 +1,424 @@
+"""What diffusers checks on each of its own pipelines (`PipelineTesterMixin`, `MemoryTesterMixin` in diffusers'
+`tests/pipelines/testing_utils/`), run on `MARPipeline` (pixel and latent space) and `MARInpaintPipeline` with tiny
+random models on the CPU (issue 12).
+
+Every offloading kind and layerwise casting run on the CPU too: the hooks are installed and run as on an accelerator.
+Group offloading goes through the disk, so a layer that ran without its hook would compute with weights that are not
+its own and change the images. The scheduler uses `clip_sample=True` to keep a random model's tokens in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+
+import accelerate
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.callbacks import PipelineCallback
+from PIL import Image
+
+from diffusers_mar import DEFAULT_MODEL, MARInpaintPipeline, MARPipeline, cli
+from tests.testing_utils import make_tiny_pipeline, make_tiny_vae
+
+FAST = {"num_inference_steps": 4, "num_diffusion_steps": 5}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; with more, a loaded machine makes them 10-100x slower (issue 14)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class PipelineCase:
+    pipeline_class: type
+    latent: bool = False  # with a VAE: tokens are latents of the tiny KL VAE
+
+    def make(self, seed: int = 0) -> MARPipeline:
+        pipe = make_tiny_pipeline(seed, vae=make_tiny_vae(seed) if self.latent else None, clip_sample=True)
+        if self.pipeline_class is not MARPipeline:
+            pipe = self.pipeline_class.from_pipe(pipe)
+            pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def inputs(self, seed: int = 0, **overrides) -> dict:
+        """Two images, each with its own generator, as the CLI makes them; `output_type="pt"` for comparisons."""
+        inputs = {"class_labels": [1, 2], "generator": [_seeded(seed), _seeded(seed + 1)], "output_type": "pt"}
+        if self.pipeline_class is MARInpaintPipeline:
+            size = 16 if self.latent else 8
+            image = np.random.default_rng(seed).integers(0, 256, (size, size, 3 if self.latent else 1), np.uint8)
+            mask = np.zeros((size, size), dtype=np.uint8)
+            mask[size // 2 :] = 255  # regenerate the bottom half
+            inputs.update(image=image, mask_image=mask)
+        return {**inputs, **FAST, **overrides}
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (2, 3, 16, 16) if self.latent else (2, 1, 8, 8)
+
+
+CASES = {
+    "pixel": PipelineCase(MARPipeline),
+    "latent": PipelineCase(MARPipeline, latent=True),
+    "inpaint": PipelineCase(MARInpaintPipeline),
+}
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request) -> PipelineCase:
+    return CASES[request.param]
+
+
+def _images(pipe: MARPipeline, case: PipelineCase, seed: int = 0, **overrides) -> torch.Tensor:
+    return pipe(**case.inputs(seed, **overrides)).images
+
+
+def _has_argument(pipeline_class: type, name: str) -> bool:
+    return name in inspect.signature(pipeline_class.__call__).parameters
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs, determinism, components
+
+
+def test_output_shape_dict_tuple_equivalence_and_determinism(case):
+    pipe = case.make()
+    images = _images(pipe, case)
+    assert images.shape == case.output_shape and torch.isfinite(images).all()
+    (as_tuple,) = pipe(**case.inputs(), return_dict=False)
+    assert torch.equal(as_tuple, images)
+    assert torch.equal(_images(pipe, case), images)  # the same generators: the same images
+    assert (_images(pipe, case, seed=5) - images).abs().mean() > 0.05  # other generators: other images
+
+
+def test_components_function_and_rebuilding_from_components(case):
+    pipe = case.make()
+    assert set(pipe.components) == {"transformer", "diffusion_head", "scheduler", "vae"}
+    assert (pipe.components["vae"] is None) != case.latent
+    rebuilt = case.pipeline_class(**pipe.components)
+    rebuilt.set_progress_bar_config(disable=True)
+    assert torch.equal(_images(rebuilt, case), _images(pipe, case))
+    other_class = MARPipeline if case.pipeline_class is MARInpaintPipeline else MARInpaintPipeline
+    other = other_class.from_pipe(pipe)
+    assert all(other.components[name] is component for name, component in pipe.components.items())
+
+
+def test_to_dtype_casts_every_model(case):
+    pipe = case.make()
+    models = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    assert all(model.dtype == torch.float32 for model in models)
+    pipe.to(dtype=torch.bfloat16)
+    assert all(model.dtype == torch.bfloat16 for model in models)
+    images = _images(pipe, case)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+def test_save_load_local(case, tmp_path, safe_serialization):
+    pipe = case.make()
+    pipe.set_sampling_defaults(**FAST)
+    pipe.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)  # the class comes from model_index.json
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is case.pipeline_class
+    assert loaded.config.sampling == FAST and loaded.config.token_space == pipe.config.token_space
+    for name, component in pipe.components.items():
+        assert type(loaded.components[name]) is type(component)
+    expected = _images(pipe, case)
+    assert torch.equal(_images(loaded, case), expected)
+    mapped = case.pipeline_class.from_pretrained(tmp_path, device_map="cpu")  # accelerate's loading path
+    mapped.set_progress_bar_config(disable=True)
+    assert mapped.hf_device_map == "cpu" and torch.equal(_images(mapped, case), expected)
+
+
+def test_save_load_optional_components(case, tmp_path):
+    pipe = case.make()
+    pipe.vae = None  # a latent-space pipeline without its VAE still makes latents
+    expected = _images(pipe, case, output_type="latent")
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["vae"] == [None, None]
+    loaded = case.pipeline_class.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.vae is None and loaded.config.token_space == ("latent" if case.latent else "pixel")
+    if case.pipeline_class is MARInpaintPipeline:
+        return  # its image input needs the VAE's channels (the pixel case was compared above)
+    assert torch.equal(_images(loaded, case, output_type="latent"), expected)
+
+
+def test_variants_save_load_and_missing_variant_error(case, tmp_path):
+    pipe = case.make()
+    pipe.save_pretrained(tmp_path / "variant", variant="fp16")
+    for name in ("transformer", "diffusion_head", *(["vae"] if case.latent else [])):
+        files = [path.name for path in (tmp_path / "variant" / name).iterdir() if path.suffix == ".safetensors"]
+        assert files and all(".fp16." in file for file in files), files
+    loaded = case.pipeline_class.from_pretrained(tmp_path / "variant", variant="fp16")
+    loaded.set_progress_bar_config(disable=True)
+    for name in ("transformer", "diffusion_head"):
+        assert all(
+            torch.equal(p, q) for p, q in zip(pipe.components[name].parameters(), loaded.components[name].parameters())
+        )
+    assert torch.equal(_images(loaded, case), _images(pipe, case))
+
+    pipe.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="variant=fp16"):
+        case.pipeline_class.from_pretrained(tmp_path / "plain", variant="fp16")
+
+
+def test_sharded_checkpoints_load(case, tmp_path):
+    pipe = case.make()
+    pipe.save_pretrained(tmp_path, max_shard_size="4KB")
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) >= 2
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = case.pipeline_class.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(_images(loaded, case), _images(pipe, case))
+
+
+def test_torch_dtype_and_torch_dtype_dict(case, tmp_path):
+    case.make().save_pretrained(tmp_path)
+    loaded = case.pipeline_class.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    loaded.set_progress_bar_config(disable=True)
+    models = {n: c for n, c in loaded.components.items() if isinstance(c, torch.nn.Module)}
+    assert all(model.dtype == torch.bfloat16 for model in models.values())
+    assert torch.isfinite(_images(loaded, case)).all()
+
+    loaded = case.pipeline_class.from_pretrained(
+        tmp_path, torch_dtype={"transformer": torch.bfloat16, "default": torch.float16}
+    )
+    models = {n: c for n, c in loaded.components.items() if isinstance(c, torch.nn.Module)}
+    assert {n: m.dtype for n, m in models.items()} == {
+        n: torch.bfloat16 if n == "transformer" else torch.float16 for n in models
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Callbacks and several images per label
+
+
+@pytest.fixture
+def callback_case(case) -> PipelineCase:
+    if not _has_argument(case.pipeline_class, "callback_on_step_end"):
+        pytest.skip(f"{case.pipeline_class.__name__}.__call__ takes no `callback_on_step_end`")
+    return case
+
+
+def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
+    case, pipe = callback_case, callback_case.make()
+    seen = []
+
+    def check(allowed):
+        def callback(pipeline, step, timestep, callback_kwargs):
+            assert pipeline is pipe and set(callback_kwargs) == set(allowed)
+            seen.append((step, timestep, {name: tuple(value.shape) for name, value in callback_kwargs.items()}))
+            return callback_kwargs
+
+        return callback
+
+    _images(pipe, case, callback_on_step_end=check(["tokens"]))
+    assert [step for step, _, _ in seen] == list(range(FAST["num_inference_steps"]))
+    assert seen[-1][1] == 0  # `timestep`: tokens still unknown after the step
+    seen.clear()
+    all_inputs = pipe._callback_tensor_inputs
+    _images(pipe, case, callback_on_step_end=check(all_inputs), callback_on_step_end_tensor_inputs=all_inputs)
+    step, _, shapes = seen[0]
+    assert shapes["tokens"] == (2, 16, 4) and shapes["mask"] == (2, 16) and shapes["condition"][0] == 4  # guided
+
+    def zero_last_step(pipeline, step, timestep, callback_kwargs):
+        if step == pipeline.num_timesteps - 1:
+            return {"tokens": torch.zeros_like(callback_kwargs["tokens"])}
+        return {}
+
+    latents = _images(pipe, case, callback_on_step_end=zero_last_step, output_type="latent")
+    assert latents.abs().sum() == 0
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        _images(pipe, case, callback_on_step_end=zero_last_step, callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_callback_interrupts_and_pipeline_callback_classes(callback_case):
+    case, pipe = callback_case, callback_case.make()
+    steps = []
+
+    def stop_after_two(pipeline, step, timestep, callback_kwargs):
+        steps.append(step)
+        pipeline._interrupt = step == 1
+        return {}
+
+    latents = _images(pipe, case, callback_on_step_end=stop_after_two, output_type="latent")
+    assert steps == [0, 1]
+    tokens = pipe.transformer.patchify(latents)  # (B, L, C)
+    known = (tokens != 0).any(dim=-1).sum(dim=1)
+    assert 0 < known.min() and known.max() < 16  # some tokens made, the others still zero
+
+    class RecordMask(PipelineCallback):
+        tensor_inputs = ["mask"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            steps.append(int(callback_kwargs["mask"].sum()))
+            return callback_kwargs
+
+    steps.clear()
+    _images(pipe, case, callback_on_step_end=RecordMask())
+    assert steps == sorted(steps, reverse=True) and steps[-1] == 0  # unknown tokens (both images) fall to zero
+
+
+def test_num_images_per_label(case):
+    if not _has_argument(case.pipeline_class, "num_images_per_label"):
+        pytest.skip(f"{case.pipeline_class.__name__}.__call__ takes no `num_images_per_label`")
+    pipe = case.make()
+    for labels in ([3], [3, 4]):
+        for per_label in (1, 2):
+            images = _images(pipe, case, class_labels=labels, generator=_seeded(0), num_images_per_label=per_label)
+            assert images.shape[0] == len(labels) * per_label
+    # One generator per image: the images of a label are those of repeated labels, in order.
+    generators = [_seeded(i) for i in range(4)]
+    images = _images(pipe, case, class_labels=[3, 4], generator=generators, num_images_per_label=2)
+    generators = [_seeded(i) for i in range(4)]
+    assert torch.equal(images, _images(pipe, case, class_labels=[3, 3, 4, 4], generator=generators))
+    assert (images[0] - images[1]).abs().mean() > 0.05  # not copies
+    with pytest.raises(ValueError, match="one generator per image"):
+        _images(pipe, case, class_labels=[3, 4], num_images_per_label=2)  # 2 generators for 4 images
+    with pytest.raises(ValueError, match="num_images_per_label"):
+        _images(pipe, case, num_images_per_label=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Offloading and layerwise casting
+
+
+def test_model_cpu_offload_gives_the_same_images(case):
+    expected = _images(case.make(), case)
+    pipe = case.make()
+    pipe.enable_model_cpu_offload(device="cpu")
+    offloaded = [n for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+    offloaded = [n for n in offloaded if n not in pipe._exclude_from_cpu_offload]
+    assert "transformer" in offloaded and "diffusion_head" not in offloaded
+    assert all(isinstance(pipe.components[n]._hf_hook, accelerate.hooks.CpuOffload) for n in offloaded)
+    assert torch.equal(_images(pipe, case), expected)
+    pipe.enable_model_cpu_offload(device="cpu")  # twice, as diffusers checks
+    assert torch.equal(_images(pipe, case), expected)
+
+
+def test_sequential_cpu_offload_gives_the_same_images(case):
+    expected = _images(case.make(), case)
+    pipe = case.make()
+    # What `pipe.enable_sequential_cpu_offload(device="cpu")` does, with the device "cpu" instead of "cpu:0": on
+    # torch 2.13 `Parameter.to("cpu:0")` returns a plain tensor, so accelerate 1.15's hooks fail on any CPU model
+    # (an nn.Embedding alone shows it); on an accelerator the method is the same call.
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in pipe._exclude_from_cpu_offload:
+            accelerate.cpu_offload(component, CPU, offload_buffers=len(component._parameters) > 0)
+    assert pipe.transformer.device.type == "meta" and pipe.diffusion_head.device.type == "cpu"
+    assert torch.equal(_images(pipe, case), expected)
+    assert torch.equal(_images(pipe, case), expected)
+
+
+# torch 2.13: `Parameter.to("cpu:0")` copies into a plain tensor, which accelerate's offload hooks cannot handle.
+_CPU0_DROPS_PARAMETERS = type(torch.nn.Parameter(torch.zeros(1)).to("cpu:0")) is not torch.nn.Parameter
+
+
+@pytest.mark.xfail(
+    _CPU0_DROPS_PARAMETERS,
+    reason="enable_sequential_cpu_offload(device='cpu') passes 'cpu:0' and torch drops the Parameter class there",
+    raises=TypeError,
+    strict=True,  # passes again once torch or accelerate change: then the test above can call the method itself
+)
+def test_enable_sequential_cpu_offload_method_on_the_cpu():
+    case = CASES["pixel"]
+    expected = _images(case.make(), case)
+    pipe = case.make()
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert torch.equal(_images(pipe, case), expected)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_of_each_model_gives_the_same_images(case, tmp_path, offload_type):
+    expected = _images(case.make(), case)
+    pipe = case.make()
+    kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    for name in ("transformer", "diffusion_head"):
+        path = str(tmp_path / name)
+        pipe.components[name].enable_group_offload(CPU, CPU, offload_type, offload_to_disk_path=path, **kwargs)
+    assert torch.equal(_images(pipe, case), expected)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_pipeline_level_group_offloading_gives_the_same_images(case, tmp_path, offload_type):
+    expected = _images(case.make(), case)
+    pipe = case.make()
+    if offload_type == "block_level":
+        pipe.enable_group_offload(CPU, CPU, offload_type, num_blocks_per_group=1, offload_to_disk_path=str(tmp_path))
+        assert list(tmp_path.glob("*.safetensors"))
+    else:
+        # Not through the disk: diffusers names leaf groups by module name only, so with one folder for the whole
+        # pipeline the transformer's and the head's `proj_in` and `proj_out` share a file (docs/usage.md). The
+        # per-model test above covers leaf-level offloading through the disk.
+        pipe.enable_group_offload(CPU, CPU, offload_type)
+    assert torch.equal(_images(pipe, case), expected)
+
+
+def test_layerwise_casting_inference_is_close_to_the_plain_run(case):
+    pipe = case.make().to(torch.bfloat16)
+    expected, other_seed = _images(pipe, case), _images(pipe, case, seed=5)
+    for model in (pipe.transformer, pipe.diffusion_head):
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert pipe.transformer.encoder_blocks[0].attn.to_qkv.weight.dtype == torch.float8_e4m3fn
+    images = _images(pipe, case)
+    assert torch.isfinite(images).all()
+    # float8 weights move the images a little; another seed gives other images.
+    assert (images - expected).abs().mean() < 0.2 * (other_seed - expected).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every Karras-style diffusers scheduler as the head's scheduler
+
+
+@pytest.mark.parametrize("scheduler_name", DDPMScheduler._compatibles)
+def test_every_compatible_diffusers_scheduler_gives_finite_tokens(scheduler_name):
+    if scheduler_name == "DPMSolverSDEScheduler":
+        pytest.importorskip("torchsde", reason="DPMSolverSDEScheduler needs torchsde (in the `test` extra)")
+    assert len(DDPMScheduler._compatibles) >= 15  # the list is diffusers' KarrasDiffusionSchedulers
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(pipe.scheduler.config)
+    # Schedulers that draw their own noise take one generator (see `MARPipeline._head_scheduler`).
+    latents = pipe(
+        [1, 2], num_inference_steps=2, num_diffusion_steps=4, generator=_seeded(0), output_type="latent"
+    ).images
+    assert latents.shape == (2, 1, 8, 8) and torch.isfinite(latents).all()
+    assert latents.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shipped model
+
+
+def test_default_model_samples_with_no_other_argument_and_equals_the_cli(tmp_path):
+    pipe = MARPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.sampling_defaults == pipe.config.sampling  # the folder's recommended settings, all five
+    images = pipe(class_labels=[0, 1, 2]).images
+    assert [(image.size, image.mode) for image in images] == [((8, 8), "L")] * 3
+
+    # The CLI seeds image i with `--seed` + i; the same generators give the same files.
+    argv = ["generate", "--class-labels", "0", "1", "2", "--num-images-per-label", "1", "--seed", "7", "--quiet"]
+    assert cli.main([*argv, "--output-dir", str(tmp_path)]) == 0
+    images = pipe(class_labels=[0, 1, 2], generator=[_seeded(7 + i) for i in range(3)]).images
+    for label, image in zip([0, 1, 2], images):
+        written = Image.open(tmp_path / f"label-{label}-0.png")
+        assert np.array_equal(np.asarray(written), np.asarray(image))
