@@ -7,6 +7,7 @@ it, the scheduler loop of the diffusion head over `num_diffusion_steps`.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -308,15 +309,18 @@ class MARPipeline(DiffusionPipeline):
             )
         return [int(label) for label in class_labels]
 
-    def _decode_latents(self, latents: torch.Tensor, output_type: str):
-        """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`."""
+    def _decode_latents(self, latents: torch.Tensor, output_type: str, generator=None):
+        """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`; `generator`
+        goes to decoders that sample (ConsistencyDecoderVAE), as diffusers' pipelines pass it."""
         if output_type == "latent":
             return latents
         if self.vae is not None:
             latents = latents / self.vae.config.scaling_factor
             if getattr(self.vae.config, "shift_factor", None):
                 latents = latents + self.vae.config.shift_factor
-            image = self.vae.decode(latents.to(self.vae.dtype)).sample
+            takes_generator = "generator" in inspect.signature(self.vae.decode).parameters
+            kwargs = {"generator": generator} if takes_generator else {}
+            image = self.vae.decode(latents.to(self.vae.dtype), **kwargs).sample
         else:
             image = latents  # pixel space: tokens are pixels in [-1, 1]
         return self.image_processor.postprocess(image.float(), output_type=output_type)
@@ -519,7 +523,7 @@ class MARPipeline(DiffusionPipeline):
                     tokens = callback_outputs.pop("tokens", tokens)
 
         # 6. Decode
-        image = self._decode_latents(self.transformer.unpatchify(tokens), output_type)  # from (B, C, H, W)
+        image = self._decode_latents(self.transformer.unpatchify(tokens), output_type, generator)  # from (B, C, H, W)
 
         self.maybe_free_model_hooks()
         if not return_dict:
