@@ -224,6 +224,7 @@ def test_schedulers_built_from_an_in_code_config_get_the_whole_config():
         ),
         (lambda config: DPMSolverMultistepScheduler.from_config(config, lambda_min_clipped=-float("inf")), "995|996"),
         (lambda config: DDIMScheduler.from_config(config, timestep_spacing="trailing"), "starts at t = 999"),
+        (lambda config: DDIMScheduler.from_config(config), "DDIMScheduler starts at t = 999"),  # no clip_sample
     ],
 )
 def test_schedulers_that_cannot_sample_the_head_are_refused(make_scheduler, match):
