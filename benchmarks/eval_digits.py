@@ -194,8 +194,8 @@ def head_scheduler(config, name: str, timestep_spacing: str | None = None) -> Sc
     """The head's scheduler `name` built from a MARDDPMScheduler `config`.
 
     `ddpm`: MARDDPMScheduler (the model's own); `ddim`, `dpm`: diffusers' DDIMScheduler and
-    DPMSolverMultistepScheduler (DPM-Solver++). `timestep_spacing` overrides the config's (`linspace`): DPM-Solver does
-    not clip `x0_hat`, and from t = 999 (`sqrt(alpha_bar)` about 5e-5) a pixel-space model needs `leading`.
+    DPMSolverMultistepScheduler (DPM-Solver++, which starts at t = 995 through the config's `lambda_min_clipped`).
+    `timestep_spacing` overrides the config's (`linspace`).
     """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 

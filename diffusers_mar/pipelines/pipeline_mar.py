@@ -18,7 +18,6 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.schedulers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -26,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers_mar.models.cpu_inference import cpu_inference
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.pipelines.head_scheduler import guide, prepare_head_scheduler
 from diffusers_mar.pipelines.model_card import copy_model_card
 from diffusers_mar.pipelines.sampling_settings import (
     SAMPLING_KEYS,
@@ -109,8 +109,8 @@ class MARPipeline(DiffusionPipeline):
         diffusion_head ([`MARDiffusionHead`]):
             The per-token denoiser.
         scheduler ([`SchedulerMixin`]):
-            The per-token diffusion process, usually [`MARDDPMScheduler`]. [`DDPMScheduler`], [`DDIMScheduler`]
-            and [`DPMSolverMultistepScheduler`] built from its config also work.
+            The per-token diffusion process, usually [`MARDDPMScheduler`]. Schedulers built from its config with
+            `from_config` work or are refused at call time with what to set (`head_scheduler.py`; `docs/usage.md`).
         vae ([`AutoencoderKL`], *optional*):
             Decodes the tokens' latent grid into images (any diffusers VAE whose `decode` returns `.sample`).
         id2label (`dict[int, str]`, *optional*):
@@ -309,54 +309,18 @@ class MARPipeline(DiffusionPipeline):
             )
         return [int(label) for label in class_labels]
 
-    def _head_scheduler(
-        self, temperature: float, generator: torch.Generator | list | None
-    ) -> tuple[SchedulerMixin, bool, Callable[[torch.Tensor], dict]]:
-        """The scheduler to run per token, whether it takes the learned variance, and its noise arguments for a
-        step given that step's standard normal noise."""
-        scheduler = self.scheduler
-        learned = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        keep_variance = learned and isinstance(scheduler, DDPMScheduler)
-        if learned and not keep_variance:
-            # DPM-Solver and friends would slice a learned-variance output to 3 channels; give them eps only.
-            scheduler = scheduler.__class__.from_config(scheduler.config, variance_type=None)
-        step_params = inspect.signature(scheduler.step).parameters
-        if "variance_noise" in step_params and "temperature" in step_params:
-            return scheduler, keep_variance, lambda noise: {"variance_noise": noise, "temperature": temperature}
-        if "variance_noise" in step_params:
-            return scheduler, keep_variance, lambda noise: {"variance_noise": noise * temperature}
-        if temperature != 1.0:
-            raise ValueError(
-                f"`temperature` != 1 needs a scheduler whose `step` takes the noise (e.g. MARDDPMScheduler); "
-                f"{scheduler.__class__.__name__} does not."
-            )
-        if isinstance(generator, list):
-            raise ValueError(
-                f"{scheduler.__class__.__name__} draws its own noise and takes one generator, not a list; pass "
-                "a single `generator` or use MARDDPMScheduler."
-            )
-        kwargs = {"generator": generator} if "generator" in step_params else {}
-        return scheduler, keep_variance, lambda noise: kwargs
-
-    @staticmethod
-    def _guide(model_output: torch.Tensor, scale: float | None, channels: int, keep_variance: bool) -> torch.Tensor:
-        """Classifier-free guidance on eps (`scale` None: no guidance); the variance stays the conditional rows'."""
-        if scale is not None:
-            # As LTH14/mar diffloss.py forward_with_cfg: guide eps, keep the conditional half's variance.
-            cond, uncond = model_output.chunk(2)
-            eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
-            model_output = torch.cat([eps, cond[:, channels:]], dim=1)
-        return model_output if keep_variance else model_output[:, :channels]
-
-    def _decode_latents(self, latents: torch.Tensor, output_type: str):
-        """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`."""
+    def _decode_latents(self, latents: torch.Tensor, output_type: str, generator=None):
+        """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`; `generator`
+        goes to decoders that sample (ConsistencyDecoderVAE), as diffusers' pipelines pass it."""
         if output_type == "latent":
             return latents
         if self.vae is not None:
             latents = latents / self.vae.config.scaling_factor
             if getattr(self.vae.config, "shift_factor", None):
                 latents = latents + self.vae.config.shift_factor
-            image = self.vae.decode(latents.to(self.vae.dtype)).sample
+            takes_generator = "generator" in inspect.signature(self.vae.decode).parameters
+            kwargs = {"generator": generator} if takes_generator else {}
+            image = self.vae.decode(latents.to(self.vae.dtype), **kwargs).sample
         else:
             image = latents  # pixel space: tokens are pixels in [-1, 1]
         return self.image_processor.postprocess(image.float(), output_type=output_type)
@@ -463,7 +427,9 @@ class MARPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         num_inference_steps, num_diffusion_steps = settings["num_inference_steps"], settings["num_diffusion_steps"]
-        scheduler, keep_variance, step_noise_kwargs = self._head_scheduler(settings["temperature"], generator)
+        scheduler, keep_variance, step_noise_kwargs = prepare_head_scheduler(
+            self.scheduler, num_diffusion_steps, settings["temperature"], generator
+        )
         device = self._execution_device
         batch_size, num_tokens = len(class_labels), self.transformer.num_tokens
         token_dim = self.transformer.token_dim
@@ -545,10 +511,8 @@ class MARPipeline(DiffusionPipeline):
                     model_input = scheduler.scale_model_input(sample, t)
                     model_input = torch.cat([model_input, model_input]) if do_guidance else model_input
                     model_output = self.diffusion_head.forward_with_modulation(model_input.to(head_dtype), modulation)
-                    model_output = self._guide(model_output.float(), step_guidance, token_dim, keep_variance)
-                    sample = scheduler.step(
-                        model_output, t, sample, **step_noise_kwargs(step_noise[1 + i])
-                    ).prev_sample
+                    model_output = guide(model_output.float(), step_guidance, token_dim, keep_variance)
+                    sample = scheduler.step(model_output, t, sample, **step_noise_kwargs(step_noise, i)).prev_sample
 
                 tokens = tokens.scatter(
                     1, predict.unsqueeze(-1).expand(-1, -1, token_dim), sample.view(batch_size, n, -1)
@@ -562,7 +526,7 @@ class MARPipeline(DiffusionPipeline):
                     tokens = callback_outputs.pop("tokens", tokens)
 
         # 6. Decode
-        image = self._decode_latents(self.transformer.unpatchify(tokens), output_type)  # from (B, C, H, W)
+        image = self._decode_latents(self.transformer.unpatchify(tokens), output_type, generator)  # from (B, C, H, W)
 
         self.maybe_free_model_hooks()
         if not return_dict:

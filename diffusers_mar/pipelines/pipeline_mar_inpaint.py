@@ -8,12 +8,16 @@ tokens only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import logging
 
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
@@ -105,8 +109,9 @@ class MARInpaintPipeline(MARPipeline):
 
     Same components as [`MARPipeline`]; build it with `MARInpaintPipeline.from_pipe(pipe)` (no copy of the weights)
     or `MARInpaintPipeline.from_pretrained(folder)`. The image becomes the starting token grid: VAE latents (the
-    posterior mean times `vae.config.scaling_factor`), or patchified pixels in `[-1, 1]` without a VAE. Tokens under
-    the mask are generated, the others are kept unchanged.
+    posterior mode, the mean for a KL VAE, or the `latents` of a deterministic encoder, times
+    `vae.config.scaling_factor`), or patchified pixels in `[-1, 1]` without a VAE. Tokens under the mask are
+    generated, the others are kept unchanged.
 
     Parameters:
         transformer ([`MARTransformer2DModel`]):
@@ -116,7 +121,9 @@ class MARInpaintPipeline(MARPipeline):
         scheduler ([`SchedulerMixin`]):
             The per-token diffusion process, usually [`MARDDPMScheduler`].
         vae ([`AutoencoderKL`], *optional*):
-            Encodes the image into latent tokens and decodes the result. Without it the pipeline works in pixel space.
+            Encodes the image into latent tokens and decodes the result: any diffusers VAE whose `encode` returns a
+            `latent_dist` or `latents` (`AutoencoderKL`, `AutoencoderTiny`, `ConsistencyDecoderVAE`, ...). Without it
+            the pipeline works in pixel space.
         id2label (`dict[int, str]`, *optional*):
             Class names, comma-separated synonyms allowed, for `get_label_ids`.
     """
@@ -124,16 +131,26 @@ class MARInpaintPipeline(MARPipeline):
     @property
     def resolution(self) -> int:
         """Side in pixels of the images the model makes (fixed by its learned position embeddings)."""
-        return self.transformer.config.sample_size * self.image_processor.config.vae_scale_factor
+        return self.transformer.config.sample_size * self.vae_scale_factor
 
     @property
     def token_size(self) -> int:
         """Side in pixels of one token's footprint: `patch_size` times the VAE's downsampling factor."""
-        return self.transformer.config.patch_size * self.image_processor.config.vae_scale_factor
+        return self.transformer.config.patch_size * self.vae_scale_factor
 
     @property
     def image_channels(self) -> int:
-        return self.vae.config.in_channels if self.vae is not None else self.transformer.config.in_channels
+        """Channels of the images: those the VAE's encoder takes, or the tokens' without a VAE."""
+        if self.vae is None:
+            return self.transformer.config.in_channels
+        # `in_channels` for AutoencoderKL and AutoencoderTiny, `encoder_in_channels` for ConsistencyDecoderVAE.
+        for key in ("in_channels", "encoder_in_channels"):
+            if self.vae.config.get(key):
+                return self.vae.config.get(key)
+        raise ValueError(
+            f"Cannot tell how many image channels {type(self.vae).__name__} encodes: its config has neither "
+            "`in_channels` nor `encoder_in_channels`."
+        )
 
     def _fit_to_resolution(self, image: torch.Tensor, name: str, resize: bool, is_mask: bool) -> torch.Tensor:
         size = (self.resolution, self.resolution)
@@ -189,7 +206,8 @@ class MARInpaintPipeline(MARPipeline):
 
         Returns:
             `torch.Tensor` of shape `(batch, in_channels, sample_size, sample_size)`: pixels in `[-1, 1]` without a
-            VAE; with one, the mean of the VAE posterior times `vae.config.scaling_factor` (after subtracting
+            VAE; with one, the mode of the VAE posterior (the mean for a KL VAE; the `latents` of an encoder without a
+            posterior, such as `AutoencoderTiny`) times `vae.config.scaling_factor` (after subtracting
             `shift_factor` if the VAE has one).
         """
         image = _to_unit_tensor(image, "image", self.image_channels)
@@ -197,7 +215,15 @@ class MARInpaintPipeline(MARPipeline):
         image = self.image_processor.normalize(image).to(self._execution_device)  # [-1, 1]
         if self.vae is None:
             return image
-        latents = self.vae.encode(image.to(self.vae.dtype)).latent_dist.mean.float()
+        # As diffusers' image-to-image pipelines; "argmax" takes the mode, so the same image gives the same tokens.
+        latents = retrieve_latents(self.vae.encode(image.to(self.vae.dtype)), sample_mode="argmax").float()
+        config = self.transformer.config
+        expected = (config.in_channels, config.sample_size, config.sample_size)
+        if tuple(latents.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self.vae).__name__} encodes {tuple(image.shape[1:])} images into {tuple(latents.shape[1:])} "
+                f"latents but the transformer takes {expected}: this VAE does not belong to this model."
+            )
         if getattr(self.vae.config, "shift_factor", None):
             latents = latents - self.vae.config.shift_factor
         return latents * self.vae.config.scaling_factor
@@ -277,9 +303,12 @@ class MARInpaintPipeline(MARPipeline):
         guidance_scale: float | None = None,
         guidance_schedule: str | None = None,
         temperature: float | None = None,
+        num_images_per_label: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         mask_dilation: int = 0,
         resize: bool = False,
     ) -> ImagePipelineOutput | tuple:
@@ -313,14 +342,26 @@ class MARInpaintPipeline(MARPipeline):
                 `"constant"`.
             temperature (`float`, *optional*):
                 Multiplies the noise of every diffusion step.
+            num_images_per_label (`int`, *optional*, defaults to 1):
+                Edits per batch item (image, mask and label), next to each other in the output (diffusers'
+                `num_images_per_prompt`).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                One generator, or one per image: then each image equals the image edited alone with its generator.
-                Images with different numbers of unknown tokens run as separate groups (the transformer needs the
-                same count per row), so a single generator is shared by the groups in turn.
+                One generator, or one per output image (batch size times `num_images_per_label`): then each image
+                equals the image edited alone with its generator. Images with different numbers of unknown tokens
+                run as separate groups (the transformer needs the same count per row), so a single generator is
+                shared by the groups in turn. A VAE decoder that samples (`ConsistencyDecoderVAE`) draws from it too.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`, `"np"`, `"pt"` or `"latent"` (the token grid, as `encode_image` returns it).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Whether to return an [`ImagePipelineOutput`] or a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                As in [`MARPipeline`]: called after each outer step as `callback_on_step_end(pipe, step, timestep,
+                callback_kwargs)`, `timestep` being the number of tokens still unknown. Each group of images with the
+                same number of unknown tokens runs its own steps (`step` starts at 0 for each group), and the tensors
+                are that group's. Setting `pipe._interrupt = True` stops the group and skips the groups after it;
+                tokens not generated yet keep their values from `image`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                Among `"tokens"`, `"mask"` and `"condition"` (see [`MARPipeline`]). Defaults to `["tokens"]`.
             mask_dilation (`int`, *optional*, defaults to 0):
                 Grow the unknown region by this many tokens in every direction (useful with a VAE, whose latents
                 next to the mask still carry some of the masked content).
@@ -335,6 +376,12 @@ class MARInpaintPipeline(MARPipeline):
         """
         # 1. Check inputs
         class_labels = self._prepare_class_labels(class_labels)
+        if (
+            isinstance(num_images_per_label, bool)
+            or not isinstance(num_images_per_label, int)
+            or num_images_per_label < 1
+        ):
+            raise ValueError(f"`num_images_per_label` must be an int >= 1; got {num_images_per_label!r}.")
         given = dict(
             zip(
                 SAMPLING_KEYS,
@@ -348,7 +395,15 @@ class MARInpaintPipeline(MARPipeline):
         # only needs to be >= 1, since each group clips it to its number of unknown tokens.
         check_sampling_settings(settings)
         settings["num_inference_steps"] = min(settings["num_inference_steps"], self.transformer.num_tokens)
-        self.check_inputs(class_labels, settings, None, output_type)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            class_labels,
+            settings,
+            None,
+            output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
         mask = self.prepare_mask(mask_image, mask_dilation, resize)  # (Bm, L)
         images = _to_unit_tensor(image, "image", self.image_channels)
         counts = {"image": images.shape[0], "mask_image": mask.shape[0], "class_labels": len(class_labels)}
@@ -358,16 +413,19 @@ class MARInpaintPipeline(MARPipeline):
                 f"Batch sizes differ: {', '.join(f'`{k}` has {v}' for k, v in counts.items())}; each must be 1 "
                 f"(shared) or {batch_size}."
             )
-        if isinstance(generator, list) and len(generator) != batch_size:
+        num_images = batch_size * num_images_per_label
+        if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
-                f"`generator` is a list of {len(generator)} generators for {batch_size} images; pass one generator "
-                "per image or a single generator."
+                f"`generator` is a list of {len(generator)} generators for {num_images} images (batch size "
+                f"{batch_size} times `num_images_per_label`); pass one generator per image or a single generator."
             )
         class_labels = class_labels * batch_size if len(class_labels) == 1 else class_labels
-        mask = mask.expand(batch_size, -1)
+        class_labels = [label for label in class_labels for _ in range(num_images_per_label)]
+        mask = mask.expand(batch_size, -1).repeat_interleave(num_images_per_label, dim=0)  # (B * n, L)
 
         # 2. Starting token grid: VAE latents or pixels in [-1, 1]
-        latents = self.encode_image(images, resize=resize).expand(batch_size, -1, -1, -1)  # (B, C, H, W)
+        latents = self.encode_image(images, resize=resize).expand(batch_size, -1, -1, -1)
+        latents = latents.repeat_interleave(num_images_per_label, dim=0)  # (B * n, C, H, W)
 
         # 3. Generate, one group per number of unknown tokens (the transformer needs the same count in each row)
         unknown = mask.sum(dim=1).long().tolist()
@@ -378,7 +436,10 @@ class MARInpaintPipeline(MARPipeline):
                 "unchanged."
             )
         output = latents.clone()
+        self._interrupt = False
         for count in dict.fromkeys(count for count in unknown if count > 0):
+            if self.interrupt:
+                break
             rows = [i for i, c in enumerate(unknown) if c == count]
             output[rows] = (
                 super()
@@ -391,6 +452,8 @@ class MARInpaintPipeline(MARPipeline):
                     temperature=settings["temperature"],
                     generator=[generator[i] for i in rows] if isinstance(generator, list) else generator,
                     output_type="latent",
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                     latents=latents[rows],
                     mask=mask[rows].to(latents.device),
                 )
@@ -398,7 +461,7 @@ class MARInpaintPipeline(MARPipeline):
             )
 
         # 4. Decode
-        image = self._decode_latents(output, output_type)
+        image = self._decode_latents(output, output_type, generator)
 
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -8,15 +8,21 @@ coefficient to float32 just before it multiplies, and multiplies each step's noi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 _SUPPORTED_VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+# The cosine schedule caps its last beta at 0.999, so at t = 999 sqrt(alpha_bar) is 4.9e-5 (half log-SNR -9.9): an
+# `x0_hat` there amplifies the head's error 20,000 times. DPM-Solver starts where the half log-SNR is above this
+# (its `lambda_min_clipped`, the value diffusers documents for the cosine schedule): t = 995.
+LAMBDA_MIN_CLIPPED = -5.1
 
 
 def _float64_betas(betas: torch.Tensor, num_train_timesteps: int, beta_schedule: str) -> np.ndarray:
@@ -43,6 +49,11 @@ class MARDDPMScheduler(DDPMScheduler):
     Parameters are those of [`DDPMScheduler`]; the defaults are MAR's: `num_train_timesteps=1000`,
     `beta_schedule="squaredcos_cap_v2"`, `variance_type="learned_range"`, `prediction_type="epsilon"`,
     `clip_sample=False`, `timestep_spacing="linspace"`.
+
+    The whole config, defaults included, is handed to schedulers built with `from_config(scheduler.config)` (diffusers
+    otherwise drops the values a config did not set, and a `DPMSolverMultistepScheduler` built from a
+    `MARDDPMScheduler()` would get a linear schedule). `lambda_min_clipped` (defaults to -5.1) is not used here: it is
+    stored for DPM-Solver, which reads it and then starts at t = 995 instead of the degenerate t = 999.
     """
 
     @register_to_config
@@ -63,6 +74,7 @@ class MARDDPMScheduler(DDPMScheduler):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        lambda_min_clipped: float = LAMBDA_MIN_CLIPPED,
     ):
         if variance_type not in _SUPPORTED_VARIANCE_TYPES:
             raise ValueError(f"`variance_type` must be one of {_SUPPORTED_VARIANCE_TYPES}, got {variance_type!r}.")
@@ -87,6 +99,8 @@ class MARDDPMScheduler(DDPMScheduler):
             steps_offset=steps_offset,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
+        # Keep every value in the config for other schedulers (see the class docstring).
+        self._internal_dict = FrozenDict({k: v for k, v in self._internal_dict.items() if k != "_use_default_values"})
         betas = _float64_betas(self.betas, num_train_timesteps, beta_schedule)
         # The original's training process is a SpacedDiffusion keeping every step: betas recomputed from alphas_cumprod.
         alphas_cumprod = np.cumprod(1.0 - betas)
@@ -220,3 +234,9 @@ class MARDDPMScheduler(DDPMScheduler):
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+@functools.lru_cache
+def mar_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
+    """`alpha_bar` of MAR's per-token process (the diffusion head's training process), float64 `(T,)`."""
+    return torch.from_numpy(MARDDPMScheduler(num_train_timesteps=num_train_timesteps).alphas_cumprod_float64)

@@ -36,13 +36,13 @@ def test_command_line_on_a_tiny_random_model(tmp_path, capsys):
     folder = tmp_path / "model"
     make_tiny_pipeline().save_pretrained(folder)
     argv = [
-        "--model", str(folder), "--num-per-class", "2", "--seeds", "0", "--candidates", "dpm-leading/3/2", "ddim/2/1",
+        "--model", str(folder), "--num-per-class", "2", "--seeds", "0", "--candidates", "dpm-leading/3/2", "ddim-leading/2/1",
         "--output-json", str(tmp_path / "results.json"), "--write-docs", "--docs-path", str(tmp_path / "bench.md"),
     ]  # fmt: skip
     assert fast_sampling_digits.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["reference"]["num_diffusion_steps"] == 100 and results["reference"]["num_images"] == 20
-    assert [r["name"] for r in results["results"]] == ["dpm-leading/3/2", "ddim/2/1"]
+    assert [r["name"] for r in results["results"]] == ["dpm-leading/3/2", "ddim-leading/2/1"]
     for result in results["results"]:
         assert result["fast"] == (not result["misses"]) and result["images_per_second"] > 0
     docs = (tmp_path / "bench.md").read_text()

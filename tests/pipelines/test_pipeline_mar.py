@@ -2,9 +2,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    EulerAncestralDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
-from diffusers_mar import MARDDPMScheduler, MARPipeline, mask_by_order, mask_schedule
+from diffusers_mar import DEFAULT_MODEL, MARDDPMScheduler, MARPipeline, mask_by_order, mask_schedule
 from diffusers_mar.pipelines.pipeline_mar import guidance_schedule_values
 from tests.testing_utils import (
     fixture_io,
@@ -158,11 +166,14 @@ def _point_mass_head(pipe, value):
     pipe.diffusion_head.forward_with_modulation = forward_with_modulation
 
 
-@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
-def test_other_schedulers_can_be_swapped_in(scheduler_class, tmp_path):
+@pytest.mark.parametrize(
+    "scheduler_class, overrides",
+    [(DDPMScheduler, {}), (DDIMScheduler, {"timestep_spacing": "leading"}), (DPMSolverMultistepScheduler, {})],
+)
+def test_other_schedulers_can_be_swapped_in(scheduler_class, overrides, tmp_path):
     pipe = make_tiny_pipeline()
     pipe.save_pretrained(tmp_path)
-    scheduler = scheduler_class.from_pretrained(tmp_path, subfolder="scheduler")
+    scheduler = scheduler_class.from_pretrained(tmp_path, subfolder="scheduler", **overrides)
     swapped = MARPipeline.from_pretrained(tmp_path, scheduler=scheduler)
     swapped.set_progress_bar_config(disable=True)
     _point_mass_head(swapped, 0.25)
@@ -183,8 +194,82 @@ def test_stock_ddpm_scheduler_takes_a_single_generator():
     torch.testing.assert_close(images, again, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not a list"):
         pipe([1, 2], generator=[_seeded(0), _seeded(1)], **FAST)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature.*DDPMScheduler draws its own noise"):
         pipe([1], generator=_seeded(0), temperature=0.9, **FAST)
+
+
+def test_schedulers_built_from_an_in_code_config_get_the_whole_config():
+    # diffusers hands on only the values a config set; MARDDPMScheduler's defaults are MAR's process and must pass.
+    dpm = DPMSolverMultistepScheduler.from_config(MARDDPMScheduler().config)
+    assert dpm.config.beta_schedule == "squaredcos_cap_v2" and dpm.config.lambda_min_clipped == -5.1
+    dpm.set_timesteps(20)
+    assert int(dpm.timesteps[0]) == 995  # not the degenerate t = 999
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert torch.isfinite(pipe([1], generator=_seeded(0), output_type="latent", **FAST).images).all()
+
+
+@pytest.mark.parametrize(
+    "make_scheduler, match",
+    [
+        (lambda config: EDMEulerScheduler.from_config(config), "EDMEulerScheduler does not follow"),
+        (
+            lambda config: DPMSolverMultistepScheduler.from_config(config, beta_schedule="linear"),
+            "does not follow.*squaredcos_cap_v2.*DPMSolverMultistepScheduler.from_config\\(pipe.scheduler.config\\)",
+        ),
+        (lambda config: DDIMScheduler.from_config(config, prediction_type="v_prediction"), "epsilon"),
+        (
+            lambda config: UniPCMultistepScheduler.from_config(config),
+            'starts at t = 999.*timestep_spacing="leading"',
+        ),
+        (lambda config: DPMSolverMultistepScheduler.from_config(config, lambda_min_clipped=-float("inf")), "995|996"),
+        (lambda config: DDIMScheduler.from_config(config, timestep_spacing="trailing"), "starts at t = 999"),
+        (lambda config: DDIMScheduler.from_config(config), "DDIMScheduler starts at t = 999"),  # no clip_sample
+    ],
+)
+def test_schedulers_that_cannot_sample_the_head_are_refused(make_scheduler, match):
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = make_scheduler(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=match):
+        pipe([1], generator=_seeded(0), output_type="latent", **FAST)
+
+
+@pytest.mark.parametrize(
+    "scheduler_class, overrides, match",
+    [
+        (DDIMScheduler, {"timestep_spacing": "leading"}, "DDIMScheduler is deterministic"),
+        (DPMSolverMultistepScheduler, {}, "DPMSolverMultistepScheduler is deterministic"),
+        (UniPCMultistepScheduler, {"timestep_spacing": "leading"}, "UniPCMultistepScheduler is deterministic"),
+        (EulerAncestralDiscreteScheduler, {"timestep_spacing": "leading"}, "draws its own noise"),
+    ],
+)
+def test_temperature_with_a_scheduler_that_cannot_apply_it_is_an_error(scheduler_class, overrides, match):
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
+    with pytest.raises(ValueError, match=f"temperature.*{match}.*temperature=1.0"):
+        pipe([1], generator=_seeded(0), temperature=0.5, **FAST)
+    assert torch.isfinite(pipe([1], generator=_seeded(0), temperature=1.0, output_type="latent", **FAST).images).all()
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        MARDDPMScheduler(),
+        DPMSolverMultistepScheduler.from_config(MARDDPMScheduler().config, algorithm_type="sde-dpmsolver++"),
+    ],
+)
+def test_temperature_scales_the_step_noise_of_stochastic_schedulers(scheduler):
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = scheduler
+    generators = lambda: [_seeded(0), _seeded(1)]  # noqa: E731
+    cold, hot, again = (
+        pipe([1, 2], generator=generators(), temperature=t, output_type="latent", **FAST).images
+        for t in (0.5, 1.0, 1.0)
+    )
+    assert torch.equal(hot, again) and (cold - hot).abs().max() > 1e-3
+    # Per-image generators: the second image equals the image generated alone.
+    alone = pipe([2], generator=[_seeded(1)], temperature=0.5, output_type="latent", **FAST).images
+    assert relative_error(cold[1:], alone) < 1e-5
 
 
 def test_vae_decodes_scaled_latents():
@@ -367,3 +452,75 @@ def test_modulations_of_several_steps_at_once_equal_one_step_at_a_time(monkeypat
     stepwise = pipe([1, 2], generator=_seeded(0), output_type="latent", guidance_scale=2.0, **FAST).images
     assert sizes == [1] * (FAST["num_diffusion_steps"] * FAST["num_inference_steps"])
     assert relative_error(batched, stepwise) < 1e-5  # float32 rounding (products of other shapes)
+
+
+# Schedulers built with `from_config` from the shipped model's config that start at the cosine schedule's degenerate
+# t = 999 and are refused until given `timestep_spacing="leading"` (measured: they sample noise there).
+NEEDS_LEADING = {
+    "DEISMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+}
+# Second-order, SDE and less common ones run with the slow tests (each takes seconds).
+SLOW_SCHEDULERS = {
+    "DEISMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+}
+COMPATIBLE_SCHEDULERS = [
+    pytest.param(cls, id=cls.__name__, marks=[pytest.mark.slow] if cls.__name__ in SLOW_SCHEDULERS else [])
+    for cls in sorted([MARDDPMScheduler, *MARDDPMScheduler().compatibles], key=lambda cls: cls.__name__)
+]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from benchmarks.eval_digits import DigitsEvaluator
+
+    pipe = MARPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and much faster on a busy machine
+    yield pipe, pipe.scheduler, DigitsEvaluator()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scheduler_class", COMPATIBLE_SCHEDULERS)
+def test_every_compatible_scheduler_samples_digits_or_is_refused(digits, scheduler_class):
+    from benchmarks.eval_digits import to_digit_scale
+
+    pipe, shipped_scheduler, evaluator = digits
+    name = scheduler_class.__name__
+    try:
+        pipe.scheduler = scheduler_class.from_config(shipped_scheduler.config)
+    except ImportError:
+        pytest.skip(f"{name} needs a package that is not installed (diffusers says which)")
+    labels = [digit for digit in range(10) for _ in range(2)]
+    run = dict(num_inference_steps=8, num_diffusion_steps=15, output_type="np")
+    try:
+        if name == "EDMEulerScheduler":
+            with pytest.raises(ValueError, match="EDMEulerScheduler does not follow"):
+                pipe(labels, generator=_seeded(0), **run)
+            return
+        if name in NEEDS_LEADING:
+            with pytest.raises(
+                ValueError, match=f'{name}.from_config\\(pipe.scheduler.config, timestep_spacing="leading"'
+            ):
+                pipe(labels, generator=_seeded(0), **run)
+            pipe.scheduler = scheduler_class.from_config(shipped_scheduler.config, timestep_spacing="leading")
+        images = pipe(labels, generator=_seeded(0), **run).images
+    finally:
+        pipe.scheduler = shipped_scheduler
+    accuracy = evaluator.evaluate(to_digit_scale(images), np.array(labels))["accuracy"]
+    assert accuracy >= 0.85, f"{name}: {accuracy:.2f} of the digits read as their label"  # noise scores <= 0.6

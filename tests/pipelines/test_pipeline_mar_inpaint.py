@@ -4,11 +4,25 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderTiny, ConsistencyDecoderVAE, DiffusionPipeline
 
-from diffusers_mar import MARInpaintPipeline, MARPipeline
+from diffusers_mar import (
+    MARDDPMScheduler,
+    MARDiffusionHead,
+    MARInpaintPipeline,
+    MARPipeline,
+    MARTransformer2DModel,
+    mask_schedule,
+)
 from diffusers_mar.pipelines.pipeline_mar_inpaint import token_mask_from_pixels
-from tests.testing_utils import make_tiny_pipeline, make_tiny_vae, relative_error
+from tests.testing_utils import (
+    TINY_PIXEL_HEAD_CONFIG,
+    TINY_PIXEL_TRANSFORMER_CONFIG,
+    make_tiny_pipeline,
+    make_tiny_vae,
+    perturb_,
+    relative_error,
+)
 
 FAST = {"num_inference_steps": 4, "num_diffusion_steps": 5}
 # The tiny pixel model: 8x8 grey images, 2x2-pixel tokens on a 4x4 grid.
@@ -282,3 +296,141 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
     arguments = {"image": _random_image(0), "mask_image": _half_mask(), "class_labels": [1, 2], **FAST, **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe(**arguments)
+
+
+def _tiny_autoencoder_tiny():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AutoencoderTiny(
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            latent_channels=1,
+            num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 1),
+        ).eval()
+
+
+def _tiny_consistency_decoder_vae():
+    # Its decoder takes the image and the upsampled latents; the latent statistics it ships fix 4 latent channels.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ConsistencyDecoderVAE(
+            latent_channels=4,
+            encoder_block_out_channels=(8, 8),
+            encoder_down_block_types=("DownEncoderBlock2D",) * 2,
+            encoder_layers_per_block=1,
+            encoder_norm_num_groups=4,
+            decoder_block_out_channels=(8, 16),
+            decoder_down_block_types=("ResnetDownsampleBlock2D",) * 2,
+            decoder_up_block_types=("ResnetUpsampleBlock2D",) * 2,
+            decoder_layers_per_block=1,
+            decoder_norm_num_groups=4,
+        ).eval()
+
+
+def _latent_inpaint_pipeline(vae, latent_channels: int) -> MARInpaintPipeline:
+    """A tiny latent-space pipeline on a VAE's 8x8 latent grid (16x16 RGB images), 2x2-latent tokens."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        transformer = perturb_(
+            MARTransformer2DModel(**{**TINY_PIXEL_TRANSFORMER_CONFIG, "in_channels": latent_channels})
+        )
+        head_config = {**TINY_PIXEL_HEAD_CONFIG, "in_channels": 4 * latent_channels}
+        head = perturb_(MARDiffusionHead(**head_config), 1)
+    pipe = MARInpaintPipeline(transformer.eval(), head.eval(), MARDDPMScheduler(), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "make_vae, latent_channels",
+    [(_tiny_autoencoder_tiny, 1), (_tiny_consistency_decoder_vae, 4)],
+    ids=["AutoencoderTiny", "ConsistencyDecoderVAE"],
+)
+def test_other_vae_classes_encode_and_inpaint(make_vae, latent_channels):
+    vae = make_vae()
+    pipe = _latent_inpaint_pipeline(vae, latent_channels)
+    assert (pipe.vae_scale_factor, pipe.resolution, pipe.token_size, pipe.image_channels) == (2, 16, 4, 3)
+    image = _random_image(1, size=16, mode="RGB")
+    mask = _half_mask(slice(8, None), size=16)
+    encoded = pipe.encode_image(image)
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+        output = vae.encode(pixels)
+        expected = output.latents if isinstance(vae, AutoencoderTiny) else output.latent_dist.mean  # the mode
+    torch.testing.assert_close(encoded, expected * vae.config.scaling_factor, rtol=0, atol=1e-6)
+    latents = pipe(image, mask, 5, generator=_seeded(0), output_type="latent", **FAST).images
+    assert latents.shape == (1, latent_channels, 8, 8)
+    assert torch.equal(latents[..., :4, :], encoded[..., :4, :])  # the kept top half of the latent grid
+    assert (latents[..., 4:, :] - encoded[..., 4:, :]).abs().min() > 0
+    images = pipe(image, mask, 5, generator=_seeded(0), output_type="np", **FAST).images
+    again = pipe(image, mask, 5, generator=_seeded(0), output_type="np", **FAST).images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    np.testing.assert_array_equal(images, again)  # a sampling decoder draws from `generator` too
+
+
+def test_a_vae_that_does_not_fit_the_transformer_is_named():
+    pipe = _latent_inpaint_pipeline(_tiny_autoencoder_tiny(), latent_channels=2)
+    with pytest.raises(ValueError, match=r"AutoencoderTiny encodes .* \(1, 8, 8\) latents but the transformer takes"):
+        pipe.encode_image(_random_image(0, size=16, mode="RGB"))
+
+
+def test_num_images_per_label_equals_repeated_inputs():
+    pipe = _inpaint_pipeline()
+    images, masks = [_random_image(30), _random_image(31)], [_half_mask(), _half_mask(slice(6, None))]
+    seeds = [_seeded(s) for s in range(4)]
+    out = pipe(images, masks, [3, 4], num_images_per_label=2, generator=seeds, output_type="latent", **FAST).images
+    repeated = pipe(
+        [images[0], images[0], images[1], images[1]],
+        [masks[0], masks[0], masks[1], masks[1]],
+        [3, 3, 4, 4],
+        generator=[_seeded(s) for s in range(4)],
+        output_type="latent",
+        **FAST,
+    ).images
+    assert out.shape == (4, 1, 8, 8)
+    torch.testing.assert_close(out, repeated, rtol=0, atol=0)
+    assert (out[0] - out[1]).abs().max() > 1e-3  # two different edits of the same input
+    with pytest.raises(ValueError, match="list of 2 generators for 4 images.*num_images_per_label"):
+        pipe(images, masks, [3, 4], num_images_per_label=2, generator=seeds[:2], **FAST)
+    with pytest.raises(ValueError, match="num_images_per_label.*>= 1"):
+        pipe(images, masks, [3, 4], num_images_per_label=0, **FAST)
+
+
+def test_callbacks_see_each_group_and_can_change_and_stop_it():
+    pipe = _inpaint_pipeline()
+    images = [_random_image(40), _random_image(41)]
+    masks = [_half_mask(), _half_mask(slice(6, None))]  # 8 and 4 unknown tokens: two groups
+    seen = []
+
+    def watch(pipe, step, timestep, callback_kwargs):
+        seen.append((step, timestep, tuple(callback_kwargs["tokens"].shape), int(callback_kwargs["mask"].sum())))
+        return {}
+
+    pipe(images, masks, [1, 2], generator=_seeded(0), callback_on_step_end=watch,
+         callback_on_step_end_tensor_inputs=["tokens", "mask"], **FAST)  # fmt: skip
+    # Group of 8 unknown tokens (4 steps), then of 4 (4 steps); `timestep` and the mask: tokens still unknown.
+    expected = [(step, 0 if step == 3 else mask_schedule(count, 4)[step]) for count in (8, 4) for step in range(4)]
+    assert [s[:2] for s in seen] == expected
+    assert all(shape == (1, 16, 4) for _, _, shape, _ in seen)
+    assert [s[3] for s in seen] == [timestep for _, timestep in expected]
+
+    def zero_canvas(pipe, step, timestep, callback_kwargs):
+        return {"tokens": torch.zeros_like(callback_kwargs["tokens"])} if timestep == 0 else {}
+
+    zeroed = pipe(images, masks, [1, 2], generator=_seeded(0), callback_on_step_end=zero_canvas,
+                  output_type="latent", **FAST).images  # fmt: skip
+    assert torch.equal(zeroed, torch.zeros_like(zeroed))  # the canvas returned at the last step is the output
+
+    def stop(pipe, step, timestep, callback_kwargs):
+        pipe._interrupt = True
+        return {}
+
+    encoded = pipe.encode_image(images)
+    stopped = pipe(images, masks, [1, 2], generator=_seeded(0), callback_on_step_end=stop, output_type="latent",
+                   **FAST).images  # fmt: skip
+    # One step of the first group ran; the second group never ran and keeps the image.
+    assert torch.equal(stopped[1], encoded[1])
+    assert (stopped[0] != encoded[0]).any() and torch.equal(stopped[0, 0, :4], encoded[0, 0, :4])
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(images, masks, [1, 2], callback_on_step_end=watch, callback_on_step_end_tensor_inputs=["latents"], **FAST)

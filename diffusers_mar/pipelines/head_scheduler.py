@@ -1,0 +1,95 @@
+"""The diffusion head's scheduler inside `MARPipeline`: which diffusers schedulers can sample it, and how.
+
+The head was trained on MAR's per-token process, a 1000-step cosine DDPM (`MARDDPMScheduler`). Any diffusers scheduler
+built from that config (`X.from_config(pipe.scheduler.config)`) discretises the same process, with one trap: the
+cosine schedule caps its last beta, so at t = 999 `sqrt(alpha_bar)` is 4.9e-5 and `x0_hat` multiplies the head's
+error by 20,000. DDPM's posterior (the original's sampler) and DDIM with `clip_sample` survive a start there; every
+other solver samples noise, so it must start lower: DPM-Solver reads the config's `lambda_min_clipped` (t = 995), the
+others need `timestep_spacing="leading"`. `prepare_head_scheduler` refuses what cannot work, with what to set.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from diffusers.schedulers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from diffusers_mar.schedulers.scheduling_ddpm_mar import LAMBDA_MIN_CLIPPED, mar_alphas_cumprod
+
+
+def prepare_head_scheduler(
+    scheduler: SchedulerMixin, num_diffusion_steps: int, temperature: float, generator: torch.Generator | list | None
+) -> tuple[SchedulerMixin, bool, Callable[[torch.Tensor, int], dict]]:
+    """The scheduler to run per token (a `ValueError` saying what to set if it cannot sample the head), whether it
+    takes the learned variance, and its `step` noise arguments for step `i` given the drawn noise `(1 + S, N, C)`."""
+    name = scheduler.__class__.__name__
+    # 1. It must discretise the head's training process (MAR's cosine DDPM) and take an epsilon prediction.
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    reference = mar_alphas_cumprod(scheduler.config.get("num_train_timesteps", 1000))
+    if alphas_cumprod is None or not torch.allclose(alphas_cumprod.double(), reference, rtol=1e-3, atol=0):
+        raise ValueError(
+            f"{name} does not follow the diffusion head's process, MAR's 1000-step cosine DDPM "
+            '(`beta_schedule="squaredcos_cap_v2"`): build it from the pipeline\'s scheduler without changing '
+            f"`beta_schedule` or `num_train_timesteps`, `pipe.scheduler = {name}.from_config(pipe.scheduler.config)`"
+            " (EDM and flow-matching schedulers cannot sample this head)."
+        )
+    if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f'The diffusion head predicts noise: {name} needs `prediction_type="epsilon"`.')
+    learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
+    keep_variance = learned and isinstance(scheduler, DDPMScheduler)
+    if learned and not keep_variance:
+        # DPM-Solver and friends would slice a learned-variance output to 3 channels; give them eps only.
+        scheduler = scheduler.__class__.from_config(scheduler.config, variance_type=None)
+
+    # 2. It must not start at the degenerate end of the schedule unless it survives it (see the module docstring).
+    scheduler.set_timesteps(num_diffusion_steps)
+    first = min(int(scheduler.timesteps[0]), len(reference) - 1)
+    half_log_snr = 0.5 * math.log(reference[first] / (1 - reference[first]))
+    clips = isinstance(scheduler, DDIMScheduler) and scheduler.config.clip_sample
+    if half_log_snr < LAMBDA_MIN_CLIPPED and not (isinstance(scheduler, DDPMScheduler) or clips):
+        raise ValueError(
+            f"{name} starts at t = {first}, where sqrt(alpha_bar) = {math.sqrt(reference[first]):.1e} (MAR's cosine "
+            "schedule caps its last step); it does not clip `x0_hat` there and would sample noise. Make it start "
+            f'below t = 996: `pipe.scheduler = {name}.from_config(pipe.scheduler.config, timestep_spacing="leading")`'
+            f" (DPM-Solver reads `lambda_min_clipped` instead: keep the config's {LAMBDA_MIN_CLIPPED})."
+        )
+
+    # 3. Noise: the pipeline's own draws (one generator per image) where `step` takes them, else the scheduler's.
+    step_params = inspect.signature(scheduler.step).parameters
+    takes_noise = "variance_noise" in step_params
+    if takes_noise and len(scheduler.timesteps) > num_diffusion_steps:
+        raise ValueError(f"{name} runs more steps than `num_diffusion_steps`; the pipeline cannot give it noise.")
+    if takes_noise and "temperature" in step_params:
+        return scheduler, keep_variance, lambda noise, i: {"variance_noise": noise[1 + i], "temperature": temperature}
+    # DDIM runs with eta = 0 and DPM-Solver's ODE algorithms add no noise: only its SDE ones use `variance_noise`.
+    if takes_noise and str(scheduler.config.get("algorithm_type", "")).startswith("sde-"):
+        return scheduler, keep_variance, lambda noise, i: {"variance_noise": noise[1 + i] * temperature}
+    if temperature != 1.0:
+        how = "is deterministic here" if takes_noise or "generator" not in step_params else "draws its own noise"
+        raise ValueError(
+            "`temperature` != 1 needs a scheduler that adds noise at every step and takes it from the pipeline: "
+            f'MARDDPMScheduler, or DPMSolverMultistepScheduler with `algorithm_type="sde-dpmsolver++"`. {name} {how}; '
+            "pass `temperature=1.0`."
+        )
+    draws_own_noise = "generator" in step_params and not takes_noise
+    if draws_own_noise and isinstance(generator, list):
+        raise ValueError(
+            f"{name} draws its own noise and takes one generator, not a list; pass a single `generator` or use "
+            "MARDDPMScheduler."
+        )
+    kwargs = {"generator": generator} if draws_own_noise else {}
+    return scheduler, keep_variance, lambda noise, i: kwargs
+
+
+def guide(model_output: torch.Tensor, scale: float | None, channels: int, keep_variance: bool) -> torch.Tensor:
+    """Classifier-free guidance on eps (`scale` None: no guidance); the variance stays the conditional rows'."""
+    if scale is not None:
+        # As LTH14/mar diffloss.py forward_with_cfg: guide eps, keep the conditional half's variance.
+        cond, uncond = model_output.chunk(2)
+        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+        model_output = torch.cat([eps, cond[:, channels:]], dim=1)
+    return model_output if keep_variance else model_output[:, :channels]
