@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from PIL import Image
@@ -46,6 +48,18 @@ def resolve_num_threads(num_threads: int | str, pipe: MARPipeline, device: str) 
     return 1 if device == "cpu" and parameters < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
 
 
+@contextlib.contextmanager
+def cpu_threads(num_threads: int) -> Iterator[None]:
+    """`torch.set_num_threads(num_threads)` inside, the previous count restored after (main() may run in a process
+    that goes on, such as a test or a notebook)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     # 1. Checks that need no model
     check_output_paths(args.output, args.output_dir, args.overwrite)
@@ -58,7 +72,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.overwrite:
         check_not_replacing([path for row in single_files for path in row], "--output-dir")
     settings, source = sampling_settings(args, pipe)
-    torch.set_num_threads(resolve_num_threads(args.num_threads, pipe, args.device))
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     settings_text = ", ".join(f"{key}={settings[key]}" for key in SAMPLING_KEYS)
     print(f"Sampling with {settings_text} (options not given: {source})", file=sys.stderr)
@@ -66,18 +79,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 3. Generate: one generator per image (seed + index), so an image does not depend on --batch-size
     requested = [label for label in labels for _ in range(args.num_images_per_label)]
     images = []
+    num_threads = resolve_num_threads(args.num_threads, pipe, args.device)
     start = time.perf_counter()
-    for first in range(0, len(requested), args.batch_size):
-        batch = requested[first : first + args.batch_size]
-        generators = [torch.Generator().manual_seed(args.seed + first + i) for i in range(len(batch))]
-        try:
-            images.extend(pipe(class_labels=batch, generator=generators, output_type="pil", **settings).images)
-        except ValueError as error:  # an argument that the pipeline rejected (e.g. a stored setting)
-            raise CLIError(f"the pipeline rejected the settings ({settings_text}): {error}") from None
+    with cpu_threads(num_threads):
+        for first in range(0, len(requested), args.batch_size):
+            batch = requested[first : first + args.batch_size]
+            generators = [torch.Generator().manual_seed(args.seed + first + i) for i in range(len(batch))]
+            try:
+                images.extend(pipe(class_labels=batch, generator=generators, output_type="pil", **settings).images)
+            except ValueError as error:  # an argument that the pipeline rejected (e.g. a stored setting)
+                raise CLIError(f"the pipeline rejected the settings ({settings_text}): {error}") from None
     seconds = time.perf_counter() - start
     print(
         f"Generated {len(images)} images in {seconds:.1f} s ({len(images) / seconds:.1f} img/s, "
-        f"{torch.get_num_threads()} CPU thread(s))",
+        f"{num_threads} CPU thread(s))",
         file=sys.stderr,
     )
 

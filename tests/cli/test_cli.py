@@ -412,12 +412,21 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_num_threads_option(tiny_model, tmp_path, capsys, restore_threads):
+def test_num_threads_option(tiny_model, tmp_path, capsys, monkeypatch, restore_threads):
     torch.set_num_threads(2)
+    seen = []
+    real_call = MARPipeline.__call__
+
+    def call(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(MARPipeline, "__call__", call)
     assert generate(tiny_model, tmp_path / "a.png", "--num-threads", "3") == 0
-    assert torch.get_num_threads() == 3 and "3 CPU thread(s)" in capsys.readouterr().err
+    assert seen == [3] and "3 CPU thread(s)" in capsys.readouterr().err
     assert generate(tiny_model, tmp_path / "b.png") == 0  # auto: the tiny model runs on one thread
-    assert torch.get_num_threads() == 1 and "1 CPU thread(s)" in capsys.readouterr().err
+    assert seen == [3, 1] and "1 CPU thread(s)" in capsys.readouterr().err
+    assert torch.get_num_threads() == 2  # restored: main() may run in a process that goes on
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # threads do not change images
 
 
