@@ -110,10 +110,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _space_text(summary: dict) -> str:
+def _space_text(summary: dict, decodes: bool) -> str:
     patch = f"{summary['patch_size']}x{summary['patch_size']}"
-    if summary["space"] == "pixel":
+    if summary["space"] == "pixel" and decodes:
         return f"pixel space (no VAE): tokens are {patch} patches of pixels"
+    if summary["space"] == "pixel":
+        return (
+            f"pixel space by its config, but {summary['in_channels']} channels are no image: most likely VAE latents "
+            "without a decoder (generate refuses it)"
+        )
     if summary["decoder"] is None:
         return (
             f"latent space without a decoder: tokens are {patch} patches of VAE latents and the folder has no VAE "
@@ -129,14 +134,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
     grid = "x".join(map(str, summary["token_grid"]))
-    if can_decode(pipe):
+    decodes = can_decode(pipe)
+    if decodes:
         height, width = summary["image_size"]
         images = f"{height}x{width}, {summary['image_channels']} channel(s)"
     else:
         images = "none (no VAE to decode the latents)"
     lines = [
         f"model:        {summary['model']}",
-        f"pipeline:     {summary['pipeline']}, {_space_text(summary)}",
+        f"pipeline:     {summary['pipeline']}, {_space_text(summary, decodes)}",
         f"images:       {images}",
         f"token grid:   {grid} = {summary['num_tokens']} tokens of {summary['token_dim']} values "
         f"(patch size {summary['patch_size']}, {summary['in_channels']} channel(s))",

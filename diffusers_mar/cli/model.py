@@ -80,14 +80,21 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
     return pipe
 
 
+IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what pixel tokens can hold to make an image
+
+
 def can_decode(pipe: MARPipeline) -> bool:
-    """Whether the pipeline can turn its tokens into images: pixel tokens, or latent tokens with a VAE."""
-    return pipe.config.token_space == "pixel" or getattr(pipe, "vae", None) is not None
+    """Whether the pipeline's tokens make images: latent tokens with a VAE, or pixel tokens of 1, 3 or 4 channels."""
+    if pipe.config.token_space == "latent":
+        return getattr(pipe, "vae", None) is not None
+    return pipe.transformer.config.in_channels in IMAGE_CHANNELS
 
 
 def check_can_decode(pipe: MARPipeline, model: str) -> None:
-    """Refuse (exit 2) a latent-space pipeline without a VAE: it has no images to write."""
-    if not can_decode(pipe):
+    """Refuse (exit 2) a pipeline whose tokens are not images: latents without a VAE to decode them."""
+    if can_decode(pipe):
+        return
+    if pipe.config.token_space == "latent":
         raise CLIError(
             f"{model!r} is a latent-space model without a decoder: its tokens are VAE latents "
             '(token_space="latent") and the folder has no vae, so there are no images to write. Add the VAE it was '
@@ -95,6 +102,13 @@ def check_can_decode(pipe: MARPipeline, model: str) -> None:
             'with output_type="latent"',
             "--model",
         )
+    raise CLIError(
+        f"{model!r} says its tokens are pixels, but they have {pipe.transformer.config.in_channels} channels, which "
+        f"no image holds ({', '.join(map(str, IMAGE_CHANNELS))}): most likely VAE latents of a folder converted "
+        "without --vae_path before folders recorded token_space. Add the VAE it was trained with, or set "
+        '"token_space": "latent" in its model_index.json and sample latents in Python with output_type="latent"',
+        "--model",
+    )
 
 
 def recommended_sampling(pipe: MARPipeline) -> tuple[dict, str]:

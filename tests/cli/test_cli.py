@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_mar import MARPipeline, cli
+from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, cli
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -388,6 +388,41 @@ def test_info_on_a_latent_model_without_vae(latent_model_without_vae, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["space"] == "latent" and summary["decoder"] is None
     assert summary["image_size"] is None and summary["image_channels"] is None
+
+
+@pytest.fixture(scope="module")
+def latent_model_without_token_space(tmp_path_factory):
+    """A folder as converters wrote before folders recorded `token_space`: 16-channel latents taken for pixels."""
+    from tests.testing_utils import FIXTURE_HEAD_CONFIG, FIXTURE_TRANSFORMER_CONFIG
+
+    transformer = MARTransformer2DModel(**FIXTURE_TRANSFORMER_CONFIG).eval()
+    head = MARDiffusionHead(**FIXTURE_HEAD_CONFIG).eval()
+    pipe = MARPipeline(transformer, head, MARDDPMScheduler(), sampling=CARD_SAMPLING)
+    folder = tmp_path_factory.mktemp("old_latent_model")
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["token_space"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_generate_refuses_pixel_tokens_that_are_no_image(
+    latent_model_without_token_space, tmp_path, capsys, no_sampling
+):
+    assert generate(latent_model_without_token_space, tmp_path / "grid.png") == 2
+    err = capsys.readouterr().err
+    assert "argument --model" in err and "16 channels" in err and "token_space" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_does_not_call_16_channels_an_image(latent_model_without_token_space, capsys):
+    assert cli.main(["info", "--model", str(latent_model_without_token_space)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "16 channels are no image" in out
+        and "images:       none" in out
+        and "16 channel(s)" in out.split("token grid")[1]
+    )
 
 
 def test_info_on_a_latent_model_with_vae(tmp_path, capsys):
