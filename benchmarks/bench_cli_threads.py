@@ -1,15 +1,18 @@
-"""CPU threads of `diffusers-mar generate`: one thread against PyTorch's default and `OMP_WAIT_POLICY=PASSIVE`, on an
-idle machine and beside a busy process.
+"""CPU threads of `diffusers-mar generate`: one thread against PyTorch's default and `OMP_WAIT_POLICY=PASSIVE`, on the
+machine as it is and beside one more busy process.
 
-Each run is the command a user types (a fresh `python -m diffusers_mar generate` process, 80 digits of the shipped
-model as in the README), timed by the command's own "Generated ... in X s" line (sampling only, without start-up)
-and by the wall clock (start-up and writing included). Settings and loads are interleaved, `--repeats` times, so a
-change in the machine's other load hits every setting alike; the report gives the median and the range. A run over
-`--timeout` seconds is stopped and counted as the timeout (the table marks it with >).
+Each setting has its own worker process (the environment variable must be set before PyTorch starts), which imports
+the package once and then runs the command line's `main` on request: 80 digits of the shipped model, as in the
+README (`generate --class-labels 0 ... 9 --num-images-per-label 8`). A run is timed around `main` (loading the 2 MB
+model, sampling, writing the grid), without Python's start-up, which a busy machine stretches to tens of seconds for
+every setting alike. Settings and loads are interleaved, `--repeats` times, so a change in the machine's other load
+hits every setting alike; the report gives the median and the range. A run over `--timeout` seconds is stopped (its
+worker is replaced) and counted as the timeout, marked `>`.
 
 Settings: `1 thread` (`--num-threads 1`), `default` (`--num-threads` = PyTorch's default, one per core), `passive`
 (the default thread count with `OMP_WAIT_POLICY=PASSIVE`: waiting OpenMP threads sleep instead of spinning).
-Loads: `idle` (no process of ours besides the command) and `busy` (one process spinning on a core).
+Loads: `as is` (no process of ours besides the worker; on a shared machine other people's work still runs) and
+`+1 busy` (one more process spinning on a core).
 
     python benchmarks/bench_cli_threads.py --repeats 3 --write-docs
 """
@@ -20,13 +23,12 @@ import argparse
 import json
 import os
 import platform
-import re
+import select
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +40,24 @@ from benchmarks.eval_digits import update_docs_section  # noqa: E402
 
 SECTION = "CPU threads of the command line"
 LABELS = [str(label) for label in range(10)]
+LOADS = ("as is", "+1 busy")
+
+# Arguments: the labels, then the options. Warms up on one image, then runs `diffusers_mar.cli.main` once per line
+# read and replies "<exit code> <seconds>".
+WORKER = r"""
+import contextlib, sys, time
+from diffusers_mar import cli
+labels, options = sys.argv[1].split(), sys.argv[2:]
+with contextlib.redirect_stdout(sys.stderr):
+    cli.main(["generate", "--class-labels", labels[0], "--num-images-per-label", "1", *options])
+print("ready", flush=True)
+command = ["generate", "--class-labels", *labels, "--num-images-per-label", "8", *options]
+for _ in sys.stdin:
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        code = cli.main(command)
+    print(code, time.perf_counter() - start, flush=True)
+"""
 
 
 def settings() -> dict[str, tuple[str, dict]]:
@@ -46,69 +66,90 @@ def settings() -> dict[str, tuple[str, dict]]:
     return {"1 thread": ("1", {}), "default": (default, {}), "passive": (default, {"OMP_WAIT_POLICY": "PASSIVE"})}
 
 
-def run_generate(num_threads: str, env_extra: dict, folder: str, timeout: float) -> tuple[float, float]:
-    """(sampling seconds, wall seconds) of one `generate` run; both `timeout` if it ran over."""
-    env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "diffusers_mar", "generate", "--class-labels", *LABELS]
-    command += ["--num-images-per-label", "8", "-o", os.path.join(folder, "grid.png"), "--overwrite", "--quiet"]
-    start = time.perf_counter()
-    try:
-        result = subprocess.run(
-            [*command, "--num-threads", num_threads], capture_output=True, text=True, env=env, timeout=timeout
+class Worker:
+    """A process that runs the command line in-process on request, with the setting's threads and environment."""
+
+    def __init__(self, num_threads: str, env_extra: dict, folder: str):
+        self.env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1"}
+        self.env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
+        output = os.path.join(folder, f"grid-{num_threads}-{len(env_extra)}.png")
+        self.options = ["--quiet", "--overwrite", "-o", output, "--num-threads", num_threads]
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WORKER, " ".join(LABELS), *self.options],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
         )
-    except subprocess.TimeoutExpired:
-        return timeout, timeout
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"generate failed:\n{result.stderr}")
-    return float(re.search(r"Generated 80 images in ([\d.]+) s", result.stderr).group(1)), wall
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the worker failed to start")
+
+    def run(self, timeout: float) -> float:
+        """Seconds of one run, or `timeout` if it ran over (the worker is then replaced)."""
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        if not select.select([self.process.stdout], [], [], timeout)[0]:
+            self.stop()
+            self.start()
+            return timeout
+        code, seconds = self.process.stdout.readline().split()
+        if code != "0":
+            raise RuntimeError(f"generate exited with {code}")
+        return float(seconds)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 def measure(repeats: int, timeout: float) -> dict:
-    """{load: {setting: {"sampling": [...], "wall": [...]}}}, interleaved over repeats, loads and settings."""
-    results = {load: {name: {"sampling": [], "wall": []} for name in settings()} for load in ("idle", "busy")}
+    """{load: {setting: [seconds, ...]}}, interleaved over repeats, loads and settings."""
+    results = {load: {name: [] for name in settings()} for load in LOADS}
     with tempfile.TemporaryDirectory() as folder:
-        for repeat in range(repeats):
-            for load in results:
-                busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
-                try:
-                    for name, (threads, env_extra) in settings().items():
-                        sampling, wall = run_generate(threads, env_extra, folder, timeout)
-                        results[load][name]["sampling"].append(sampling)
-                        results[load][name]["wall"].append(wall)
-                        print(
-                            f"repeat {repeat} {load:<4} {name:<8} {sampling:6.1f} s sampling, {wall:6.1f} s wall",
-                            flush=True,
-                        )
-                finally:
-                    if busy is not None:
-                        busy.kill()
-                        busy.wait()
+        workers = {name: Worker(threads, env_extra, folder) for name, (threads, env_extra) in settings().items()}
+        try:
+            for repeat in range(repeats):
+                for load in LOADS:
+                    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load != "as is" else None
+                    try:
+                        for name, worker in workers.items():
+                            seconds = worker.run(timeout)
+                            results[load][name].append(seconds)
+                            print(f"repeat {repeat} {load:<7} {name:<8} {seconds:6.1f} s", flush=True)
+                    finally:
+                        if busy is not None:
+                            busy.kill()
+                            busy.wait()
+        finally:
+            for worker in workers.values():
+                worker.stop()
     return results
 
 
 def report(results: dict, args: argparse.Namespace, load_average: tuple[float, float, float]) -> str:
     def cell(values: list[float]) -> str:
-        over = ">" if max(values) >= args.timeout else ""
-        return f"{statistics.median(values):.1f} ({min(values):.1f}-{over}{max(values):.1f})"
+        mark = lambda value: f">{value:.0f}" if value >= args.timeout else f"{value:.1f}"  # noqa: E731
+        return f"{mark(statistics.median(values))} ({mark(min(values))} to {mark(max(values))})"
 
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"PyTorch's default {torch.get_num_threads()} threads; 1-minute load average {load_average[0]:.1f} before "
-        "the run (the machine is shared, so `idle` means no busy process of ours).",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"(default {torch.get_num_threads()} threads); 1-minute load average {load_average[0]:.1f} when the run "
+        "started (other people's work on the shared machine).",
         f"Command: `python benchmarks/bench_cli_threads.py --repeats {args.repeats} --timeout {args.timeout:g}` "
-        "(80 digits of the shipped model, `diffusers-mar generate --class-labels 0 ... 9 --num-images-per-label 8`).",
+        "(80 digits of the shipped model: `diffusers-mar generate --class-labels 0 ... 9 --num-images-per-label 8`).",
         "",
-        f"Seconds, median (min-max) of {args.repeats} interleaved runs; sampling = the command's own timing, wall = "
-        "the whole process (Python and PyTorch start-up included).",
+        f"Seconds per command (load, sample, write; Python's start-up excluded), median (min to max) of "
+        f"{args.repeats} interleaved runs; `>{args.timeout:g}`: stopped at the timeout.",
         "",
-        "| load | setting | sampling s | wall s |",
-        "|---|---|---|---|",
+        "| load | " + " | ".join(settings()) + " |",
+        "|---|" + "---|" * len(settings()),
     ]
     for load, by_setting in results.items():
-        for name, values in by_setting.items():
-            lines.append(f"| {load} | {name} | {cell(values['sampling'])} | {cell(values['wall'])} |")
+        lines.append(f"| {load} | " + " | ".join(cell(values) for values in by_setting.values()) + " |")
     return "\n".join(lines)
 
 
@@ -124,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` that stops the busy process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally`s that stop our processes
     load_average = os.getloadavg()
     results = measure(args.repeats, args.timeout)
     text = report(results, args, load_average)

@@ -34,8 +34,9 @@ from diffusers_mar.cli.outputs import (
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 
 # `--num-threads auto` runs models with fewer parameters (transformer + head) than this on one CPU thread: their
-# matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine waiting
-# for a preempted thread costs up to 60x (docs/benchmarks.md, "CPU threads of the command line").
+# matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine threads
+# waiting for each other cost 10x and more (the digits model on 2 cores: 4 s on one thread, over 45 s on two;
+# docs/benchmarks.md, "CPU threads of the command line").
 SMALL_MODEL_PARAMETERS = 10_000_000
 
 
