@@ -13,7 +13,7 @@ fixed stratified half A of the digits, seed 0), so both digits benchmarks judge 
 digits are its held-out half B. They are held out from the classifier, not from the MAR model (a model trained on
 all 1,797 digits has seen them).
 
-    PYTHONPATH=$PWD python benchmarks/eval_inpaint_digits.py [--model PATH] [--num-images 500]
+    python benchmarks/eval_inpaint_digits.py [--model PATH] [--num-images 500]
 
 Results go to docs/benchmarks.md with the command that made them.
 """
@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import diffusers_mar
-from benchmarks.eval_digits import DIGIT_MAX, DIGIT_SIZE, DigitsEvaluator, to_digit_scale
-from diffusers_mar import MARInpaintPipeline
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the repository root imports `benchmarks`
+
+import diffusers_mar  # noqa: E402
+from benchmarks.eval_digits import DIGIT_MAX, DIGIT_SIZE, DigitsEvaluator, to_digit_scale  # noqa: E402
+from diffusers_mar import MARInpaintPipeline  # noqa: E402
 
 HALVES = ("bottom", "left")
 

@@ -23,11 +23,15 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.eval_digits import (
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the repository root imports `benchmarks`
+
+from benchmarks.eval_digits import (  # noqa: E402
     SCHEDULERS,
     TIMESTEP_SPACINGS,
     DigitsEvaluator,
@@ -39,7 +43,7 @@ from benchmarks.eval_digits import (
     machine_description,
     write_outputs,
 )
-from diffusers_mar import DEFAULT_MODEL
+from diffusers_mar import DEFAULT_MODEL  # noqa: E402
 
 DEFAULT_SECTION = "Fast setting (benchmarks/fast_sampling_digits.py)"
 DEFAULT_CANDIDATES = (

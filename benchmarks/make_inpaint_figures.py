@@ -9,12 +9,13 @@ PNGs (pixels enlarged with nearest-neighbour) into docs/images/:
 - outpaint.png: rows = real, shrunk into the centre with a one-token border regenerated ("shrink"), panned one token
   to the right ("shift").
 
-    PYTHONPATH=$PWD python benchmarks/make_inpaint_figures.py [--model PATH] [--output-dir docs/images]
+    python benchmarks/make_inpaint_figures.py [--model PATH] [--output-dir docs/images]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,11 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from benchmarks.eval_digits import DigitsEvaluator
-from benchmarks.eval_inpaint_digits import digit_splits, half_mask, load_pipeline
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the repository root imports `benchmarks`
+
+from benchmarks.eval_digits import DigitsEvaluator  # noqa: E402
+from benchmarks.eval_inpaint_digits import digit_splits, half_mask, load_pipeline  # noqa: E402
 
 SCALE = 8  # each pixel of an 8x8 digit becomes 8x8 screen pixels
 GAP = 2

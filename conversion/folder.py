@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from diffusers_mar import MARPipeline
+from diffusers_mar.cli.outputs import current_umask
 
 
 def check_output_dir(
@@ -45,13 +46,6 @@ def check_output_dir(
     return output_dir
 
 
-def _current_umask() -> int:
-    # The same helper is private in diffusers_mar/cli.py; this script keeps its own copy rather than import it.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_pipeline_folder(
     pipeline: MARPipeline,
     model_card: ModelCard,
@@ -72,7 +66,7 @@ def save_pipeline_folder(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     old_dir = None
     try:
-        os.chmod(tmp_dir, 0o777 & ~_current_umask())  # mkdtemp makes the folder private (0700); the output is not
+        os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp makes the folder private (0700); the output is not
         pipeline.save_pretrained(tmp_dir, safe_serialization=safe_serialization)
         model_card.save(tmp_dir / "README.md")
         if check is not None:

@@ -46,7 +46,7 @@ from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
 from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, get_preset_config
-from diffusers_mar.cli import GRID_MIN_CELL, make_grid
+from diffusers_mar.cli.outputs import GRID_MIN_CELL, make_grid
 from diffusers_mar.configs import MAR_PRESETS
 from diffusers_mar.pipelines.model_card import make_model_card
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings

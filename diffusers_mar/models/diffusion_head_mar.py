@@ -17,6 +17,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from diffusers_mar.models.loading import StrictLoadingMixin
+
 
 @dataclass
 class MARDiffusionHeadOutput(BaseOutput):
@@ -46,7 +48,7 @@ class MARResBlock(nn.Module):
         return x + gate * h
 
 
-class MARDiffusionHead(ModelMixin, ConfigMixin):
+class MARDiffusionHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     A denoiser for ONE token given its condition: `(sample, timestep, condition) -> (N, 2 * in_channels)`.
 

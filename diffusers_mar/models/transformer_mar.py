@@ -13,6 +13,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from diffusers_mar.models.loading import StrictLoadingMixin
+
 
 class MARAttention(nn.Module):
     """Multi-head self-attention with a fused `to_qkv` projection (rows ordered q, k, v)."""
@@ -83,7 +85,7 @@ class MARTransformerBlock(nn.Module):
         return hidden_states + self.ff(self.norm2(hidden_states))
 
 
-class MARTransformer2DModel(ModelMixin, ConfigMixin):
+class MARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     The MAR encoder-decoder: sees the known tokens and emits one condition vector per token for the diffusion head.
 

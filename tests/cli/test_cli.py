@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_mar import MARPipeline, cli
+from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, cli
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -227,7 +227,8 @@ def test_missing_output_option(tiny_model, capsys):
 
 
 def test_missing_default_model_is_a_runtime_failure(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", str(tmp_path / "default_model"))
+    for module in (cli.model, cli.parser):  # the comparison in load_pipeline and the default of --model
+        monkeypatch.setattr(module, "DEFAULT_MODEL", str(tmp_path / "default_model"))
     assert cli.main(["info"]) == 1
     err = capsys.readouterr().err
     assert "argument --model" in err and "default model is not installed" in err
@@ -292,3 +293,202 @@ def test_make_grid_layout():
     np.testing.assert_array_equal(cells[22 : 22 + 12, label_width : label_width + 8], 0)
     assert (cells[22 : 22 + 12, label_width + 12 :] == 255).all()  # the short row leaves white space
     assert (cells[:, :label_width] < 128).any()  # the labels are drawn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nothing replaced without --overwrite (issue 14), checked before generating.
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Make any pipeline call fail, to show that a command stopped before generating."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the pipeline was called")
+
+    monkeypatch.setattr(MARPipeline, "__call__", fail)
+
+
+def test_existing_grid_is_not_replaced_without_overwrite(tiny_model, tmp_path, capsys, no_sampling):
+    (tmp_path / "grid.png").write_bytes(b"my own file")
+    assert generate(tiny_model, tmp_path / "grid.png", "--output-dir", str(tmp_path / "singles")) == 2
+    err = capsys.readouterr().err
+    assert "argument --output" in err and "exists" in err and "--overwrite" in err
+    assert (tmp_path / "grid.png").read_bytes() == b"my own file"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_existing_single_files_are_not_replaced_without_overwrite(tiny_model, tmp_path, capsys, no_sampling):
+    singles = tmp_path / "singles"
+    singles.mkdir()
+    (singles / "label-1-3.png").write_bytes(b"my own file")
+    (singles / "unrelated.png").write_bytes(b"other")  # a file the command would not write does not matter
+    assert generate(tiny_model, tmp_path / "grid.png", "--output-dir", str(singles)) == 2
+    err = capsys.readouterr().err
+    assert "argument --output-dir" in err and "label-1-3.png" in err and "--overwrite" in err
+    assert (singles / "label-1-3.png").read_bytes() == b"my own file"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["singles"]  # no grid either
+    assert sorted(path.name for path in singles.iterdir()) == ["label-1-3.png", "unrelated.png"]
+
+
+def test_overwrite_replaces_the_files(tiny_model, tmp_path):
+    singles = tmp_path / "singles"
+    singles.mkdir()
+    (singles / "label-1-3.png").write_bytes(b"my own file")
+    (tmp_path / "grid.png").write_bytes(b"my own file")
+    assert generate(tiny_model, tmp_path / "grid.png", "--output-dir", str(singles), "--overwrite") == 0
+    assert Image.open(tmp_path / "grid.png").size[1] == 6 + 2 * (64 + 4) - 4 + 6
+    assert Image.open(singles / "label-1-3.png").size == (8, 8)
+    assert (singles / "unrelated.png").exists() is False and len(list(singles.iterdir())) == 8
+
+
+def test_a_label_given_twice_writes_distinct_single_files(tiny_model, tmp_path):
+    argv = ["generate", "--model", str(tiny_model), "--class-labels", "2", "5", "2", "--quiet"]
+    assert cli.main([*argv, "--num-images-per-label", "2", "--output-dir", str(tmp_path)]) == 0
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == [
+        "label-2-0.png",
+        "label-2-1.png",
+        "label-2-2.png",
+        "label-2-3.png",
+        "label-5-0.png",
+        "label-5-1.png",
+    ]
+    # images 4 and 5 (the second row of label 2) use seeds 4 and 5: not the first row's images again
+    first, again = (np.asarray(Image.open(tmp_path / f"label-2-{k}.png")) for k in (0, 2))
+    assert not np.array_equal(first, again)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A latent-space model without a VAE (issue 14): refused by generate, described as such by info.
+
+
+@pytest.fixture(scope="module")
+def latent_model_without_vae(tmp_path_factory):
+    pipe = MARPipeline(**make_tiny_pipeline().components, token_space="latent", sampling=CARD_SAMPLING)
+    folder = tmp_path_factory.mktemp("latent_model")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_generate_refuses_a_latent_model_without_vae(latent_model_without_vae, tmp_path, capsys, no_sampling):
+    code = generate(latent_model_without_vae, tmp_path / "grid.png", "--output-dir", str(tmp_path / "singles"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "argument --model" in err and "latent-space model without a decoder" in err and "--vae_path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_on_a_latent_model_without_vae(latent_model_without_vae, capsys):
+    assert cli.main(["info", "--model", str(latent_model_without_vae)]) == 0
+    out = capsys.readouterr().out
+    assert "latent space without a decoder" in out and "pixel space" not in out
+    assert "images:       none" in out and "1 channel(s)" in out  # the token grid's channels, not image channels
+    assert cli.main(["info", "--model", str(latent_model_without_vae), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["space"] == "latent" and summary["decoder"] is None
+    assert summary["image_size"] is None and summary["image_channels"] is None
+
+
+@pytest.fixture(scope="module")
+def latent_model_without_token_space(tmp_path_factory):
+    """A folder as converters wrote before folders recorded `token_space`: 16-channel latents taken for pixels."""
+    from tests.testing_utils import FIXTURE_HEAD_CONFIG, FIXTURE_TRANSFORMER_CONFIG
+
+    transformer = MARTransformer2DModel(**FIXTURE_TRANSFORMER_CONFIG).eval()
+    head = MARDiffusionHead(**FIXTURE_HEAD_CONFIG).eval()
+    pipe = MARPipeline(transformer, head, MARDDPMScheduler(), sampling=CARD_SAMPLING)
+    folder = tmp_path_factory.mktemp("old_latent_model")
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["token_space"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_generate_refuses_pixel_tokens_that_are_no_image(
+    latent_model_without_token_space, tmp_path, capsys, no_sampling
+):
+    assert generate(latent_model_without_token_space, tmp_path / "grid.png") == 2
+    err = capsys.readouterr().err
+    assert "argument --model" in err and "16 channels" in err and "token_space" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_does_not_call_16_channels_an_image(latent_model_without_token_space, capsys):
+    assert cli.main(["info", "--model", str(latent_model_without_token_space)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "16 channels are no image" in out
+        and "images:       none" in out
+        and "16 channel(s)" in out.split("token grid")[1]
+    )
+
+
+def test_info_on_a_latent_model_with_vae(tmp_path, capsys):
+    from tests.testing_utils import make_tiny_vae
+
+    pipe = make_tiny_pipeline(vae=make_tiny_vae())
+    pipe.save_pretrained(tmp_path)
+    assert cli.main(["info", "--model", str(tmp_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["space"] == "latent" and summary["decoder"] == "AutoencoderKL"
+    assert summary["image_size"] == [16, 16] and summary["image_channels"] == 3  # 8x8 latents, VAE factor 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --num-threads (issue 14).
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_num_threads_option(tiny_model, tmp_path, capsys, monkeypatch, restore_threads):
+    torch.set_num_threads(2)
+    seen = []
+    real_call = MARPipeline.__call__
+
+    def call(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(MARPipeline, "__call__", call)
+    assert generate(tiny_model, tmp_path / "a.png", "--num-threads", "3") == 0
+    assert seen == [3] and "3 CPU thread(s)" in capsys.readouterr().err
+    assert generate(tiny_model, tmp_path / "b.png") == 0  # auto: the tiny model runs on one thread
+    assert seen == [3, 1] and "1 CPU thread(s)" in capsys.readouterr().err
+    assert torch.get_num_threads() == 2  # restored: main() may run in a process that goes on
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # threads do not change images
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "1.5"])
+def test_bad_num_threads(tiny_model, tmp_path, capsys, value):
+    assert generate(tiny_model, tmp_path / "a.png", "--num-threads", value) == 2
+    err = capsys.readouterr().err
+    assert "argument --num-threads" in err and "auto" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_threads_keep_the_default_for_large_models(monkeypatch, restore_threads):
+    pipe = make_tiny_pipeline()
+    torch.set_num_threads(2)
+    assert cli.resolve_num_threads("auto", pipe, "cpu") == 1
+    assert cli.resolve_num_threads(4, pipe, "cpu") == 4
+    monkeypatch.setattr(cli.commands, "SMALL_MODEL_PARAMETERS", 1000)  # the tiny model counts as large
+    assert cli.resolve_num_threads("auto", pipe, "cpu") == 2
+
+
+def test_a_model_whose_config_does_not_match_its_weights_fails_with_the_key_names(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    del config["num_layers"]
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    assert generate(folder, tmp_path / "grid.png") == 1
+    err = capsys.readouterr().err
+    assert "argument --model" in err and "do not match its config.json" in err and "encoder_blocks.1-11.*" in err
+    assert "meta" not in err and not (tmp_path / "grid.png").exists()

@@ -85,7 +85,7 @@ def test_low_precision_weights_give_finite_images_close_to_float32(pipe, setting
     labels = [0, 3, 5, 8]
     reference = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="np", **settings).images
     other_seed = pipe(labels, generator=torch.Generator().manual_seed(1), output_type="np", **settings).images
-    low = MARPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=dtype)
+    low = MARPipeline.from_pretrained(DEFAULT_MODEL, dtype=dtype)  # diffusers 0.42 deprecates torch_dtype
     low.set_progress_bar_config(disable=True)
     assert low.transformer.dtype == dtype and low.diffusion_head.dtype == dtype
     images = low(labels, generator=torch.Generator().manual_seed(0), output_type="np", **settings).images

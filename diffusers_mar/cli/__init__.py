@@ -1,0 +1,67 @@
+"""The `diffusers-mar` command line: `generate` a labelled image grid with a MARPipeline, `info` about a model.
+
+Exit codes: 0 success; 2 bad input (a wrong argument, a model, label or output path that cannot be used, as
+argparse does); 1 a failure while loading or running the model, or a model missing from the installation.
+Every check that does not need the model (output paths, device, dtype, numbers) runs before the model loads, and
+all checks run before anything is generated, so a failing command leaves no output file behind and replaces none.
+
+Modules: `parser` (options and their types), `model` (loading, labels, settings, the summary of `info`), `outputs`
+(paths, atomic saving, the grid), `commands` (the subcommands), `errors` (exit codes, `CLIError`).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from diffusers_mar.cli.commands import cmd_generate, cmd_info, resolve_num_threads
+from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
+from diffusers_mar.cli.model import label_text, load_pipeline, model_summary, parse_class_labels, recommended_sampling
+from diffusers_mar.cli.outputs import auto_scale, make_grid, save_image
+from diffusers_mar.cli.parser import build_parser
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CLIError",
+    "auto_scale",
+    "build_parser",
+    "label_text",
+    "load_pipeline",
+    "main",
+    "make_grid",
+    "model_summary",
+    "parse_class_labels",
+    "recommended_sampling",
+    "resolve_num_threads",
+    "save_image",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 runtime failure, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) and argparse's own usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except CLIError as error:
+        print(f"{args.parser.prog}: error: {error}", file=sys.stderr)
+        if error.exit_code == EXIT_USAGE:
+            print(f"(see: {args.parser.prog} --help)", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"{args.parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"{args.parser.prog}: error: unexpected failure (traceback above)", file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,226 @@
+"""The model of a command: a local folder or a Hub id, its labels, the sampling settings it recommends, and what
+`info` says about it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from diffusers_mar import DEFAULT_MODEL, MARPipeline
+from diffusers_mar.cli.errors import EXIT_FAILURE, CLIError
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _looks_like_local_path(model: str) -> bool:
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or "\\" in model
+        or model.count("/") > 1
+        or model.endswith("/")
+    )
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MARPipeline:
+    """Load a MARPipeline from a local folder or a Hugging Face Hub id, with errors that name `--model`.
+
+    Raises `CLIError` (exit 2) when the model cannot be found, (exit 1) when the shipped default model is missing
+    or a found model fails to load.
+    """
+    path = Path(model).expanduser()
+    if os.path.abspath(path) == os.path.abspath(DEFAULT_MODEL) and not (path / "model_index.json").is_file():
+        raise CLIError(
+            f"the default model is not installed: {DEFAULT_MODEL} has no model_index.json. "
+            "Pass --model with a MARPipeline folder or Hub id.",
+            "--model",
+            exit_code=EXIT_FAILURE,
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"{model!r} is a folder but not a saved pipeline (no model_index.json)", "--model")
+        source = str(path)
+    elif path.exists():
+        raise CLIError(f"{model!r} is a file; give a pipeline folder (with model_index.json) or a Hub id", "--model")
+    elif _looks_like_local_path(model):
+        raise CLIError(f"no such folder: {model!r}", "--model")
+    else:
+        source = model
+    verbosity = diffusers_logging.get_verbosity()
+    if verbosity == diffusers_logging.WARNING:
+        # Loading logs a progress bar and notes a CLI user cannot act on: the str keys of id2label in JSON, and a
+        # "modules to keep in float32: []" warning whenever a model is cast with `.to(dtype)`.
+        diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = MARPipeline.from_pretrained(source)
+        if not isinstance(pipe, MARPipeline):
+            raise CLIError(f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline", "--model")
+        pipe.to(device=device, dtype=DTYPES[dtype])
+    except CLIError:
+        raise
+    except Exception as error:  # diffusers reports a missing or unreachable Hub repository as OSError/ValueError
+        if source == model and not path.exists():
+            reason = " ".join(str(error).split())[:300]
+            raise CLIError(
+                f"{model!r} is not a local folder, and loading it as a Hugging Face Hub id failed "
+                f"(the id may be wrong, or there is no network; HF_HUB_OFFLINE=1 forbids downloads): {reason}",
+                "--model",
+            ) from None
+        raise CLIError(f"could not load the pipeline in {model!r}: {error}", "--model", EXIT_FAILURE) from error
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        diffusers_logging.enable_progress_bar()
+    return pipe
+
+
+IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what pixel tokens can hold to make an image
+
+
+def can_decode(pipe: MARPipeline) -> bool:
+    """Whether the pipeline's tokens make images: latent tokens with a VAE, or pixel tokens of 1, 3 or 4 channels."""
+    if pipe.config.token_space == "latent":
+        return getattr(pipe, "vae", None) is not None
+    return pipe.transformer.config.in_channels in IMAGE_CHANNELS
+
+
+def check_can_decode(pipe: MARPipeline, model: str) -> None:
+    """Refuse (exit 2) a pipeline whose tokens are not images: latents without a VAE to decode them."""
+    if can_decode(pipe):
+        return
+    if pipe.config.token_space == "latent":
+        raise CLIError(
+            f"{model!r} is a latent-space model without a decoder: its tokens are VAE latents "
+            '(token_space="latent") and the folder has no vae, so there are no images to write. Add the VAE it was '
+            "trained with (convert with --vae_path, or save the pipeline with vae=...), or sample latents in Python "
+            'with output_type="latent"',
+            "--model",
+        )
+    raise CLIError(
+        f"{model!r} says its tokens are pixels, but they have {pipe.transformer.config.in_channels} channels, which "
+        f"no image holds ({', '.join(map(str, IMAGE_CHANNELS))}): most likely VAE latents of a folder converted "
+        "without --vae_path before folders recorded token_space. Add the VAE it was trained with, or set "
+        '"token_space": "latent" in its model_index.json and sample latents in Python with output_type="latent"',
+        "--model",
+    )
+
+
+def recommended_sampling(pipe: MARPipeline) -> tuple[dict, str]:
+    """The sampling settings a model recommends (`pipe.sampling_defaults`), and where they come from."""
+    if pipe.config.get("sampling"):
+        return pipe.sampling_defaults, "the pipeline folder's recommended settings (model_index.json)"
+    return pipe.sampling_defaults, "the paper's settings clipped to this model (the folder stores none)"
+
+
+def sampling_settings(args: argparse.Namespace, pipe: MARPipeline) -> tuple[dict, str]:
+    """Options given on the command line, else the model's recommendations; range checks that name the option."""
+    settings, source = recommended_sampling(pipe)
+    given = {key for key in SAMPLING_KEYS if getattr(args, key, None) is not None}
+    settings.update({key: getattr(args, key) for key in given})
+    num_tokens = pipe.transformer.num_tokens
+    max_steps = pipe.scheduler.config.num_train_timesteps
+    ranges = {"num_inference_steps": (1, num_tokens), "num_diffusion_steps": (1, max_steps)}
+    for key, (low, high) in ranges.items():
+        if not (isinstance(settings[key], int) and low <= settings[key] <= high):
+            option = "--" + key.replace("_", "-")
+            message = f"must be an integer in [{low}, {high}] for this model"
+            if key == "num_inference_steps":
+                message += f" ({num_tokens} tokens, a step predicts at least one)"
+            if key in given:
+                raise CLIError(f"{message}; got {settings[key]}", option)
+            raise CLIError(
+                f"{source} gives {key}={settings[key]!r}, which is not an integer in [{low}, {high}] for this "
+                f"model; pass {option}",
+                option,
+                EXIT_FAILURE,
+            )
+    return settings, source
+
+
+def parse_class_labels(pipe: MARPipeline, tokens: list[str]) -> list[int]:
+    """Integers are class ids in `[0, num_classes]` (`num_classes` = unconditional); other tokens are names."""
+    num_classes = pipe.transformer.config.num_classes
+    labels = []
+    for token in tokens:
+        token = token.strip()
+        if re.fullmatch(r"[+-]?\d+", token):
+            label = int(token)
+            if not 0 <= label <= num_classes:
+                raise CLIError(
+                    f"class id {label} is out of range: this model has classes 0..{num_classes - 1} "
+                    f"({num_classes} = unconditional)",
+                    "--class-labels",
+                )
+            labels.append(label)
+        elif not pipe.labels:
+            raise CLIError(
+                f"{token!r} is not an integer, and this model has no id2label to look names up in; "
+                f"give class ids in 0..{num_classes - 1}",
+                "--class-labels",
+            )
+        elif token not in pipe.labels:
+            names = list(pipe.labels)
+            shown = ", ".join(repr(name) for name in names[:20]) + (", ..." if len(names) > 20 else "")
+            raise CLIError(f"unknown class name {token!r}; known names: {shown}", "--class-labels")
+        else:
+            labels.extend(pipe.get_label_ids(token))
+    return labels
+
+
+def label_text(pipe: MARPipeline, label: int, max_chars: int = 24) -> str:
+    if label == pipe.transformer.config.num_classes:
+        return "uncond."
+    name = pipe.id2label.get(label, "").split(",")[0].strip()
+    text = str(label) if not name or name == str(label) else f"{label} {name}"
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def model_summary(pipe: MARPipeline, model: str) -> dict:
+    """What `info` prints: components, sizes, classes and the recommended sampling settings.
+
+    `space` is "pixel" or "latent" (the folder's `token_space`); `decoder` is the VAE class, or None; a latent model
+    without one has no `image_size` or `image_channels` (None).
+    """
+    transformer = pipe.transformer
+    config = transformer.config
+    vae = getattr(pipe, "vae", None)
+    components = {}
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        entry = {"class": type(component).__name__}
+        if isinstance(component, torch.nn.Module):
+            entry["parameters"] = sum(p.numel() for p in component.parameters())
+        components[name] = entry
+    image_size = config.sample_size * pipe.vae_scale_factor if can_decode(pipe) else None
+    image_channels = (vae.config.out_channels if vae is not None else config.in_channels) if can_decode(pipe) else None
+    settings, source = recommended_sampling(pipe)
+    return {
+        "model": model,
+        "pipeline": type(pipe).__name__,
+        "space": pipe.config.token_space,
+        "decoder": type(vae).__name__ if vae is not None else None,
+        "components": components,
+        "total_parameters": sum(entry.get("parameters", 0) for entry in components.values()),
+        "token_grid": [transformer.grid_size, transformer.grid_size],
+        "num_tokens": transformer.num_tokens,
+        "patch_size": config.patch_size,
+        "token_dim": transformer.token_dim,
+        "in_channels": config.in_channels,
+        "image_size": [image_size, image_size] if image_size is not None else None,
+        "image_channels": image_channels,
+        "num_classes": config.num_classes,
+        "unconditional_label": config.num_classes,
+        "id2label": {str(key): value for key, value in sorted(pipe.id2label.items())},
+        "recommended_sampling": settings,
+        "recommended_sampling_source": source,
+        "scheduler_config": {
+            key: value for key, value in dict(pipe.scheduler.config).items() if not key.startswith("_")
+        },
+    }

@@ -1,0 +1,175 @@
+"""The argument parser of `diffusers-mar`, and the argument types whose errors argparse reports with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import torch
+
+from diffusers_mar import DEFAULT_MODEL
+from diffusers_mar.cli.model import DTYPES
+from diffusers_mar.cli.outputs import GRID_MIN_CELL
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  failure while loading or running the model (or the shipped default model is missing)
+  2  bad input: a wrong argument, or a model, class label or output path that cannot be used
+
+--model defaults to diffusers_mar.DEFAULT_MODEL, the model folder inside the package (default_model/).
+Documentation: docs/cli.md
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text}")
+    return value
+
+
+def _num_threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1; got {text!r}") from None
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or mps; got {text!r}")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} was requested but CUDA is not available on this machine")
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} was requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("'mps' was requested but MPS is not available on this machine")
+    return text
+
+
+_positive_int.__name__ = "integer >= 1"  # argparse names the type in "invalid <name> value" messages
+_num_threads.__name__ = "thread count"
+_non_negative_float.__name__ = "number"
+_positive_float.__name__ = "number"
+_device.__name__ = "device"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `diffusers-mar` parser; each subcommand's namespace has `command` and `parser` (for its error lines)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="diffusers-mar",
+        description="Generate images with MAR (masked autoregression + per-token diffusion), and inspect models.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="{generate,info}")
+    model_help = (
+        "a MARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
+        "(default: diffusers_mar.DEFAULT_MODEL, the model folder inside the package)"
+    )
+
+    generate = subparsers.add_parser(
+        "generate",
+        help="generate a labelled image grid and/or single image files",
+        description=(
+            "Generate --num-images-per-label images for each of --class-labels and write them as one grid\n"
+            "(rows = labels) and/or one PNG per image. Sampling options not given take the values that the\n"
+            "pipeline folder recommends (`sampling` in model_index.json), else the paper's, clipped to the model.\n"
+            "Existing files are not replaced unless --overwrite is given."
+        ),
+        epilog=EPILOG
+        + "\nexample:\n  diffusers-mar generate --class-labels 0 1 2 --num-images-per-label 4 --output grid.png\n",
+        formatter_class=formatter,
+    )
+    generate.add_argument(
+        "--class-labels",
+        nargs="+",
+        required=True,
+        metavar="LABEL",
+        help="class ids (integers; num_classes = unconditional) or class names from the model's id2label "
+        '(quote names with spaces: "golden retriever")',
+    )
+    generate.add_argument(
+        "--num-images-per-label", type=_positive_int, default=4, metavar="N", help="images per label (default 4)"
+    )
+    generate.add_argument("--output", "-o", metavar="FILE", help="the grid image to write (.png, .jpg, ...)")
+    generate.add_argument(
+        "--output-dir", metavar="DIR", help="a folder for single files label-<id>-<k>.png (created if missing)"
+    )
+    generate.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output file or --output-dir files"
+    )
+    generate.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_HUB_ID", help=model_help)
+    generate.add_argument(
+        "--guidance-scale", type=_non_negative_float, metavar="S", help="classifier-free guidance, 1 = off"
+    )
+    generate.add_argument(
+        "--guidance-schedule", choices=("linear", "constant"), help="how guidance grows over the steps"
+    )
+    generate.add_argument("--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps")
+    generate.add_argument(
+        "--num-diffusion-steps", type=_positive_int, metavar="S", help="diffusion-head steps per token"
+    )
+    generate.add_argument(
+        "--temperature", type=_positive_float, metavar="T", help="scales each diffusion step's noise"
+    )
+    generate.add_argument(
+        "--seed", type=int, default=0, help="image i uses torch.Generator seeded seed + i (default 0)"
+    )
+    generate.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    generate.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
+    generate.add_argument(
+        "--num-threads",
+        type=_num_threads,
+        default="auto",
+        metavar="N",
+        help="CPU threads for PyTorch; auto (default): 1 for small models (fastest on a busy machine), "
+        "PyTorch's default otherwise",
+    )
+    generate.add_argument(
+        "--batch-size", type=_positive_int, default=64, metavar="N", help="images per pipeline call (default 64)"
+    )
+    generate.add_argument(
+        "--scale",
+        type=_positive_int,
+        metavar="N",
+        help=f"integer NEAREST upscaling; default for the grid: cells of at least {GRID_MIN_CELL} px "
+        "(8 for 8x8 digits), for single files: 1",
+    )
+    generate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    generate.set_defaults(parser=generate)
+
+    info = subparsers.add_parser(
+        "info",
+        help="print a model's components, parameter counts, classes and recommended settings",
+        description="Print a model's components, parameter counts, classes, sizes and recommended sampling settings.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+    )
+    info.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_HUB_ID", help=model_help)
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    info.set_defaults(parser=info)
+    return parser

@@ -1,0 +1,69 @@
+"""Strict loading for our models: weights that do not match `config.json` fail at `from_pretrained`.
+
+diffusers' `ModelMixin.from_pretrained` only warns about missing and unexpected keys. A missing key then leaves its
+parameter on the `meta` device (or randomly initialised with `low_cpu_mem_usage=False`), and the model fails later
+with "Tensor on device meta ..." or, worse, runs with random weights. `StrictLoadingMixin.from_pretrained` asks
+diffusers for its loading info and raises a `ValueError` that names the keys instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+SHOWN_GROUPS = 8  # key groups quoted per kind in the error; the count covers the rest
+
+
+def _describe(keys: list[str]) -> str:
+    """`264 key(s) (decoder_blocks.1-11.*, encoder_blocks.1-11.*)`: keys of numbered blocks grouped into ranges."""
+    blocks: dict[str, set[int]] = {}
+    plain = []
+    for key in keys:
+        parts = key.split(".")
+        number = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if number is None:
+            plain.append(key)
+        else:
+            blocks.setdefault(".".join(parts[:number]), set()).add(int(parts[number]))
+    groups = sorted(plain)
+    for name, numbers in sorted(blocks.items()):
+        low, high = min(numbers), max(numbers)
+        span = (
+            f"{low}-{high}" if len(numbers) == high - low + 1 and high > low else ",".join(map(str, sorted(numbers)))
+        )
+        groups.append(f"{name}.{span}.*")
+    shown = ", ".join(groups[:SHOWN_GROUPS]) + (", ..." if len(groups) > SHOWN_GROUPS else "")
+    return f"{len(keys)} key(s) ({shown})"
+
+
+def check_loading_info(model_name: str, source: str, loading_info: dict) -> None:
+    """Raise a `ValueError` naming the missing and unexpected keys of a `from_pretrained` call, if there are any."""
+    missing = loading_info.get("missing_keys") or []
+    unexpected = loading_info.get("unexpected_keys") or []
+    if not missing and not unexpected:
+        return
+    problems = []
+    if missing:
+        problems.append(f"{_describe(missing)} of the model are missing from the weights")
+    if unexpected:
+        problems.append(f"{_describe(unexpected)} of the weights are not in the model")
+    raise ValueError(
+        f"The weights of {model_name} in {source!r} do not match its config.json: "
+        + "; ".join(problems)
+        + ". The config (e.g. `num_layers`, `num_res_blocks`, widths) must describe the model the weights were "
+        "saved from: restore the config.json saved with them, or load weights saved with this config."
+    )
+
+
+class StrictLoadingMixin:
+    """Put before `ModelMixin` in the bases: `from_pretrained` fails on missing or unexpected weight keys."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        if not isinstance(loaded, tuple):  # a loader without loading info (FlashPack): nothing to check
+            return loaded
+        model, loading_info = loaded
+        source = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_loading_info(cls.__name__, source.rstrip(os.sep), loading_info)
+        return (model, loading_info) if output_loading_info else model

@@ -1,0 +1,29 @@
+"""The benchmark scripts run as `benchmarks/README.md` says: `python benchmarks/<script>.py` from the repository root
+(issue 14: `ModuleNotFoundError: No module named 'benchmarks'`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.testing_utils import REPO_ROOT
+
+SCRIPTS = ["fast_sampling_digits.py", "eval_inpaint_digits.py", "make_inpaint_figures.py", "bench_cli_threads.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_help_runs_from_the_repository_root(script):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # as a user types it
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "--help" in result.stdout
