@@ -8,11 +8,9 @@ it, the scheduler loop of the diffusion head over `num_diffusion_steps`.
 from __future__ import annotations
 
 import inspect
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import numpy as np
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
@@ -20,7 +18,6 @@ from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
 
 from diffusers_mar.models.cpu_inference import cpu_inference
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
@@ -31,6 +28,14 @@ from diffusers_mar.pipelines.sampling_settings import (
     SAMPLING_KEYS,
     check_sampling_settings,
     resolve_sampling_settings,
+)
+from diffusers_mar.pipelines.schedules import (
+    guidance_schedule_values,
+    mask_by_order,
+    mask_schedule,
+    modulation_chunks,
+    prepare_class_labels,
+    prepare_step_noise,
 )
 
 logger = logging.get_logger(__name__)
@@ -49,51 +54,6 @@ EXAMPLE_DOC_STRING = """
         >>> images = pipe(class_labels=[207, 360], generator=torch.manual_seed(0)).images
         ```
 """
-
-
-def mask_schedule(num_tokens: int, num_inference_steps: int) -> list[int]:
-    """Tokens still unknown after each step: cosine schedule, clamped to predict at least one token per step.
-
-    As in LTH14/mar `sample_tokens`: `max(1, min(unknown - 1, floor(L cos(pi/2 (k+1)/K))))`. The last entry is
-    clamped to 1 as in the original, although the last step predicts every remaining token.
-    """
-    mask_lens = []
-    unknown = num_tokens
-    for step in range(num_inference_steps):
-        target = np.floor(num_tokens * np.cos(math.pi / 2.0 * (step + 1) / num_inference_steps))
-        unknown = int(max(1, min(unknown - 1, target)))
-        mask_lens.append(unknown)
-    return mask_lens
-
-
-def guidance_schedule_values(
-    guidance_scale: float, mask_lens: list[int], num_tokens: int, schedule: str = "linear"
-) -> list[float]:
-    """Guidance per step: 'linear' rises with the known-token ratio after the step (never reaching the scale)."""
-    if schedule == "constant":
-        return [float(np.float32(guidance_scale))] * len(mask_lens)
-    # As in LTH14/mar sample_tokens: 1 + (cfg - 1) * (L - mask_len) / L, in float32.
-    mask_len = torch.tensor(mask_lens, dtype=torch.float32)
-    return (1 + (guidance_scale - 1) * (num_tokens - mask_len) / num_tokens).tolist()
-
-
-def mask_by_order(num_unknown: int, orders: torch.Tensor) -> torch.Tensor:
-    """Mask (1 = unknown) of the first `num_unknown` positions of each order: (B, L) float."""
-    mask = torch.zeros(orders.shape, device=orders.device)
-    return mask.scatter(1, orders[:, :num_unknown], 1.0)
-
-
-def modulation_chunks(
-    diffusion_head: MARDiffusionHead, timesteps: torch.Tensor, condition_embedding: torch.Tensor, max_rows: int
-) -> Iterator[torch.Tensor]:
-    """The head's AdaLN modulation `(N, M)` for each timestep in turn, computed for several steps at once.
-
-    The modulation depends on (timestep, condition) only, so with few tokens per step that of several steps is one
-    matrix product (the weights are read once instead of once per step): chunks of about `max_rows` rows.
-    """
-    steps_per_chunk = max(1, max_rows // condition_embedding.shape[0])
-    for start in range(0, len(timesteps), steps_per_chunk):
-        yield from diffusion_head.compute_modulation(timesteps[start : start + steps_per_chunk], condition_embedding)
 
 
 class MARPipeline(DiffusionPipeline):
@@ -289,25 +249,44 @@ class MARPipeline(DiffusionPipeline):
             )
         return num_unknown
 
-    def _prepare_class_labels(self, class_labels: int | list[int] | torch.Tensor) -> list[int]:
-        if isinstance(class_labels, torch.Tensor):
-            if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool or class_labels.ndim > 1:
-                raise ValueError(
-                    f"`class_labels` must be an int, a list of ints or a 0-D or 1-D integer tensor; got a "
-                    f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}."
-                )
-            class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
-            class_labels = [class_labels]
-        if (
-            not isinstance(class_labels, (list, tuple))
-            or len(class_labels) == 0
-            or any(isinstance(label, bool) or not isinstance(label, (int, np.integer)) for label in class_labels)
-        ):
-            raise ValueError(
-                f"`class_labels` must be an int, a non-empty list of ints or a 1-D integer tensor; got {class_labels!r}."
+    def resolve_sampling_settings(
+        self,
+        num_inference_steps: int | None = None,
+        num_diffusion_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
+    ) -> dict:
+        """The five sampling arguments of a call: those given, else `sampling_defaults` (not yet checked)."""
+        given = (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
+        return {
+            **self.sampling_defaults,
+            **{key: value for key, value in zip(SAMPLING_KEYS, given) if value is not None},
+        }
+
+    def prepare_orders(
+        self,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+        orders: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Generation orders `(B, L)`: one `torch.randperm` per image from its generator, unless given; with `mask`,
+        the tokens to keep move (stably) to the end, so the random order of the others is kept."""
+        if orders is None:
+            generators = generator if isinstance(generator, list) else [generator] * batch_size
+            orders = torch.stack(
+                [
+                    torch.randperm(self.transformer.num_tokens, generator=g, device=g.device if g else "cpu")
+                    for g in generators
+                ]
             )
-        return [int(label) for label in class_labels]
+        orders = orders.to(device=device, dtype=torch.long)
+        if mask is not None:
+            keep = (mask.to(device).gather(1, orders) == 0).to(torch.uint8)
+            orders = orders.gather(1, torch.argsort(keep, dim=1, stable=True))
+        return orders
 
     def _decode_latents(self, latents: torch.Tensor, output_type: str, generator=None):
         """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`; `generator`
@@ -403,22 +382,9 @@ class MARPipeline(DiffusionPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. Check inputs
-        given = dict(
-            zip(
-                SAMPLING_KEYS,
-                (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature),
-            )
-        )
-        settings = {**self.sampling_defaults, **{key: value for key, value in given.items() if value is not None}}
-        if (
-            isinstance(num_images_per_label, bool)
-            or not isinstance(num_images_per_label, int)
-            or num_images_per_label < 1
-        ):
-            raise ValueError(f"`num_images_per_label` must be an int >= 1; got {num_images_per_label!r}.")
-        class_labels = [
-            label for label in self._prepare_class_labels(class_labels) for _ in range(num_images_per_label)
-        ]
+        given = (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
+        settings = self.resolve_sampling_settings(*given)
+        class_labels = prepare_class_labels(class_labels, num_images_per_label)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]
@@ -434,7 +400,6 @@ class MARPipeline(DiffusionPipeline):
         batch_size, num_tokens = len(class_labels), self.transformer.num_tokens
         token_dim = self.transformer.token_dim
         do_guidance = settings["guidance_scale"] != 1.0
-        generators = generator if isinstance(generator, list) else [generator] * batch_size
         self._interrupt = False
         self._num_timesteps = num_inference_steps
 
@@ -445,15 +410,7 @@ class MARPipeline(DiffusionPipeline):
             labels = torch.cat([labels, null_labels])
 
         # 3. Generation orders, one random permutation per image
-        if orders is None:
-            orders = torch.stack(
-                [torch.randperm(num_tokens, generator=g, device=g.device if g else "cpu") for g in generators]
-            )
-        orders = orders.to(device=device, dtype=torch.long)
-        if mask is not None:
-            # Tokens to keep go to the end of each order (stable, so the random order of the others is kept).
-            keep = (mask.to(device).gather(1, orders) == 0).to(torch.uint8)
-            orders = orders.gather(1, torch.argsort(keep, dim=1, stable=True))
+        orders = self.prepare_orders(batch_size, generator, device, orders, mask)  # (B, L)
 
         # 4. Mask and guidance schedules, over the tokens to generate
         mask_lens = mask_schedule(num_unknown, num_inference_steps)
@@ -491,17 +448,10 @@ class MARPipeline(DiffusionPipeline):
                 )  # (B' * n, W)
 
                 # Timesteps stay on the host for the scheduler (no device sync per step); the head gets a device copy.
-                # Second-order and PNDM schedulers run more steps than `num_diffusion_steps`: one noise per step run.
                 scheduler.set_timesteps(num_diffusion_steps)
-                num_steps = len(scheduler.timesteps)
-                if noise is None:
-                    step_noise = randn_tensor(
-                        (batch_size, 1 + num_steps, n, token_dim), generator=generator, device=device
-                    ).transpose(0, 1)  # (1 + S, B, n, C)
-                else:
-                    step_noise = noise[step].to(device=device, dtype=torch.float32)
-                step_noise = step_noise.reshape(1 + num_steps, batch_size * n, token_dim)
-
+                step_noise = prepare_step_noise(
+                    len(scheduler.timesteps), batch_size, n, token_dim, generator, device, noise and noise[step]
+                )  # (1 + S, B * n, C)
                 modulations = modulation_chunks(
                     self.diffusion_head, scheduler.timesteps.to(device), condition_embedding, self.modulation_rows
                 )

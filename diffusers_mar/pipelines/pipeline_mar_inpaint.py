@@ -21,7 +21,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.utils import logging
 
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
-from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS, check_sampling_settings
+from diffusers_mar.pipelines.sampling_settings import check_sampling_settings
+from diffusers_mar.pipelines.schedules import prepare_class_labels
 
 logger = logging.get_logger(__name__)
 
@@ -375,20 +376,10 @@ class MARInpaintPipeline(MARPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the edited images.
         """
         # 1. Check inputs
-        class_labels = self._prepare_class_labels(class_labels)
-        if (
-            isinstance(num_images_per_label, bool)
-            or not isinstance(num_images_per_label, int)
-            or num_images_per_label < 1
-        ):
-            raise ValueError(f"`num_images_per_label` must be an int >= 1; got {num_images_per_label!r}.")
-        given = dict(
-            zip(
-                SAMPLING_KEYS,
-                (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature),
-            )
-        )
-        settings = {**self.sampling_defaults, **{key: value for key, value in given.items() if value is not None}}
+        class_labels = prepare_class_labels(class_labels)
+        prepare_class_labels(class_labels, num_images_per_label)  # checks `num_images_per_label`
+        given = (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
+        settings = self.resolve_sampling_settings(*given)
         if not isinstance(resize, bool):
             raise ValueError(f"`resize` must be True or False; got {resize!r}.")
         # The sampling arguments are checked once here (each group is checked again by MARPipeline); the step count
