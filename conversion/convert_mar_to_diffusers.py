@@ -84,6 +84,7 @@ from diffusers_mar import (  # noqa: E402
     MARPipeline,
     MARTransformer2DModel,
 )
+from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -370,7 +371,7 @@ def convert(args: argparse.Namespace) -> Path:
                 f"The VAE has {vae_config['latent_channels']} latent channels but the MAR tokens have "
                 f"{transformer.config.in_channels}; is `--vae_path` the right VAE?"
             )
-        vae_config["sample_size"] = transformer.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+        vae_config["sample_size"] = transformer.config.sample_size * vae_scale_factor(vae_config)
         vae = build_vae(vae_state_dict, vae_config, dtype=dtype)
     else:
         print("note: no `--vae_path`: the folder holds latent tokens without a decoder (output_type='latent').")

@@ -25,6 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 from diffusers_mar import MARPipeline
+from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Top-level packages of a LTH14/mar checkout, dropped from `sys.modules` so that another checkout can be loaded.
@@ -115,7 +116,7 @@ def verify_pipeline_folder(
     calls = {name: lambda model, args: model(*args, return_dict=False)[0] for name in inputs}
     if "vae" in names:
         config = expected["vae"].config
-        side = 2 ** len(config.block_out_channels)
+        side = 2 * vae_scale_factor(config)  # an image of 2 x 2 latent cells
         image = torch.rand(1, config.in_channels, side, side, generator=generator) * 2 - 1
         latents = torch.randn(1, config.latent_channels, 2, 2, generator=generator)
         inputs["vae.encode"], inputs["vae.decode"] = image, latents

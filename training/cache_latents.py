@@ -31,6 +31,7 @@ from diffusers.models import AutoencoderKL
 from tqdm.auto import tqdm
 
 from diffusers_mar import MARPipeline
+from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
 from training.data import (
     CACHE_INFO,
     DIGITS,
@@ -39,7 +40,6 @@ from training.data import (
     dataset_class_names,
     image_transform,
     load_image_dataset,
-    vae_scale_factor,
 )
 from training.launch import check_launch, run_script
 

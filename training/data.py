@@ -70,11 +70,6 @@ def check_labels(labels: list[int], num_classes: int, what: str) -> None:
         )
 
 
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent cell of a diffusers VAE (as `MARPipeline.vae_scale_factor`)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------------------------------

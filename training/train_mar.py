@@ -49,6 +49,7 @@ from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTr
 from diffusers_mar.cli.outputs import GRID_MIN_CELL, make_grid
 from diffusers_mar.configs import MAR_PRESETS
 from diffusers_mar.pipelines.model_card import make_model_card
+from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
 from training.data import (
     DIGITS,
@@ -61,7 +62,6 @@ from training.data import (
     dataset_class_names,
     image_transform,
     load_image_dataset,
-    vae_scale_factor,
 )
 from training.launch import check_launch, launch_command, resume_argv, run_script
 from training.mar_loss import MARTrainingModule, weight_decay_param_groups

@@ -56,6 +56,13 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+def vae_scale_factor(vae: torch.nn.Module | dict | None) -> int:
+    """Pixels per latent cell of a diffusers VAE (or of its config): `2 ** (levels - 1)`; 1 without a VAE."""
+    config = vae if vae is None or isinstance(vae, dict) else vae.config
+    channels = None if config is None else config.get("block_out_channels")
+    return 2 ** (len(channels) - 1) if channels else 1
+
+
 class MARPipeline(DiffusionPipeline):
     r"""
     Pipeline for class-conditional image generation with MAR.
@@ -117,8 +124,7 @@ class MARPipeline(DiffusionPipeline):
             for label in value.split(","):
                 self.labels[label.strip()] = key
         self.labels = dict(sorted(self.labels.items()))
-        block_out_channels = getattr(vae.config, "block_out_channels", None) if vae is not None else None
-        self.vae_scale_factor = 2 ** (len(block_out_channels) - 1) if block_out_channels else 1
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # Rows of the head's AdaLN modulation computed in one product (see `modulation_chunks`; 1: one step at a time,
