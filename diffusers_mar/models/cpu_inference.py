@@ -5,8 +5,8 @@ faults cost about as much as writing the values (MAR-B's QKV and MLP hidden outp
 8). Inside `cpu_inference(transformer)` every block of the model runs the same operations, but writes its QKV and MLP
 hidden outputs into one buffer reused by all blocks (the QKV is consumed by the attention before the MLP runs), and
 takes the GELU and the residual sums in place. The values
-are identical to the plain forward (the same `addmm` that `F.linear` runs; `x + y == y + x` in floating point). On
-exit the blocks get their own forward back. The models themselves hold no trace of this.
+are identical to the plain forward (the same `addmm` that `F.linear` runs; `x + y == y + x` in floating point). The
+buffer is released at the end of each forward of the model; on exit the blocks get their own forward back. The models themselves hold no trace of this.
 """
 
 from __future__ import annotations
@@ -88,9 +88,14 @@ def cpu_inference(*models: nn.Module):
     buffers: dict = {}
     for block in blocks:
         block.forward = functools.partial(_buffered_block_forward, block, buffers)
+    # The buffer lives for one forward of the model, not between calls: a sampler's other work (the diffusion head)
+    # does not hold it, so the peak memory is no higher than without buffers.
+    releases = [model.register_forward_hook(lambda *args: buffers.clear()) for model in models if blocks]
     try:
         yield len(blocks)
     finally:
         for block in blocks:
             del block.forward
+        for release in releases:
+            release.remove()
         buffers.clear()

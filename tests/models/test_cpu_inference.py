@@ -60,3 +60,18 @@ def test_replaced_linear_forwards_stay_in_charge():
     with torch.no_grad(), cpu_inference(model) as switched:
         model(*_tiny_inputs()[:3])
     assert switched == 3 and calls == ["fc1"]
+
+
+def test_the_buffer_lives_for_one_forward_only():
+    # Between transformer calls (while a sampler runs the diffusion head) no buffer may stay allocated.
+    model = _model()
+    seen = []
+    with torch.no_grad(), cpu_inference(model):
+        block = model.encoder_blocks[0]
+        buffers = block.forward.args[1]
+        model.decoder_blocks[-1].register_forward_hook(
+            lambda *args: seen.append(sum(b.numel() for b in buffers.values()))
+        )
+        model(*_tiny_inputs()[:3])
+        assert seen[0] > 0 and buffers == {}
+    assert model._forward_hooks == {}  # the release hook is removed on exit
