@@ -41,6 +41,7 @@ def main() -> None:
         str(REPO_ROOT / "training" / "train_mar.py"),
         "--dataset_name=digits",
         f"--output_dir={args.output_dir}",
+        "--overwrite_output_dir",  # the benchmark's own folder: a rerun replaces the previous run
         f"--train_batch_size={args.train_batch_size}",
         f"--max_train_steps={args.max_train_steps}",
         "--learning_rate=1e-3",
