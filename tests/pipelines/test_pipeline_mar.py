@@ -296,6 +296,12 @@ def test_vae_decodes_scaled_latents():
         ({"num_inference_steps": 17}, r"num_inference_steps.*\[1, 16\]"),
         ({"num_diffusion_steps": 0}, r"num_diffusion_steps.*\[1, 1000\]"),
         ({"guidance_scale": -0.5}, "guidance_scale.*>= 0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale.*finite number >= 0"),
+        ({"guidance_scale": float("inf")}, "guidance_scale.*finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature.*finite number > 0"),
+        ({"generator": 0}, "generator.*torch.Generator"),
+        ({"generator": [torch.Generator(), 0]}, "generator.*torch.Generator"),
+        ({"num_images_per_label": 0}, "num_images_per_label.*>= 1"),
         ({"guidance_schedule": "cosine"}, r"guidance_schedule.*\('linear', 'constant'\)"),
         ({"temperature": 0.0}, "temperature.*> 0"),
         ({"temperature": -1.0}, "temperature.*> 0"),
@@ -524,3 +530,20 @@ def test_every_compatible_scheduler_samples_digits_or_is_refused(digits, schedul
         pipe.scheduler = shipped_scheduler
     accuracy = evaluator.evaluate(to_digit_scale(images), np.array(labels))["accuracy"]
     assert accuracy >= 0.85, f"{name}: {accuracy:.2f} of the digits read as their label"  # noise scores <= 0.6
+
+
+def test_a_0d_label_tensor_is_one_label():
+    pipe = make_tiny_pipeline()
+    from_tensor = pipe(torch.tensor(3), generator=_seeded(0), output_type="latent", **FAST).images
+    from_int = pipe(3, generator=_seeded(0), output_type="latent", **FAST).images
+    assert from_tensor.shape == (1, 1, 8, 8) and torch.equal(from_tensor, from_int)
+
+
+def test_save_pretrained_keeps_the_model_card_of_the_folder(tmp_path):
+    make_tiny_pipeline().save_pretrained(tmp_path / "first")
+    (tmp_path / "first" / "README.md").write_text("# A card\n")
+    pipe = MARPipeline.from_pretrained(tmp_path / "first")
+    pipe.set_sampling_defaults(guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path / "second")
+    assert (tmp_path / "second" / "README.md").read_text() == "# A card\n"
+    assert MARPipeline.from_pretrained(tmp_path / "second").sampling_defaults["guidance_scale"] == 2.0
