@@ -151,3 +151,14 @@ def fixture_trace_noise(case: str, num_steps: int) -> list[torch.Tensor]:
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def tiny_transformer_inputs(batch: int = 3, known: int = 5, seed: int = 0):
+    """(tokens, mask, labels, predict_indices) for the tiny pixel transformer: `known` known tokens per row."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, 16, 4, generator=generator)
+    orders = torch.stack([torch.randperm(16, generator=generator) for _ in range(batch)])
+    mask = torch.ones(batch, 16).scatter(1, orders[:, :known], 0.0)
+    predict = orders[:, known : known + 4].sort(dim=1).values
+    labels = torch.tensor([1, 10, 4][:batch])
+    return tokens, mask, labels, predict

@@ -25,14 +25,6 @@ from tests.conversion.test_convert_mar_to_diffusers import (
 from tests.testing_utils import fixture_checkpoint, requires_fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def heads_argv(output_dir: pathlib.Path, encoder: int, decoder: int | None = None, *extra) -> list:
     """The fixture checkpoint without VAE and with the given head counts instead of the true 4 / 4."""
     argv = ["--checkpoint_path", CHECKPOINT, "--output_dir", output_dir, "--num_attention_heads", encoder, *extra]

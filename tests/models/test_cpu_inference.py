@@ -5,17 +5,7 @@ import torch
 
 from diffusers_mar import MARTransformer2DModel
 from diffusers_mar.models.cpu_inference import cpu_inference
-from tests.testing_utils import TINY_PIXEL_TRANSFORMER_CONFIG, perturb_
-
-
-def _tiny_inputs(batch=3, known=5, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(batch, 16, 4, generator=generator)
-    orders = torch.stack([torch.randperm(16, generator=generator) for _ in range(batch)])
-    mask = torch.ones(batch, 16).scatter(1, orders[:, :known], 0.0)
-    predict = orders[:, known : known + 4].sort(dim=1).values
-    labels = torch.tensor([1, 10, 4][:batch])
-    return tokens, mask, labels, predict
+from tests.testing_utils import TINY_PIXEL_TRANSFORMER_CONFIG, perturb_, tiny_transformer_inputs
 
 
 def _model():
@@ -24,7 +14,7 @@ def _model():
 
 def test_buffered_blocks_equal_the_plain_forward_and_are_restored():
     model = _model()
-    tokens, mask, labels, predict = _tiny_inputs()
+    tokens, mask, labels, predict = tiny_transformer_inputs()
     with torch.no_grad():
         expected_full = model(tokens, mask, labels).sample
         expected_part = model(tokens, mask, labels, predict_indices=predict).sample
@@ -58,7 +48,7 @@ def test_replaced_linear_forwards_stay_in_charge():
     layer = model.encoder_blocks[0].ff.fc1
     layer.forward = lambda x: calls.append("fc1") or torch.nn.Linear.forward(layer, x)
     with torch.no_grad(), cpu_inference(model) as switched:
-        model(*_tiny_inputs()[:3])
+        model(*tiny_transformer_inputs()[:3])
     assert switched == 3 and calls == ["fc1"]
 
 
@@ -72,6 +62,6 @@ def test_the_buffer_lives_for_one_forward_only():
         model.decoder_blocks[-1].register_forward_hook(
             lambda *args: seen.append(sum(b.numel() for b in buffers.values()))
         )
-        model(*_tiny_inputs()[:3])
+        model(*tiny_transformer_inputs()[:3])
         assert seen[0] > 0 and buffers == {}
     assert model._forward_hooks == {}  # the release hook is removed on exit

@@ -24,15 +24,6 @@ from tests.testing_utils import TINY_PIXEL_HEAD_CONFIG, TINY_PIXEL_TRANSFORMER_C
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; with more, a loaded machine makes them 10-100x slower (issue 14)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class ModelCase:
     model_class: type

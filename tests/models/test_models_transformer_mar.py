@@ -60,16 +60,6 @@ def test_predict_indices_equal_rows_of_full_output():
     torch.testing.assert_close(part, expected, rtol=0, atol=1e-6)
 
 
-def _tiny_inputs(batch=3, known=5, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(batch, 16, 4, generator=generator)
-    orders = torch.stack([torch.randperm(16, generator=generator) for _ in range(batch)])
-    mask = torch.ones(batch, 16).scatter(1, orders[:, :known], 0.0)
-    predict = orders[:, known : known + 4].sort(dim=1).values
-    labels = torch.tensor([1, 10, 4][:batch])
-    return tokens, mask, labels, predict
-
-
 def test_unknown_tokens_do_not_influence_conditions():
     model = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG)).eval()
     tokens = torch.randn(2, 16, 4)

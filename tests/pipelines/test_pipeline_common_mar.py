@@ -29,15 +29,6 @@ FAST = {"num_inference_steps": 4, "num_diffusion_steps": 5}
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; with more, a loaded machine makes them 10-100x slower (issue 14)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
