@@ -70,15 +70,6 @@ def save_checkpoint(path: pathlib.Path, **entries) -> pathlib.Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up dominates, and on a shared 2-core machine 2 threads per xdist worker thrash.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def converted_fixture(tmp_path_factory, stand_in_checkout) -> pathlib.Path:
     """The fixture checkpoint and VAE converted by `main()` with `--verify --original_repo`."""
