@@ -22,7 +22,7 @@ from diffusers.utils import logging
 
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings
-from diffusers_mar.pipelines.schedules import prepare_class_labels
+from diffusers_mar.pipelines.schedules import check_num_images_per_label, prepare_class_labels
 
 logger = logging.get_logger(__name__)
 
@@ -377,7 +377,7 @@ class MARInpaintPipeline(MARPipeline):
         """
         # 1. Check inputs
         class_labels = prepare_class_labels(class_labels)
-        prepare_class_labels(class_labels, num_images_per_label)  # checks `num_images_per_label`
+        check_num_images_per_label(num_images_per_label)
         given = (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
         settings = self.resolve_sampling_settings(*given)
         if not isinstance(resize, bool):

@@ -58,10 +58,14 @@ def modulation_chunks(
         yield from diffusion_head.compute_modulation(timesteps[start : start + steps_per_chunk], condition_embedding)
 
 
-def prepare_class_labels(class_labels: int | list[int] | torch.Tensor, num_images_per_label: int = 1) -> list[int]:
-    """Class labels as a list, each repeated `num_images_per_label` times (next to each other)."""
+def check_num_images_per_label(num_images_per_label: int) -> None:
     if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int) or num_images_per_label < 1:
         raise ValueError(f"`num_images_per_label` must be an int >= 1; got {num_images_per_label!r}.")
+
+
+def prepare_class_labels(class_labels: int | list[int] | torch.Tensor, num_images_per_label: int = 1) -> list[int]:
+    """Class labels as a list, each repeated `num_images_per_label` times (next to each other)."""
+    check_num_images_per_label(num_images_per_label)
     if isinstance(class_labels, torch.Tensor):
         if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool or class_labels.ndim > 1:
             raise ValueError(
