@@ -1,4 +1,5 @@
-"""The `diffusers-mar` command line: `generate` a labelled image grid with a MARPipeline, `info` about a model.
+"""The `diffusers-mar` command line: `generate` a labelled image grid with a MARPipeline, `info` about a model,
+`evaluate` a model (FID / IS / precision-recall, docs/evaluation.md).
 
 Exit codes: 0 success; 2 bad input (a wrong argument, a model, label or output path that cannot be used, as
 argparse does); 1 a failure while loading or running the model, or a model missing from the installation.
@@ -6,7 +7,8 @@ Every check that does not need the model (output paths, device, dtype, numbers) 
 all checks run before anything is generated, so a failing command leaves no output file behind and replaces none.
 
 Modules: `parser` (options and their types), `model` (loading, labels, settings, the summary of `info`), `outputs`
-(paths, atomic saving, the grid), `commands` (the subcommands), `errors` (exit codes, `CLIError`).
+(paths, atomic saving, the grid), `commands` (the subcommands), `evaluate` (evaluation), `errors` (exit codes,
+`CLIError`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import traceback
 
 from diffusers_mar.cli.commands import cmd_generate, cmd_info, resolve_num_threads
 from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
+from diffusers_mar.cli.evaluate import cmd_evaluate
 from diffusers_mar.cli.model import label_text, load_pipeline, model_summary, parse_class_labels, recommended_sampling
 from diffusers_mar.cli.outputs import auto_scale, make_grid, save_image
 from diffusers_mar.cli.parser import build_parser
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "evaluate": cmd_evaluate}
 
 __all__ = [
     "EXIT_FAILURE",

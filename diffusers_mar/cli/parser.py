@@ -76,6 +76,21 @@ _positive_float.__name__ = "number"
 _device.__name__ = "device"
 
 
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The five sampling options; not given, they take the model folder's recommended values."""
+    parser.add_argument(
+        "--guidance-scale", type=_non_negative_float, metavar="S", help="classifier-free guidance, 1 = off"
+    )
+    parser.add_argument(
+        "--guidance-schedule", choices=("linear", "constant"), help="how guidance grows over the steps"
+    )
+    parser.add_argument("--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps")
+    parser.add_argument(
+        "--num-diffusion-steps", type=_positive_int, metavar="S", help="diffusion-head steps per token"
+    )
+    parser.add_argument("--temperature", type=_positive_float, metavar="T", help="scales each diffusion step's noise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `diffusers-mar` parser; each subcommand's namespace has `command` and `parser` (for its error lines)."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -85,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=formatter,
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{generate,info}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{generate,info,evaluate}")
     model_help = (
         "a MARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
         "(default: diffusers_mar.DEFAULT_MODEL, the model folder inside the package)"
@@ -123,19 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing --output file or --output-dir files"
     )
     generate.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_HUB_ID", help=model_help)
-    generate.add_argument(
-        "--guidance-scale", type=_non_negative_float, metavar="S", help="classifier-free guidance, 1 = off"
-    )
-    generate.add_argument(
-        "--guidance-schedule", choices=("linear", "constant"), help="how guidance grows over the steps"
-    )
-    generate.add_argument("--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps")
-    generate.add_argument(
-        "--num-diffusion-steps", type=_positive_int, metavar="S", help="diffusion-head steps per token"
-    )
-    generate.add_argument(
-        "--temperature", type=_positive_float, metavar="T", help="scales each diffusion step's noise"
-    )
+    add_sampling_options(generate)
     generate.add_argument(
         "--seed", type=int, default=0, help="image i uses torch.Generator seeded seed + i (default 0)"
     )
@@ -172,4 +175,82 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_HUB_ID", help=model_help)
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     info.set_defaults(parser=info)
+    add_evaluate_parser(subparsers, model_help)
     return parser
+
+
+def add_evaluate_parser(subparsers, model_help: str) -> None:
+    """`diffusers-mar evaluate`: balanced sampling across processes and FID / IS / precision-recall."""
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="sample a balanced image set (under accelerate launch or plainly) and compute FID / IS / precision-recall",
+        description=(
+            "Generate --images-per-class images of every class in class order (image i: seed --seed + i), split\n"
+            "across the processes of `accelerate launch` (or one plain process), as numbered PNGs plus an .npz in\n"
+            "the ADM evaluator's format; a killed run resumes where it stopped. Then compute FID against\n"
+            "--reference statistics, the Inception Score and precision / recall (k = 3), and write a results JSON.\n"
+            "With --compute-reference, write reference statistics of --data (an image folder or a `datasets` name)."
+        ),
+        epilog=EPILOG
+        + "\nexamples:\n  diffusers-mar evaluate --model mar-base --output-dir eval/mar-base --reference adm_in256_stats.npz\n"
+        "  accelerate launch --num_processes 8 -m diffusers_mar.cli evaluate --model mar-base --output-dir eval/mar-base "
+        "--reference adm_in256_stats.npz\n"
+        "  diffusers-mar evaluate --compute-reference --data path/to/images --resolution 256 --output ref.npz\n"
+        "Documentation: docs/evaluation.md\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_HUB_ID", help=model_help)
+    evaluate.add_argument("--output-dir", metavar="DIR", help="folder for the PNGs, samples.npz and results.json")
+    evaluate.add_argument(
+        "--reference", metavar="NPZ", help="reference statistics: mu and sigma (ADM or plain), optional features"
+    )
+    evaluate.add_argument(
+        "--images-per-class", type=_positive_int, default=50, metavar="N", help="images of each class (default 50)"
+    )
+    evaluate.add_argument(
+        "--num-classes", type=_positive_int, metavar="N", help="the class count you expect (checked against the model)"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    evaluate.add_argument(
+        "--batch-size", type=_positive_int, default=64, metavar="N", help="images per pipeline call (default 64)"
+    )
+    add_sampling_options(evaluate)
+    evaluate.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
+    evaluate.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
+    evaluate.add_argument(
+        "--num-threads", type=_num_threads, default="auto", metavar="N", help="CPU threads (as for generate)"
+    )
+    evaluate.add_argument(
+        "--feature-extractor",
+        default="inception",
+        metavar="SPEC",
+        help="inception (torch-fidelity's Inception-v3, default) or module:callable, a factory(device) -> extractor",
+    )
+    evaluate.add_argument(
+        "--inception-weights",
+        "--inception_weights",
+        metavar="PTH",
+        help="local weights-inception-2015-12-05-6726825d.pth (default: torch-fidelity's download)",
+    )
+    evaluate.add_argument(
+        "--metrics-batch-size", type=_positive_int, default=100, metavar="N", help="images per feature batch"
+    )
+    evaluate.add_argument("--skip-metrics", action="store_true", help="only sample (and write samples.npz)")
+    evaluate.add_argument("--results", metavar="JSON", help="results file (default: OUTPUT_DIR/results.json)")
+    evaluate.add_argument(
+        "--update-model-card", action="store_true", help="add one line with the results to the model folder's README"
+    )
+    evaluate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    reference = evaluate.add_argument_group("--compute-reference")
+    reference.add_argument(
+        "--compute-reference", action="store_true", help="write reference statistics of --data to --output"
+    )
+    reference.add_argument("--data", metavar="FOLDER_OR_DATASET", help="an image folder or a `datasets` name")
+    reference.add_argument("--output", metavar="NPZ", help="the statistics file to write")
+    reference.add_argument(
+        "--resolution", type=_positive_int, metavar="N", help="centre-crop size, as in training (e.g. 256)"
+    )
+    reference.add_argument("--split", default="train", help="the dataset split (default train)")
+    reference.add_argument("--image-column", default="image", help="the dataset's image column (default image)")
+    reference.add_argument("--max-images", type=_positive_int, metavar="N", help="use the first N images only")
+    evaluate.set_defaults(parser=evaluate)
