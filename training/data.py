@@ -20,6 +20,8 @@ import torch
 from accelerate.logging import get_logger
 from PIL import Image
 
+from diffusers_mar.evaluation.reference import center_crop_arr  # the ADM crop, shared with evaluation
+
 logger = get_logger(__name__, log_level="INFO")
 
 DIGITS = "digits"
@@ -73,17 +75,6 @@ def check_labels(labels: list[int], num_classes: int, what: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def center_crop_arr(image: Image.Image, resolution: int) -> Image.Image:
-    """ADM center crop: box-halve while the short side is >= 2 * resolution, bicubic resize, crop the center."""
-    # As in LTH14/mar util/crop.py (from openai/guided-diffusion).
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -136,6 +136,7 @@ def generate_samples(
     `sampling` are the pipeline's five sampling arguments. The progress bar (when `show_progress`) counts the
     images of all processes, estimated from this one's.
     """
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     batches = process_batches(len(samples), batch_size, process_index, num_processes)
     missing = [batch for batch in batches if not all(image_path(output_dir, i).exists() for i in batch)]
     done = len(samples) - sum(len(batch) for batch in missing) * num_processes

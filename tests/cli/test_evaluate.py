@@ -1,0 +1,138 @@
+"""`diffusers-mar evaluate` on a tiny random pixel-space model, with a cheap feature extractor
+(`tests.evaluation.stub_extractor:make`) in place of Inception-v3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_mar import MARPipeline, cli
+from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
+from tests.training.test_train_mar import _two_process_launch, child_env
+
+STUB = "tests.evaluation.stub_extractor:make"
+SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 2, "num_diffusion_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    pipe = make_tiny_pipeline()
+    pipe = MARPipeline(**pipe.components, sampling=SAMPLING)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    pipe.save_pretrained(folder)
+    (folder / "README.md").write_text("# tiny\n")
+    return folder
+
+
+def evaluate(model, output_dir, *extra: str) -> int:
+    args = ["evaluate", "--model", str(model), "--output-dir", str(output_dir), "--images-per-class", "2"]
+    return cli.main([*args, "--batch-size", "4", "--feature-extractor", STUB, "--cpu", "-q", *extra])
+
+
+def test_evaluate_against_a_reference_computed_from_the_same_images(tiny_model, tmp_path, capsys):
+    assert evaluate(tiny_model, tmp_path / "run") == 0
+    reference = tmp_path / "ref.npz"
+    code = cli.main(
+        ["evaluate", "--compute-reference", "--data", str(tmp_path / "run"), "--resolution", "8",
+         "--output", str(reference), "--feature-extractor", STUB]
+    )  # fmt: skip
+    assert code == 0
+    with np.load(reference) as data:
+        assert data["features"].shape == (20, 64) and int(data["num_images"]) == 20
+    assert evaluate(tiny_model, tmp_path / "run", "--reference", str(reference), "--update-model-card") == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    metrics = results["metrics"]
+    assert metrics["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images: the same Gaussian
+    assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
+    assert 1.0 <= metrics["inception_score"] <= 10.0
+    assert results["num_images"] == 20 and results["settings"]["num_inference_steps"] == 2
+    assert results["settings"]["guidance_scale"] == 2.0  # from the folder's recommended settings
+    assert len(results["model_hash"]) == 64 and results["seconds"]["sampling"] >= 0
+    with np.load(tmp_path / "run" / "samples.npz") as data:
+        samples = data["arr_0"]
+    assert samples.shape == (20, 8, 8, 1) and samples.dtype == np.uint8
+    np.testing.assert_array_equal(samples[7, ..., 0], np.asarray(Image.open(tmp_path / "run" / "000007.png")))
+    card = (tiny_model / "README.md").read_text()
+    assert "## Evaluation results" in card and "FID 0" in card and "20 images (2 per class)" in card
+
+
+def test_options_override_the_folder_settings_and_a_changed_setting_is_another_run(tiny_model, tmp_path, capsys):
+    assert evaluate(tiny_model, tmp_path / "run", "--skip-metrics") == 0
+    assert evaluate(tiny_model, tmp_path / "run", "--skip-metrics", "--guidance-scale", "1") == 2
+    assert "holds the images of another run" in capsys.readouterr().err
+    assert evaluate(tiny_model, tmp_path / "other", "--skip-metrics", "--guidance-scale", "1") == 0
+    results = json.loads((tmp_path / "other" / "results.json").read_text())
+    assert results["settings"]["guidance_scale"] == 1.0 and results["metrics"] == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "option", "message"),
+    [
+        (["--num-classes", "1000"], "--num-classes", "the model has 10 classes"),
+        (["--reference", "missing.npz"], "--reference", "does not exist"),
+        (["--feature-extractor", "no_such_module:make"], "--feature-extractor", "cannot import"),
+        (
+            ["--feature-extractor", "inception", "--inception-weights", "missing.pth"],
+            "--inception-weights",
+            "not found",
+        ),
+        (["--data", "x"], "--data", "only used with --compute-reference"),
+    ],
+)
+def test_bad_inputs(tiny_model, tmp_path, capsys, extra, option, message):
+    extra = [str(tmp_path / value) if value.endswith((".npz", ".pth")) else value for value in extra]
+    assert evaluate(tiny_model, tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and message in err
+    assert not list((tmp_path / "run").glob("*.png"))
+
+
+def test_malformed_reference_files(tiny_model, tmp_path, capsys):
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "keys.npz", mean=np.zeros(3))
+    np.savez(tmp_path / "shapes.npz", mu=np.zeros(3), sigma=np.eye(2))
+    np.savez(tmp_path / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3))
+    for name, message in [
+        ("junk.npz", "not an .npz file"),
+        ("keys.npz", "needs 'mu' and 'sigma'"),
+        ("shapes.npz", "'sigma' (D, D)"),
+        ("nan.npz", "NaN"),
+    ]:
+        assert evaluate(tiny_model, tmp_path / "run", "--reference", str(tmp_path / name)) == 2
+        assert message in capsys.readouterr().err
+    # Statistics of another feature space: refused after sampling, with both sizes named.
+    np.savez(tmp_path / "dim.npz", mu=np.zeros(3), sigma=np.eye(3))
+    assert evaluate(tiny_model, tmp_path / "run", "--reference", str(tmp_path / "dim.npz")) == 1
+    assert "3-d statistics but the feature extractor gives 64-d" in capsys.readouterr().err
+
+
+def test_compute_reference_needs_its_options(tmp_path, capsys):
+    assert cli.main(["evaluate", "--compute-reference", "--data", str(tmp_path), "--output", "r.npz"]) == 2
+    assert "argument --resolution: is required" in capsys.readouterr().err
+    code = cli.main(
+        ["evaluate", "--compute-reference", "--data", str(tmp_path), "--resolution", "8",
+         "--output", str(tmp_path / "r.npz"), "--feature-extractor", STUB]
+    )  # fmt: skip
+    assert code == 2 and "holds no images" in capsys.readouterr().err
+    assert not (tmp_path / "r.npz").exists()
+
+
+@pytest.mark.slow
+def test_two_launched_processes_write_the_same_images_as_one(tiny_model, tmp_path):
+    assert evaluate(tiny_model, tmp_path / "one", "--skip-metrics") == 0
+    command = [
+        *_two_process_launch(), "-m", "diffusers_mar.cli", "evaluate", "--model", str(tiny_model),
+        "--output-dir", str(tmp_path / "two"), "--images-per-class", "2", "--batch-size", "4", "--skip-metrics",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "on 2 process(es)" in result.stderr
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert len(names) == 20 and names == sorted(p.name for p in (tmp_path / "two").glob("*.png"))
+    assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in names)
+    assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["num_processes"] == 2
