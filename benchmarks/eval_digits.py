@@ -9,7 +9,8 @@ download):
   pixels / 16, fitted on a fixed stratified half of the real digits (`train_test_split(..., test_size=0.5,
   random_state=0)`, "half A"); its accuracy on the other half ("half B") is printed.
 - **Fréchet distance** (FD): between the Gaussians fitted to the classifier's hidden-layer activations (64-d) of the
-  generated images and of half A (the classifier's training half), `scipy.linalg.sqrtm` as in FID. The floor is
+  generated images and of half A (the classifier's training half), by `diffusers_mar.evaluation.metrics` (the code
+  of `diffusers-mar evaluate`: float64, `scipy.linalg.sqrtm` as in FID). The floor is
   the FD of the held-out real half B against half A: what fresh real digits score (similar sample sizes: 899 vs
   898 real, 10 x N generated).
 - **diversity**: per class, the mean pairwise L2 distance between images in pixel space (values 0..16), generated
@@ -39,20 +40,22 @@ import shlex
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
-from scipy import linalg
 from sklearn.datasets import load_digits
-from sklearn.metrics import pairwise_distances
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 from diffusers_mar import DEFAULT_MODEL, MARPipeline
+from diffusers_mar.evaluation.metrics import (
+    frechet_distance_of_features,
+    mean_pairwise_distance,
+    nearest_neighbour_distances,
+)
 
 NUM_CLASSES = 10
 DIGIT_SIZE = 8
@@ -65,38 +68,8 @@ DEFAULT_SECTION = "Digits quality (benchmarks/eval_digits.py)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics: plain functions of (N, 64) arrays of 8x8 digits on the 0..16 scale.
-
-
-def frechet_distance(features_1: np.ndarray, features_2: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two sets of features `(N, D)`, as FID (scipy `sqrtm`)."""
-    mu_1, mu_2 = features_1.mean(axis=0), features_2.mean(axis=0)
-    sigma_1, sigma_2 = np.cov(features_1, rowvar=False), np.cov(features_2, rowvar=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # singular covariances (dead ReLU units) are expected; handled below
-        covmean = linalg.sqrtm(sigma_1 @ sigma_2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma_1.shape[0]) * 1e-6  # as pytorch-fid: regularize a near-singular product
-            covmean = linalg.sqrtm((sigma_1 + offset) @ (sigma_2 + offset))
-    covmean = covmean.real
-    distance = ((mu_1 - mu_2) ** 2).sum() + np.trace(sigma_1) + np.trace(sigma_2) - 2 * np.trace(covmean)
-    return float(max(distance, 0.0))
-
-
-def mean_pairwise_distance(images: np.ndarray) -> float:
-    """Mean L2 distance over all pairs of distinct images `(N, 64)`."""
-    if len(images) < 2:
-        raise ValueError(f"`images` needs at least 2 images for a pairwise distance; got {len(images)}.")
-    distances = pairwise_distances(images)
-    return float(distances.sum() / (len(images) * (len(images) - 1)))
-
-
-def nearest_neighbour_distances(images: np.ndarray, reference: np.ndarray, exclude_self: bool = False) -> np.ndarray:
-    """Per image, the L2 distance to its nearest image in `reference`; `exclude_self` when `images is reference`."""
-    distances = pairwise_distances(images, reference)
-    if exclude_self:
-        np.fill_diagonal(distances, np.inf)
-    return distances.min(axis=1)
+# Metrics: the package's (`diffusers_mar.evaluation.metrics`, the code of `diffusers-mar evaluate`) on (N, 64) arrays
+# of 8x8 digits on the 0..16 scale, or on the classifier's features.
 
 
 def to_digit_scale(images: np.ndarray) -> np.ndarray:
@@ -140,7 +113,9 @@ class DigitsEvaluator:
             self.classifier.score(self.images[self.half_b] / DIGIT_MAX, self.labels[self.half_b])
         )
         self.reference_features = self.features(self.images[self.half_a])
-        self.frechet_floor = frechet_distance(self.features(self.images[self.half_b]), self.reference_features)
+        self.frechet_floor = frechet_distance_of_features(
+            self.features(self.images[self.half_b]), self.reference_features
+        )
         real_nn = nearest_neighbour_distances(self.images, self.images, exclude_self=True)
         self.near_copy_threshold = float(np.percentile(real_nn, self.near_copy_percentile))
         self.real_diversity = {c: mean_pairwise_distance(self.images[self.labels == c]) for c in range(NUM_CLASSES)}
@@ -149,6 +124,10 @@ class DigitsEvaluator:
         """The classifier's hidden-layer (ReLU) activations `(N, 64)` of digits on the 0..16 scale."""
         hidden = images / DIGIT_MAX @ self.classifier.coefs_[0] + self.classifier.intercepts_[0]
         return np.maximum(hidden, 0.0)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The classifier's output-layer logits `(N, 10)` of digits on the 0..16 scale."""
+        return self.features(images) @ self.classifier.coefs_[1] + self.classifier.intercepts_[1]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.classifier.predict(images / DIGIT_MAX)
@@ -164,7 +143,9 @@ class DigitsEvaluator:
             if (labels == c).sum() >= 2:
                 diversity[c] = mean_pairwise_distance(images[labels == c]) / self.real_diversity[c]
         nearest = nearest_neighbour_distances(images, self.images)
-        frechet = frechet_distance(self.features(images), self.reference_features) if len(images) > 1 else None
+        frechet = (
+            frechet_distance_of_features(self.features(images), self.reference_features) if len(images) > 1 else None
+        )
         return {
             "accuracy": float(correct.mean()),
             "accuracy_per_class": {c: float(correct[labels == c].mean()) for c in np.unique(labels).tolist()},
@@ -184,6 +165,21 @@ class DigitsEvaluator:
             "real_diversity_per_class": self.real_diversity,
             "num_real": len(self.labels),
         }
+
+
+def digits_feature_extractor(device: str | torch.device = "cpu"):
+    """A feature extractor for `diffusers-mar evaluate --feature-extractor benchmarks.eval_digits:digits_feature_extractor`:
+    uint8 images `(N, 3, H, W)` -> the classifier's hidden features (`features`, 64-d) and logits (`logits`)."""
+    evaluator = DigitsEvaluator()
+
+    def extractor(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        digits = to_digit_scale(images.permute(0, 2, 3, 1).double().cpu().numpy() / 255.0)  # (N, 64) on 0..16
+        return {
+            "features": torch.from_numpy(evaluator.features(digits)),
+            "logits": torch.from_numpy(evaluator.logits(digits)),
+        }
+
+    return extractor
 
 
 # ----------------------------------------------------------------------------------------------------------------

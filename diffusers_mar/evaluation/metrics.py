@@ -86,7 +86,9 @@ def inception_score(
 def pairwise_distances(features_1: np.ndarray, features_2: np.ndarray) -> np.ndarray:
     """Euclidean distances `(N, M)` in float64, `sqrt(|x|^2 - 2 x.y + |y|^2)` clipped at 0 (as scikit-learn)."""
     x, y = np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)
-    squared = (x * x).sum(axis=1)[:, None] - 2 * x @ y.T + (y * y).sum(axis=1)[None, :]
+    squared = -2 * (x @ y.T)  # (N, M), summed in scikit-learn's order so the digits numbers stay the same
+    squared += np.einsum("ij,ij->i", x, x)[:, None]
+    squared += np.einsum("ij,ij->i", y, y)[None, :]
     if x is y:
         np.fill_diagonal(squared, 0.0)
     return np.sqrt(np.maximum(squared, 0.0))

@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import eval_digits
-from benchmarks.eval_digits import DigitsEvaluator, frechet_distance, mean_pairwise_distance, to_digit_scale
+from benchmarks.eval_digits import DigitsEvaluator, digits_feature_extractor, to_digit_scale
+from diffusers_mar.evaluation.metrics import frechet_distance_of_features as frechet_distance
+from diffusers_mar.evaluation.metrics import mean_pairwise_distance
 from tests.testing_utils import make_tiny_pipeline
 
 
@@ -132,3 +135,12 @@ def test_head_scheduler_builds_each_scheduler_from_the_model_config():
         eval_digits.head_scheduler(config, "euler")
     with pytest.raises(ValueError, match="`timestep_spacing` must be one of"):
         eval_digits.head_scheduler(config, "dpm", "sideways")
+
+
+def test_digits_feature_extractor_gives_the_evaluators_features_and_logits(evaluator):
+    real = evaluator.images[:20]  # (20, 64) on 0..16
+    images = torch.from_numpy(np.round(real / 16 * 255).astype(np.uint8).reshape(20, 1, 8, 8)).expand(-1, 3, -1, -1)
+    outputs = digits_feature_extractor()(images)
+    rounded = np.round(real / 16 * 255) / 255 * 16  # the uint8 rounding of the images
+    np.testing.assert_allclose(outputs["features"].numpy(), evaluator.features(rounded), rtol=1e-10)
+    assert (outputs["logits"].numpy().argmax(axis=1) == evaluator.predict(rounded)).all()
