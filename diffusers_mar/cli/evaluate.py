@@ -51,6 +51,8 @@ def cmd_compute_reference(args: argparse.Namespace) -> int:
             raise CLIError("is required with --compute-reference", option)
     if Path(args.output).suffix != ".npz":
         raise CLIError(f"{args.output!r} must end in .npz", "--output")
+    if Path(args.output).expanduser().exists():
+        raise CLIError(f"{args.output!r} exists; delete it or give another file name", "--output")
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"

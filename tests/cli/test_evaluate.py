@@ -119,6 +119,13 @@ def test_compute_reference_needs_its_options(tmp_path, capsys):
     )  # fmt: skip
     assert code == 2 and "holds no images" in capsys.readouterr().err
     assert not (tmp_path / "r.npz").exists()
+    (tmp_path / "r.npz").write_bytes(b"keep")
+    code = cli.main(
+        ["evaluate", "--compute-reference", "--data", str(tmp_path), "--resolution", "8", "--output",
+         str(tmp_path / "r.npz")]
+    )  # fmt: skip
+    assert code == 2 and "argument --output: " in capsys.readouterr().err
+    assert (tmp_path / "r.npz").read_bytes() == b"keep"
 
 
 @pytest.mark.slow
