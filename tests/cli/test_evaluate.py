@@ -143,3 +143,28 @@ def test_two_launched_processes_write_the_same_images_as_one(tiny_model, tmp_pat
     assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes() for n in names)
     assert (tmp_path / "one" / "samples.npz").read_bytes() == (tmp_path / "two" / "samples.npz").read_bytes()
     assert json.loads((tmp_path / "two" / "results.json").read_text())["num_processes"] == 2
+
+
+def test_an_adm_reference_batch_gives_precision_recall_from_its_images(tiny_model, tmp_path):
+    assert evaluate(tiny_model, tmp_path / "run", "--skip-metrics") == 0
+    with np.load(tmp_path / "run" / "samples.npz") as data:
+        images = data["arr_0"]  # (20, 8, 8, 1)
+    features = images[..., 0].reshape(len(images), -1).astype(np.float64) / 255.0  # the stub's features
+    # ADM's reference batches hold the images (arr_0), FID statistics (mu, sigma) and sFID ones (mu_s, sigma_s).
+    np.savez(
+        tmp_path / "adm.npz",
+        arr_0=np.repeat(images, 3, axis=-1),
+        mu=features.mean(axis=0),
+        sigma=np.cov(features, rowvar=False),
+        mu_s=np.zeros(2),
+        sigma_s=np.eye(2),
+    )
+    assert evaluate(tiny_model, tmp_path / "run", "--reference", str(tmp_path / "adm.npz")) == 0
+    metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    assert metrics["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert (metrics["precision"], metrics["recall"]) == (1.0, 1.0)
+    # Plain mu / sigma only: FID, no precision / recall.
+    np.savez(tmp_path / "plain.npz", mu=features.mean(axis=0) + 0.1, sigma=np.cov(features, rowvar=False))
+    assert evaluate(tiny_model, tmp_path / "run", "--reference", str(tmp_path / "plain.npz")) == 0
+    metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
+    assert metrics["fid"] == pytest.approx(0.01 * 64, rel=1e-6) and "precision" not in metrics
