@@ -31,7 +31,10 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(mu_1: np.ndarray, sigma_1: np.ndarray, mu_2: np.ndarray, sigma_2: np.ndarray) -> float:
     """Fréchet distance between N(mu_1, sigma_1) and N(mu_2, sigma_2) in float64:
     `|mu_1 - mu_2|^2 + tr(sigma_1 + sigma_2 - 2 (sigma_1 sigma_2)^(1/2))`."""
-    from scipy import linalg
+    try:
+        from scipy import linalg
+    except ImportError:
+        raise ImportError("The Fréchet distance needs scipy: pip install 'diffusers-mar[eval]'.") from None
 
     mu_1, mu_2 = np.atleast_1d(np.asarray(mu_1, np.float64)), np.atleast_1d(np.asarray(mu_2, np.float64))
     sigma_1, sigma_2 = np.atleast_2d(np.asarray(sigma_1, np.float64)), np.atleast_2d(np.asarray(sigma_2, np.float64))

@@ -168,3 +168,10 @@ def test_an_adm_reference_batch_gives_precision_recall_from_its_images(tiny_mode
     assert evaluate(tiny_model, tmp_path / "run", "--reference", str(tmp_path / "plain.npz")) == 0
     metrics = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     assert metrics["fid"] == pytest.approx(0.01 * 64, rel=1e-6) and "precision" not in metrics
+
+
+def test_progress_bar_shows_images_per_second_and_time_left(tiny_model, tmp_path, capsys):
+    args = ["evaluate", "--model", str(tiny_model), "--output-dir", str(tmp_path), "--images-per-class", "2"]
+    assert cli.main([*args, "--skip-metrics", "--cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "20/20" in err and "img/s" in err and "<00:00" in err  # done / total, rate, time left
