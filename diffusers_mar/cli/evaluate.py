@@ -124,8 +124,18 @@ def update_model_card(folder: str, line: str) -> Path:
     text = path.read_text() if path.is_file() else ""
     heading = "## Evaluation results"
     if heading not in text:
-        text = text.rstrip("\n") + f"\n\n{heading}\n\nMeasured with `diffusers-mar evaluate` (docs/evaluation.md).\n\n"
-    text = text.rstrip("\n") + "\n" + line + "\n"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\nMeasured with `diffusers-mar evaluate` (docs/evaluation.md).\n"
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))  # the section ends where the next one starts
+    end = len(text) if end == -1 else end + 1
+    text = (
+        text[:start]
+        + text[start:end].rstrip("\n")
+        + "\n"
+        + line
+        + "\n"
+        + ("\n" + text[end:] if end < len(text) else "")
+    )
     atomic_write(path, lambda file: file.write(text.encode()))
     return path
 

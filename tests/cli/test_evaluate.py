@@ -175,3 +175,20 @@ def test_progress_bar_shows_images_per_second_and_time_left(tiny_model, tmp_path
     assert cli.main([*args, "--skip-metrics", "--cpu"]) == 0
     err = capsys.readouterr().err
     assert "20/20" in err and "img/s" in err and "<00:00" in err  # done / total, rate, time left
+
+
+def test_update_model_card_keeps_later_sections(tmp_path):
+    from diffusers_mar.cli.evaluate import update_model_card
+
+    (tmp_path / "README.md").write_text("# card\n\n## Evaluation results\n\n- first\n\n## License\n\nMIT\n")
+    update_model_card(str(tmp_path), "- second")
+    assert (tmp_path / "README.md").read_text() == (
+        "# card\n\n## Evaluation results\n\n- first\n- second\n\n## License\n\nMIT\n"
+    )
+    (tmp_path / "README.md").unlink()
+    update_model_card(str(tmp_path), "- only")
+    assert (
+        (tmp_path / "README.md")
+        .read_text()
+        .endswith("## Evaluation results\n\nMeasured with `diffusers-mar evaluate` (docs/evaluation.md).\n- only\n")
+    )
