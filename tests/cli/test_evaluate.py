@@ -192,3 +192,25 @@ def test_update_model_card_keeps_later_sections(tmp_path):
         .read_text()
         .endswith("## Evaluation results\n\nMeasured with `diffusers-mar evaluate` (docs/evaluation.md).\n- only\n")
     )
+
+
+def test_latent_model_with_inception_features(tmp_path):
+    """RGB images through a VAE, features from FID's Inception-v3 (random weights saved as torch-fidelity's file)."""
+    import torch
+
+    from diffusers_mar.evaluation.inception import InceptionV3Features
+    from tests.testing_utils import make_tiny_vae
+
+    pipe = make_tiny_pipeline(vae=make_tiny_vae())
+    pipe = MARPipeline(**pipe.components, sampling=SAMPLING)
+    pipe.save_pretrained(tmp_path / "model")
+    torch.manual_seed(0)
+    torch.save(InceptionV3Features().state_dict(), tmp_path / "inception.pth")
+    args = ["evaluate", "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "run"), "--cpu", "-q"]
+    args += ["--images-per-class", "1", "--batch-size", "5", "--inception-weights", str(tmp_path / "inception.pth")]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["feature_extractor"] == "inception" and results["metrics"]["inception_score"] >= 1.0
+    with np.load(tmp_path / "run" / "samples.npz") as data:
+        assert data["arr_0"].shape == (10, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+    assert Image.open(tmp_path / "run" / "000003.png").mode == "RGB"
