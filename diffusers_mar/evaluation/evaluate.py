@@ -15,6 +15,12 @@ from diffusers_mar.evaluation.reference import ReferenceStatistics, iter_referen
 from diffusers_mar.evaluation.sampling import NpzWriter, atomic_write, read_images
 
 
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
 def sample_batches(array: np.ndarray, batch_size: int):
     for first in range(0, len(array), batch_size):
         yield array[first : first + batch_size]
@@ -32,6 +38,7 @@ def compute_metrics(
     """Metrics of the PNGs `0..num_images-1` in `output_dir`: FID (with `reference`), Inception Score (when the
     extractor gives logits), precision / recall (when `reference` has features or images); writes `npz_path`.
     Without an `extractor`, only the `.npz` is written."""
+    _check_positive(num_images=num_images, batch_size=batch_size, precision_recall_k=precision_recall_k)
     first = next(read_images(output_dir, 1, 1))
     writer = NpzWriter(npz_path, (num_images, *first.shape[1:])) if npz_path is not None else None
     try:
@@ -82,6 +89,9 @@ def compute_reference(
 ) -> dict:
     """Write reference statistics (`mu`, `sigma`, `features`, ...) of an image folder or `datasets` dataset, centre-
     cropped to `resolution` as in training; returns a summary."""
+    _check_positive(resolution=resolution, batch_size=batch_size)
+    if max_images is not None:
+        _check_positive(max_images=max_images)
     start = time.perf_counter()
     images = iter_reference_images(source, resolution, split, image_column)
 

@@ -147,3 +147,14 @@ def test_folder_hash_ignores_the_model_card(tmp_path):
     assert folder_hash(tmp_path) == first
     (tmp_path / "config.json").write_text('{"a": 1}')
     assert folder_hash(tmp_path) != first
+
+
+def test_metrics_and_reference_entry_points_validate_their_numbers(tmp_path):
+    from diffusers_mar.evaluation import compute_metrics, compute_reference
+
+    with pytest.raises(ValueError, match="`num_images` must be an integer >= 1"):
+        compute_metrics(tmp_path, 0, None)
+    with pytest.raises(ValueError, match="`resolution` must be an integer >= 1"):
+        compute_reference(str(tmp_path), tmp_path / "r.npz", None, 0, "inception")
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
+        process_batches(10, 0, 0, 1)
