@@ -386,6 +386,8 @@ def spawn_worker(script: str, args: argparse.Namespace, worker: str, extra: list
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if worker == "check":  # a float32 CPU replay: the official `.cuda()` calls must stay on the CPU too
+        env["CUDA_VISIBLE_DEVICES"] = ""
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
