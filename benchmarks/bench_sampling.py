@@ -122,7 +122,7 @@ def original_model(
     args: argparse.Namespace, preset_name: str, num_sampling_steps: int, diffusion_batch_mul: int = 4
 ) -> torch.nn.Module:
     """The official `MAR` of a preset (random init, eval mode), from the checkout in `--original-repo`."""
-    from benchmarks.original_mar import load_original_mar
+    from conversion.original_mar import load_original_mar
 
     head = get_preset_config(preset_name)["diffusion_head"]
     factory = getattr(load_original_mar(args.original_repo), ORIGINAL_FACTORIES[preset_name])
@@ -386,6 +386,8 @@ def spawn_worker(script: str, args: argparse.Namespace, worker: str, extra: list
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if worker == "check":  # a float32 CPU replay: the official `.cuda()` calls must stay on the CPU too
+        env["CUDA_VISIBLE_DEVICES"] = ""
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -463,6 +465,17 @@ def update_docs_section(section: str, markers: tuple[str, str] = DOCS_MARKERS) -
     path.write_text(text)
 
 
+def public_argv(argv: list[str]) -> list[str]:
+    """The command line as the docs show it: the checkout's path on this machine becomes `path/to/LTH14-mar`."""
+    shown = list(argv)
+    for i, arg in enumerate(shown):
+        if arg == "--original-repo" and i + 1 < len(shown):
+            shown[i + 1] = "path/to/LTH14-mar"
+        elif arg.startswith("--original-repo="):
+            shown[i] = "--original-repo=path/to/LTH14-mar"
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -505,7 +518,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
         check = _spawn(args, "check", []) if args.check_equal else None
 
-    command = "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_sampling.py " + " ".join(
+        public_argv(argv if argv is not None else sys.argv[1:])
+    )
     timing = (
         "Each run (a fresh process) makes the same call twice: peak memory is that of the first call, time that of "
         "the second (one-off costs such as oneDNN's per-shape kernel generation excluded)"

@@ -135,9 +135,9 @@ def verify_pipeline_folder(
 
 
 def load_original_mar_module(original_repo: str | os.PathLike) -> types.ModuleType:
-    """The `models.mar` module of a LTH14/mar checkout (through `benchmarks/original_mar.py`, which lets the official
+    """The `models.mar` module of a LTH14/mar checkout (through `conversion/original_mar.py`, which lets the official
     code import timm without torchvision), loaded afresh and without leaving the checkout on `sys.path`."""
-    from benchmarks.original_mar import load_original_mar
+    from conversion.original_mar import load_original_mar
 
     def forget_checkout() -> None:
         for name in [name for name in sys.modules if name.split(".")[0] in _CHECKOUT_PACKAGES]:

@@ -41,3 +41,13 @@ def test_missing_fixtures_skip_outside_ci(tmp_path):
     result = run_parity_test(tmp_path, None)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 skipped" in result.stdout
+
+
+def test_fixture_tests_carry_the_parity_marker():
+    def collect(marker: str) -> str:
+        command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+        command += ["-m", marker, PARITY_TEST.split("::")[0]]
+        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300).stdout
+
+    assert PARITY_TEST in collect("parity")
+    assert PARITY_TEST not in collect("not parity")

@@ -25,7 +25,9 @@ IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def requires_fixtures(test):
-    """Decorate a test that reads the LTH14/mar fixtures: skipped when they are missing, failed when `CI` is set."""
+    """Decorate a test that reads the LTH14/mar fixtures: marked `parity`; skipped when they are missing, failed when
+    `CI` is set."""
+    test = pytest.mark.parity(test)
     if FIXTURES_FOUND:
         return test
     if not IN_CI:

@@ -59,3 +59,10 @@ def test_repeats_are_summarised_by_median_and_spread():
     }
     line = bench_sampling._table([row], have_official=True).splitlines()[-1]
     assert "2.000 (1.000-3.000)" in line and "1.20 (1.10-1.30)x" in line and "1.00 (0.90-1.10)x" in line
+
+
+def test_recorded_command_names_no_path_of_this_machine():
+    argv = ["--original-repo", "/tmp/LTH14-mar", "--batch-sizes", "1", "--original-repo=/home/me/mar"]
+    shown = bench_sampling.public_argv(argv)
+    assert shown == ["--original-repo", "path/to/LTH14-mar", "--batch-sizes", "1", "--original-repo=path/to/LTH14-mar"]
+    assert argv[1] == "/tmp/LTH14-mar"  # the caller's list is left alone

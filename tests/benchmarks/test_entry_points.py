@@ -17,6 +17,7 @@ SCRIPTS = [
     "make_inpaint_figures.py",
     "bench_cli_threads.py",
     "bench_evaluation_cost.py",
+    "check_cuda.py",
 ]
 
 
@@ -33,3 +34,12 @@ def test_script_help_runs_from_the_repository_root(script):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:") and "--help" in result.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_check_cuda_refuses_to_run_without_a_gpu():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/check_cuda.py"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert "no CUDA device" in result.stderr

@@ -195,7 +195,8 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_clear_message(tmp_path, capsys, 
     rc, err = run_main(["--checkpoint_path", path, "--output_dir", tmp_path / "out"], capsys)
     assert rc == 2
     assert f"error: `--checkpoint_path` {str(path)!r} is not a readable torch checkpoint: {message}" in err
-    assert not err.rstrip().endswith(": 101") and "101" not in err
+    # No raw errno (101) in the message; the temporary folder's own name may hold "101" (pytest-of-root/pytest-101).
+    assert "101" not in err.replace(str(tmp_path), "")
     assert_nothing_written(tmp_path)
 
 
