@@ -97,6 +97,7 @@ class MARPipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["diffusion_head"]
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["tokens", "mask", "condition"]
+    sampling_keys = SAMPLING_KEYS  # the sampling arguments of `__call__` (ARPipeline has no `num_inference_steps`)
 
     def __init__(
         self,
