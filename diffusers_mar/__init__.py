@@ -5,7 +5,7 @@ import os
 import diffusers
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401  (looked up by from_pretrained)
 
-from diffusers_mar.configs import MAR_PRESETS, get_preset_config
+from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
@@ -39,6 +39,7 @@ for _cls in (MARPipeline, MARInpaintPipeline, ARPipeline):
 del _cls
 
 __all__ = [
+    "AR_PRESETS",
     "ARPipeline",
     "ARTransformer2DModel",
     "DEFAULT_MODEL",

@@ -78,6 +78,7 @@ class ARPipeline(MARPipeline):
             `"pixel"` or `"latent"`; defaults to `"latent"` with a `vae` and `"pixel"` without one.
     """
 
+    _transformer_class = ARTransformer2DModel
     sampling_keys = AR_SAMPLING_KEYS
 
     def __init__(

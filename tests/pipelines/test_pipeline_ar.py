@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from diffusers_mar import ARPipeline
+from diffusers_mar import ARPipeline, MARPipeline
 from diffusers_mar.pipelines.schedules import guidance_schedule_values, mask_schedule
 from tests.testing_utils import make_tiny_pipeline
 
@@ -119,6 +119,9 @@ def test_folder_names_the_ar_classes_and_sampling_defaults_round_trip(tmp_path):
     assert type(loaded) is ARPipeline and loaded.sampling_defaults == pipe.sampling_defaults
     images = [p([3], generator=_generators(0), output_type="pt").images for p in (pipe, loaded)]
     assert torch.equal(images[0], images[1])
+    # The MAR class refuses the AR folder (diffusers would build it from the class it is called on) and says how.
+    with pytest.raises(ValueError, match="must be a MARTransformer2DModel.*DiffusionPipeline.from_pretrained"):
+        MARPipeline.from_pretrained(tmp_path)
 
 
 def test_input_errors_name_the_argument():
