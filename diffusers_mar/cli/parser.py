@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{generate,info}")
     model_help = (
-        "a MARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
+        "a MARPipeline or ARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
         "(default: diffusers_mar.DEFAULT_MODEL, the model folder inside the package)"
     )
 
@@ -129,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--guidance-schedule", choices=("linear", "constant"), help="how guidance grows over the steps"
     )
-    generate.add_argument("--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps")
+    generate.add_argument(
+        "--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps (MAR only)"
+    )
+    generate.add_argument(
+        "--order", choices=("raster", "random"), help="generation order of an ARPipeline folder (default raster)"
+    )
     generate.add_argument(
         "--num-diffusion-steps", type=_positive_int, metavar="S", help="diffusion-head steps per token"
     )
