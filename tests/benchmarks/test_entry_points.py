@@ -11,7 +11,15 @@ import pytest
 
 from tests.testing_utils import REPO_ROOT
 
-SCRIPTS = ["fast_sampling_digits.py", "eval_inpaint_digits.py", "make_inpaint_figures.py", "bench_cli_threads.py"]
+SCRIPTS = [
+    "fast_sampling_digits.py",
+    "eval_inpaint_digits.py",
+    "make_inpaint_figures.py",
+    "bench_cli_threads.py",
+    "bench_ar_cache.py",
+    "table1_digits.py",
+    "make_table1_figure.py",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
