@@ -24,13 +24,15 @@ class ARKVCache:
     """Keys and values of every causal block for one sampling run: `(batch, heads, num_tokens, head_dim)` per block.
 
     `length` sequence positions are filled; `ARTransformer2DModel.forward(..., kv_cache=cache)` computes position
-    `length` only and appends its keys and values. Made by `ARTransformer2DModel.make_kv_cache`.
+    `length` only and appends its keys and values. Made by `ARTransformer2DModel.make_kv_cache`. A block's buffers
+    are allocated at its first write, with the device and dtype of its keys (the compute dtype under layerwise
+    casting or autocast, the onload device under offloading).
     """
 
-    def __init__(self, num_layers: int, batch_size: int, num_heads: int, num_positions: int, head_dim: int, **kwargs):
-        shape = (batch_size, num_heads, num_positions, head_dim)
-        self.keys = [torch.zeros(shape, **kwargs) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, **kwargs) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, num_positions: int, head_dim: int):
+        self.shape = (batch_size, num_heads, num_positions, head_dim)
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
         self.batch_size = batch_size
         self.num_positions = num_positions
         self.length = 0
@@ -60,13 +62,14 @@ class ARAttention(nn.Module):
         else:
             # The new rows attend to every cached row and to each other causally.
             start, end = kv_cache.length, kv_cache.length + n
+            if kv_cache.keys[layer_index] is None:
+                kv_cache.keys[layer_index] = k.new_zeros(kv_cache.shape)
+                kv_cache.values[layer_index] = v.new_zeros(kv_cache.shape)
             keys, values = kv_cache.keys[layer_index], kv_cache.values[layer_index]
-            keys[:, :, start:end] = k.to(keys.dtype)
-            values[:, :, start:end] = v.to(values.dtype)
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
             causal = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=start)  # (n, end)
-            out = F.scaled_dot_product_attention(
-                q, keys[:, :, :end].to(q.dtype), values[:, :, :end].to(q.dtype), attn_mask=causal
-            )
+            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=causal)
         out = out.transpose(1, 2).flatten(2)  # (B, n, H * Dh)
         return self.dropout(self.to_out(out))
 
@@ -207,17 +210,11 @@ class ARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         tokens = tokens.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
         return tokens.reshape(b, c, g * p, g * p)
 
-    def make_kv_cache(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def make_kv_cache(self, batch_size: int) -> ARKVCache:
         """An empty `ARKVCache` for `batch_size` sequences (the doubled batch under guidance)."""
         config = self.config
         return ARKVCache(
-            len(self.blocks),
-            batch_size,
-            config.num_attention_heads,
-            self.num_tokens,
-            config.attention_head_dim,
-            device=device if device is not None else self.device,
-            dtype=dtype if dtype is not None else self.dtype,
+            len(self.blocks), batch_size, config.num_attention_heads, self.num_tokens, config.attention_head_dim
         )
 
     def _check_inputs(self, hidden_states, class_labels, orders, kv_cache) -> None:

@@ -261,7 +261,7 @@ class ARPipeline(MARPipeline):
 
         # 5. Autoregressive loop over the order; inside it, the diffusion head's scheduler loop
         tokens = torch.zeros(batch_size, num_tokens, token_dim, device=device)  # (B, L, C), float32 canvas
-        kv_cache = self.transformer.make_kv_cache(len(labels), device) if use_cache else None
+        kv_cache = self.transformer.make_kv_cache(len(labels)) if use_cache else None
         head_dtype = self.diffusion_head.dtype
         for step in self.progress_bar(range(num_tokens)):
             if self.interrupt:

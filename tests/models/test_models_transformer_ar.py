@@ -108,3 +108,17 @@ def test_patchify_round_trip():
     model = _model()
     grid = torch.randn(2, 1, 8, 8)
     assert torch.equal(model.unpatchify(model.patchify(grid)), grid)
+
+
+@torch.no_grad()
+def test_kv_cache_takes_the_compute_dtype_under_layerwise_casting():
+    model = _model().to(torch.bfloat16)
+    tokens, labels, orders = _inputs()
+    expected = _in_order(model(tokens.bfloat16(), labels, orders).sample, orders)[:, :2].float()
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    assert model.blocks[0].attn.to_qkv.weight.dtype == torch.float8_e4m3fn
+    cache = model.make_kv_cache(3)
+    rows = [model(tokens.bfloat16(), labels, orders, kv_cache=cache).sample for _ in range(2)]
+    assert all(keys.dtype == torch.bfloat16 for keys in cache.keys)  # not the float8 storage dtype
+    # float8 weights move the conditions a little, not beyond the spread of the conditions themselves.
+    assert (torch.cat(rows, dim=1).float() - expected).abs().mean() < 0.2 * expected.abs().mean()
