@@ -97,8 +97,7 @@ class MARPipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["diffusion_head"]
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["tokens", "mask", "condition"]
-    _transformer_class = MARTransformer2DModel
-    sampling_keys = SAMPLING_KEYS  # the sampling arguments of `__call__` (ARPipeline has no `num_inference_steps`)
+    _transformer_class, sampling_keys = MARTransformer2DModel, SAMPLING_KEYS  # ARPipeline: its own of both
 
     def __init__(
         self,
@@ -113,9 +112,8 @@ class MARPipeline(DiffusionPipeline):
         super().__init__()
         if not isinstance(transformer, self._transformer_class):
             raise ValueError(
-                f"`transformer` of a {type(self).__name__} must be a {self._transformer_class.__name__}; got "
-                f"{type(transformer).__name__}. Load a folder with the class its model_index.json names: "
-                "`DiffusionPipeline.from_pretrained(folder)`."
+                f"`transformer` of a {type(self).__name__} must be a {self._transformer_class.__name__}, got a "
+                f"{type(transformer).__name__}: load the folder with `DiffusionPipeline.from_pretrained(folder)`."
             )
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
