@@ -5,9 +5,11 @@ import os
 import diffusers
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401  (looked up by from_pretrained)
 
-from diffusers_mar.configs import MAR_PRESETS, get_preset_config
+from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
+from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.pipelines.pipeline_ar import ARPipeline
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline, mask_by_order, mask_schedule
 from diffusers_mar.pipelines.pipeline_mar_inpaint import MARInpaintPipeline
 from diffusers_mar.schedulers.scheduling_ddpm_mar import MARDDPMScheduler
@@ -21,14 +23,25 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "defaul
 # `save_pretrained` writes ["<class.__module__>", "<class name>"] into model_index.json and `from_pretrained` looks
 # the class and its diffusers base (ModelMixin, SchedulerMixin, DiffusionPipeline) up as attributes of that module.
 # Public classes therefore live at `diffusers_mar.<ClassName>`, so folders name ["diffusers_mar", "<ClassName>"].
-for _cls in (MARTransformer2DModel, MARDiffusionHead, MARDDPMScheduler, MARPipeline, MARInpaintPipeline):
+for _cls in (
+    MARTransformer2DModel,
+    ARTransformer2DModel,
+    MARDiffusionHead,
+    MARDDPMScheduler,
+    MARPipeline,
+    MARInpaintPipeline,
+    ARPipeline,
+):
     _cls.__module__ = __name__
 # `DiffusionPipeline.from_pretrained` resolves the `_class_name` of model_index.json in the diffusers namespace.
-for _cls in (MARPipeline, MARInpaintPipeline):
+for _cls in (MARPipeline, MARInpaintPipeline, ARPipeline):
     setattr(diffusers, _cls.__name__, _cls)
 del _cls
 
 __all__ = [
+    "AR_PRESETS",
+    "ARPipeline",
+    "ARTransformer2DModel",
     "DEFAULT_MODEL",
     "MAR_PRESETS",
     "MARDDPMScheduler",

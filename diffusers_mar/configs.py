@@ -2,6 +2,10 @@
 
 Sizes are those of LTH14/mar `models/mar.py` (`mar_base`, `mar_large`, `mar_huge`) with the DiffLoss MLP of the
 released checkpoints (README: B 6x1024, L 8x1280, H 12x1536). ImageNet 256x256, KL-16 VAE (16x16x16 latents).
+
+The AR-B/L/H presets (`ARTransformer2DModel`, issue 15) are the paper's causal AR at each MAR size: one causal stack
+of the MAR encoder's plus decoder's depth at the same width (LTH14/mar issue #72), the same head. They have no
+released weights; their guidance scale is MAR's, not tuned.
 """
 
 from __future__ import annotations
@@ -65,12 +69,30 @@ MAR_PRESETS: dict[str, dict] = {
 }
 
 
-def get_preset_config(name: str) -> dict:
-    """A deep copy of a preset: `{"transformer": ..., "diffusion_head": ..., "sampling": ..., "paper": ...}`.
+_AR_TRANSFORMER_KEYS = ("sample_size", "patch_size", "in_channels", "mlp_ratio", "num_classes", "dropout")
+_AR_TRANSFORMER_KEYS += ("attention_dropout", "norm_eps", "num_attention_heads", "attention_head_dim")
 
-    Build the models with `MARTransformer2DModel.from_config(config["transformer"])` and
-    `MARDiffusionHead.from_config(config["diffusion_head"])`.
+AR_PRESETS: dict[str, dict] = {
+    name.replace("mar-", "ar-"): {
+        "transformer": {
+            **{key: preset["transformer"][key] for key in _AR_TRANSFORMER_KEYS},
+            "num_layers": 2 * preset["transformer"]["num_layers"],  # encoder + decoder depth in one causal stack
+        },
+        "diffusion_head": dict(preset["diffusion_head"]),
+        "sampling": dict(preset["sampling"]),
+    }
+    for name, preset in MAR_PRESETS.items()
+}
+
+
+def get_preset_config(name: str) -> dict:
+    """A deep copy of a preset: `{"transformer": ..., "diffusion_head": ..., "sampling": ..., "paper": ...}` (the AR
+    presets have no "paper").
+
+    Build the models with `MARTransformer2DModel.from_config(config["transformer"])` (`ARTransformer2DModel` for the
+    `ar-*` presets) and `MARDiffusionHead.from_config(config["diffusion_head"])`.
     """
-    if name not in MAR_PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(MAR_PRESETS)}.")
-    return copy.deepcopy(MAR_PRESETS[name])
+    presets = {**MAR_PRESETS, **AR_PRESETS}
+    if name not in presets:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(presets)}.")
+    return copy.deepcopy(presets[name])

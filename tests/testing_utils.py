@@ -13,7 +13,14 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel
+from diffusers_mar import (
+    ARPipeline,
+    ARTransformer2DModel,
+    MARDDPMScheduler,
+    MARDiffusionHead,
+    MARPipeline,
+    MARTransformer2DModel,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(os.environ.get("MAR_FIXTURES_DIR", REPO_ROOT.parent / "shared" / "fixtures" / "mar_tiny"))
@@ -69,6 +76,16 @@ TINY_PIXEL_TRANSFORMER_CONFIG = {
     "num_classes": 10,
 }
 TINY_PIXEL_HEAD_CONFIG = {"in_channels": 4, "model_channels": 16, "condition_channels": 16, "num_res_blocks": 1}
+# The causal AR transformer for the same tokens: two blocks of width 16 (the MAR one's encoder + decoder depth).
+TINY_AR_TRANSFORMER_CONFIG = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 1,
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "num_classes": 10,
+}
 
 
 def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
@@ -97,13 +114,18 @@ def make_tiny_vae(seed: int = 0) -> AutoencoderKL:
     return vae.eval()
 
 
-def make_tiny_pipeline(seed: int = 0, vae=None, **scheduler_kwargs) -> MARPipeline:
-    """A random tiny pixel-space pipeline (or latent-space if a `vae` is given with matching configs)."""
+def make_tiny_pipeline(seed: int = 0, vae=None, ar: bool = False, **scheduler_kwargs) -> MARPipeline | ARPipeline:
+    """A random tiny pixel-space pipeline (or latent-space if a `vae` is given with matching configs); `ar=True`:
+    an `ARPipeline` with the causal transformer."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the initialisation draws from the global RNG
-        transformer = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG), seed).eval()
+        if ar:
+            transformer = perturb_(ARTransformer2DModel(**TINY_AR_TRANSFORMER_CONFIG), seed).eval()
+        else:
+            transformer = perturb_(MARTransformer2DModel(**TINY_PIXEL_TRANSFORMER_CONFIG), seed).eval()
         head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG), seed + 1).eval()
-    pipe = MARPipeline(transformer, head, MARDDPMScheduler(**scheduler_kwargs), vae=vae)
+    pipeline_class = ARPipeline if ar else MARPipeline
+    pipe = pipeline_class(transformer, head, MARDDPMScheduler(**scheduler_kwargs), vae=vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

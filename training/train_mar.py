@@ -10,6 +10,11 @@ a truncated-normal mask ratio on [0.7, 1], label dropout 0.1 and `diffusion_batc
 `training/mar_loss.py`, the data in `training/data.py`. The result is a `MARPipeline` folder (EMA weights, the
 recommended sampling settings in `model_index.json`, a model card) in `--output_dir`.
 
+`--model_family ar` trains the paper's causal AR instead (`ARTransformer2DModel`, loss in `training/ar_loss.py`):
+teacher forcing over every position, the Diffusion Loss on every token, `--order raster | random | anneal` (RAR's
+annealing from random to raster between `--anneal_start` and `--anneal_end`, fractions of training); it writes an
+`ARPipeline` folder. Data, optimisation, EMA, checkpoints and resume are the same code.
+
 See `training/README.md` for the launch commands.
 """
 
@@ -39,18 +44,28 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DiffusionPipeline
 from diffusers.models import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
-from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, get_preset_config
+from diffusers_mar import (
+    ARPipeline,
+    ARTransformer2DModel,
+    MARDDPMScheduler,
+    MARDiffusionHead,
+    MARPipeline,
+    MARTransformer2DModel,
+    get_preset_config,
+)
 from diffusers_mar.cli.outputs import GRID_MIN_CELL, make_grid
-from diffusers_mar.configs import MAR_PRESETS
+from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
 from diffusers_mar.pipelines.model_card import make_model_card
 from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
+from training.ar_loss import AR_ORDERS, ARTrainingModule
 from training.data import (
     DIGITS,
     CachedLatentsDataset,
@@ -71,6 +86,10 @@ logger = get_logger(__name__, log_level="INFO")
 SCRIPT = "training/train_mar.py"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DIGITS_CONFIG = CONFIGS_DIR / "mar-digits.json"
+AR_DIGITS_CONFIG = CONFIGS_DIR / "ar-digits.json"
+PRESETS = {"mar": MAR_PRESETS, "ar": AR_PRESETS}
+TRANSFORMERS = {"mar": MARTransformer2DModel, "ar": ARTransformer2DModel}
+PIPELINES = {"mar": MARPipeline, "ar": ARPipeline}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PIPELINE_ITEMS = ("transformer", "diffusion_head", "scheduler", "vae", "README.md", "model_index.json")
 # `--sample_*` flag of each sampling setting it overrides.
@@ -126,11 +145,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     # Model
     model = parser.add_argument_group("model")
     model.add_argument(
+        "--model_family",
+        type=str,
+        default="mar",
+        choices=["mar", "ar"],
+        help="mar: MAR's masked encoder-decoder; ar: the paper's causal AR (ARTransformer2DModel, ARPipeline).",
+    )
+    model.add_argument(
         "--model_config",
         type=str,
         default=None,
-        help=f"{' | '.join(MAR_PRESETS)} | path to a JSON with 'transformer' and 'diffusion_head' configs "
-        f"(default: mar-large; digits: {DIGITS_CONFIG.relative_to(CONFIGS_DIR.parents[1])}).",
+        help=f"{' | '.join([*MAR_PRESETS, *AR_PRESETS])} | path to a JSON with 'transformer' and 'diffusion_head' "
+        f"configs (default: mar-large or ar-large; digits: {DIGITS_CONFIG.relative_to(CONFIGS_DIR.parents[1])} "
+        f"or {AR_DIGITS_CONFIG.name}).",
     )
     model.add_argument(
         "--override",
@@ -151,6 +178,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     objective.add_argument("--mask_ratio_min", type=float, default=0.7)
     objective.add_argument("--label_drop_prob", type=float, default=0.1)
     objective.add_argument("--diffusion_batch_mul", type=int, default=4)
+    objective.add_argument(
+        "--order", type=str, default=None, choices=AR_ORDERS, help="AR only: training orders (default: random)."
+    )
+    objective.add_argument(
+        "--anneal_start", type=float, default=None, help="AR, --order anneal: fraction of training where r leaves 1."
+    )
+    objective.add_argument(
+        "--anneal_end", type=float, default=None, help="AR, --order anneal: fraction where r reaches 0 (raster)."
+    )
 
     # Optimisation
     optim = parser.add_argument_group("optimisation")
@@ -238,16 +274,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(
             "--pretrained_model fixes the architecture; do not combine it with --model_config/--override."
         )
-    if (
-        args.model_config is not None
-        and args.model_config not in MAR_PRESETS
-        and not Path(args.model_config).is_file()
-    ):
+    check_family_args(args)
+    presets = PRESETS[args.model_family]
+    if args.model_config is not None and args.model_config not in presets and not Path(args.model_config).is_file():
         raise ValueError(
-            f"--model_config must be one of {sorted(MAR_PRESETS)} or a JSON file; {args.model_config!r} is neither."
+            f"--model_config must be one of {sorted(presets)} (--model_family {args.model_family}) or a JSON file; "
+            f"{args.model_config!r} is neither."
         )
-    if args.pretrained_model is None:
-        apply_overrides(load_model_config(model_config_source(args)[1]), args.overrides)  # keys and value types
+    if args.pretrained_model is None:  # keys and value types
+        apply_overrides(load_model_config(model_config_source(args)[1]), args.overrides, args.model_family)
     check_local_path("--pretrained_model", args.pretrained_model)
     check_local_path("--pretrained_vae", args.pretrained_vae)
     positive = {
@@ -285,6 +320,27 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_family_args(args: argparse.Namespace) -> None:
+    """The AR flags go with `--model_family ar`; fill in their defaults (random order, anneal over [0.25, 0.75])."""
+    ar_flags = [name for name in ("order", "anneal_start", "anneal_end") if getattr(args, name) is not None]
+    if args.model_family != "ar":
+        if ar_flags:
+            raise ValueError(f"--{ar_flags[0]} applies to --model_family ar only.")
+        return
+    if args.sample_num_inference_steps is not None:
+        raise ValueError("--sample_num_inference_steps does not apply to --model_family ar (one token per step).")
+    args.order = args.order or "random"
+    if args.order != "anneal" and (args.anneal_start is not None or args.anneal_end is not None):
+        raise ValueError("--anneal_start/--anneal_end apply to --order anneal only.")
+    args.anneal_start = 0.25 if args.anneal_start is None else args.anneal_start
+    args.anneal_end = 0.75 if args.anneal_end is None else args.anneal_end
+    if not 0.0 <= args.anneal_start <= args.anneal_end <= 1.0:
+        raise ValueError(
+            f"Need 0 <= --anneal_start <= --anneal_end <= 1 (fractions of training); got {args.anneal_start} and "
+            f"{args.anneal_end}."
+        )
+
+
 def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool) -> None:
     """One run per output folder: a non-empty one is refused unless the run resumes or `overwrite` is given."""
     folder = Path(output_dir)
@@ -319,13 +375,14 @@ def model_config_source(args: argparse.Namespace) -> tuple[str, str]:
     if args.model_config is not None:
         return args.model_config, args.model_config
     if args.dataset_name == DIGITS:
-        return str(DIGITS_CONFIG.relative_to(CONFIGS_DIR.parents[1])), str(DIGITS_CONFIG)
-    return "mar-large", "mar-large"
+        path = AR_DIGITS_CONFIG if args.model_family == "ar" else DIGITS_CONFIG
+        return str(path.relative_to(CONFIGS_DIR.parents[1])), str(path)
+    return f"{args.model_family}-large", f"{args.model_family}-large"
 
 
 def load_model_config(name: str) -> dict:
     """A preset or a JSON file: `{"transformer": {...}, "diffusion_head": {...}, "sampling": {...}}`."""
-    if name in MAR_PRESETS:
+    if name in MAR_PRESETS or name in AR_PRESETS:
         config = get_preset_config(name)
         config.pop("paper", None)
         return config
@@ -355,8 +412,9 @@ def _config_type_error(value: object, hint: object) -> str | None:
     return None if fits else f"must be {'an' if names[0] in 'aeiou' else 'a'} {names}; got {value!r}"
 
 
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """Apply `--override COMPONENT.KEY=VALUE` (VALUE parsed as JSON) and check every key and value type."""
+def apply_overrides(config: dict, overrides: list[str], family: str = "mar") -> dict:
+    """Apply `--override COMPONENT.KEY=VALUE` (VALUE parsed as JSON) and check every key and value type against the
+    model classes of `family` ("mar" or "ar")."""
     overridden = set()
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -371,7 +429,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         except json.JSONDecodeError:
             config[component][field] = value
         overridden.add((component, field))
-    for component, cls in (("transformer", MARTransformer2DModel), ("diffusion_head", MARDiffusionHead)):
+    for component, cls in (("transformer", TRANSFORMERS[family]), ("diffusion_head", MARDiffusionHead)):
         hints = typing.get_type_hints(cls.__init__)
         unknown = set(config[component]) - set(hints)
         if unknown:
@@ -383,13 +441,17 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
                 raise ValueError(f"{source}: {component}.{field} {error}.")
     try:
         check_sampling_settings(config["sampling"], name="sampling")
+        if family == "ar" and "num_inference_steps" in config["sampling"]:
+            raise ValueError("`sampling['num_inference_steps']` does not apply to the AR family (one token per step).")
     except ValueError as error:
         source = "--override" if any(component == "sampling" for component, _ in overridden) else "--model_config"
         raise ValueError(f"{source}: {error}") from None
     return config
 
 
-def resolve_model_configs(config: dict, grid_size: int, channels: int, num_classes: int) -> tuple[dict, dict]:
+def resolve_model_configs(
+    config: dict, grid_size: int, channels: int, num_classes: int, family: str = "mar"
+) -> tuple[dict, dict]:
     """Fill in (or check) the sizes the data decides: grid side, channels, classes and the head's widths."""
     transformer = dict(config["transformer"])
     for key, value in (("sample_size", grid_size), ("in_channels", channels)):
@@ -407,9 +469,10 @@ def resolve_model_configs(config: dict, grid_size: int, channels: int, num_class
             f"The grid side {grid_size} is not a multiple of transformer.patch_size={patch_size}: the token count "
             "does not match the resolution and patch size."
         )
-    probe = MARTransformer2DModel.from_config({**transformer, "num_layers": 0, "decoder_num_layers": 0})
+    probe = TRANSFORMERS[family].from_config({**transformer, "num_layers": 0, "decoder_num_layers": 0})
+    condition_dim = probe.inner_dim if family == "ar" else probe.decoder_dim
     head = dict(config["diffusion_head"])
-    for key, value in (("in_channels", probe.token_dim), ("condition_channels", probe.decoder_dim)):
+    for key, value in (("in_channels", probe.token_dim), ("condition_channels", condition_dim)):
         if head.get(key, value) != value:
             raise ValueError(
                 f"The model config has diffusion_head.{key}={head[key]} but the transformer needs {value}; "
@@ -422,7 +485,7 @@ def resolve_model_configs(config: dict, grid_size: int, channels: int, num_class
 def reinit_class_embedding(transformer: MARTransformer2DModel, num_classes: int) -> MARTransformer2DModel:
     """A copy of `transformer` with `num_classes` classes: new class rows, the unconditional row kept."""
     config = {**transformer.config, "num_classes": num_classes}
-    new = MARTransformer2DModel.from_config(config)
+    new = type(transformer).from_config(config)
     state = {k: v for k, v in transformer.state_dict().items() if k != "class_embedding.weight"}
     missing, unexpected = new.load_state_dict(state, strict=False)
     if missing != ["class_embedding.weight"] or unexpected:
@@ -479,11 +542,13 @@ class Models:
     config_name: str
 
     def pipeline(self) -> MARPipeline:
-        """A `MARPipeline` of the current weights, with the recommended sampling settings in its config."""
+        """A `MARPipeline` (`ARPipeline` for the AR family) of the current weights, with the recommended sampling
+        settings in its config."""
         # Pixels are bounded, so x0_hat is clipped as in pixel-space DDPM; the unbounded latents keep the original's
         # `clip_denoised=False`. Early in training this turns saturated pixel samples into clean ones (docs/training.md).
         scheduler = MARDDPMScheduler(clip_sample=self.vae is None)
-        return MARPipeline(
+        pipeline_class = ARPipeline if isinstance(self.transformer, ARTransformer2DModel) else MARPipeline
+        return pipeline_class(
             self.transformer,
             self.diffusion_head,
             scheduler,
@@ -644,12 +709,12 @@ def build_models(
         config_name = args.pretrained_model
     else:
         config_name, config_path = model_config_source(args)
-        config = apply_overrides(load_model_config(config_path), args.overrides)
+        config = apply_overrides(load_model_config(config_path), args.overrides, args.model_family)
         config_name = " ".join([config_name, *args.overrides])
         transformer_config, head_config = resolve_model_configs(
-            config, space.grid_size, space.channels, data.num_classes
+            config, space.grid_size, space.channels, data.num_classes, args.model_family
         )
-        transformer = MARTransformer2DModel.from_config(transformer_config)
+        transformer = TRANSFORMERS[args.model_family].from_config(transformer_config)
         diffusion_head = MARDiffusionHead.from_config(head_config)
         sampling = config["sampling"]
     num_tokens = transformer.num_tokens
@@ -659,6 +724,8 @@ def build_models(
         )
     except ValueError as error:
         raise ValueError(f"The recommended sampling of {config_name!r}: {error}") from None
+    if args.model_family == "ar":
+        sampling.pop("num_inference_steps")  # one token per step
     for key, flag in SAMPLE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -672,6 +739,38 @@ def build_models(
         transformer.enable_gradient_checkpointing()
         diffusion_head.enable_gradient_checkpointing()
     return Models(transformer, diffusion_head, space.vae, data.id2label, sampling, config_name)
+
+
+def load_pretrained(args: argparse.Namespace) -> MARPipeline | None:
+    """The pipeline of `--pretrained_model` (the class its model_index.json names), which must be of the family."""
+    if args.pretrained_model is None:
+        return None
+    pretrained = DiffusionPipeline.from_pretrained(args.pretrained_model)
+    family = "ar" if isinstance(getattr(pretrained, "transformer", None), ARTransformer2DModel) else "mar"
+    if not isinstance(pretrained, MARPipeline) or family != args.model_family:
+        raise ValueError(
+            f"--pretrained_model {args.pretrained_model!r} holds a {type(pretrained).__name__}; --model_family "
+            f"{args.model_family} fine-tunes a {PIPELINES[args.model_family].__name__}."
+        )
+    return pretrained
+
+
+def make_training_module(args: argparse.Namespace, models: Models) -> torch.nn.Module:
+    """The networks under one module whose `forward` is the loss of the family (MAR's or the causal AR's)."""
+    common = {"label_drop_prob": args.label_drop_prob, "diffusion_batch_mul": args.diffusion_batch_mul}
+    if args.model_family == "ar":
+        return ARTrainingModule(
+            models.transformer,
+            models.diffusion_head,
+            MARDDPMScheduler(),
+            order=args.order,
+            anneal_start=args.anneal_start,
+            anneal_end=args.anneal_end,
+            **common,
+        )
+    return MARTrainingModule(
+        models.transformer, models.diffusion_head, MARDDPMScheduler(), mask_ratio_min=args.mask_ratio_min, **common
+    )
 
 
 def make_schedule(args: argparse.Namespace, num_processes: int, batches_per_epoch: int) -> Schedule:
@@ -774,12 +873,16 @@ def model_card(
         "parameters": f"transformer {transformer_params:,}, diffusion head {head_params:,}",
     }
     hub = not (Path(args.dataset_name).exists() or args.dataset_name == DIGITS) if args.dataset_name else False
+    family_text = "MAR model"
+    if args.model_family == "ar":
+        anneal = f" from {args.anneal_start} to {args.anneal_end} of training" if args.order == "anneal" else ""
+        family_text = f"causal AR model (`ARPipeline`, trained with --order {args.order}{anneal})"
     base_model = args.pretrained_model if args.pretrained_model and not Path(args.pretrained_model).exists() else None
     return make_model_card(
-        title=f"MAR trained on {data.name}",
-        description="A class-conditional MAR model (*Autoregressive Image Generation without Vector Quantization*, "
-        "Li et al. 2024, original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, trained with "
-        "`training/train_mar.py`.",
+        title=f"{'Causal AR' if args.model_family == 'ar' else 'MAR'} trained on {data.name}",
+        description=f"A class-conditional {family_text} (*Autoregressive Image Generation without Vector "
+        "Quantization*, Li et al. 2024, original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, "
+        "trained with `training/train_mar.py`.",
         details=details,
         sampling=models.sampling,
         repo_id=args.hub_model_id or "path/to/this-folder",
@@ -787,6 +890,7 @@ def model_card(
         license=args.license,
         base_model=base_model,
         datasets=[args.dataset_name] if hub else None,
+        pipeline_class=PIPELINES[args.model_family].__name__,
     )
 
 
@@ -895,18 +999,11 @@ def main(args: argparse.Namespace) -> Path:
     accelerator = setup_accelerator(args)
 
     # 2. Token space, data, models (every check runs here, before any output is written)
-    pretrained = MARPipeline.from_pretrained(args.pretrained_model) if args.pretrained_model is not None else None
+    pretrained = load_pretrained(args)
     space = resolve_token_space(args, pretrained)
     data = load_data(args, accelerator, space, pretrained)
     models = build_models(args, data, space, pretrained)
-    model = MARTrainingModule(
-        models.transformer,
-        models.diffusion_head,
-        MARDDPMScheduler(),
-        mask_ratio_min=args.mask_ratio_min,
-        label_drop_prob=args.label_drop_prob,
-        diffusion_batch_mul=args.diffusion_batch_mul,
-    )
+    model = make_training_module(args, models)
     vae, random_flip = space.vae, data.random_flip
 
     # 3. EMA of both networks, as the original: constant decay from the first step (see docs/training.md)
@@ -1021,6 +1118,8 @@ def main(args: argparse.Namespace) -> Path:
                     group["lr"] = learning_rate_at(
                         global_step, base_lr, warmup_steps, max_train_steps, args.lr_scheduler, args.min_lr
                     )
+                if isinstance(unwrapped, ARTrainingModule):  # the order annealing follows the step: resume is exact
+                    unwrapped.progress = global_step / max_train_steps
                 loss = model(latents, class_labels)
                 accelerator.backward(loss)
                 grad_norm = None
@@ -1095,7 +1194,7 @@ def main(args: argparse.Namespace) -> Path:
             upload_folder(
                 repo_id=repo_id,
                 folder_path=str(output_dir),
-                commit_message=f"MAR trained for {global_step} steps",
+                commit_message=f"{args.model_family.upper()} trained for {global_step} steps",
                 ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*", "*.tmp"],
                 token=args.hub_token,
             )

@@ -31,7 +31,6 @@ from diffusers_mar.cli.outputs import (
     save_image,
     single_file_paths,
 )
-from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 
 # `--num-threads auto` runs models with fewer parameters (transformer + head) than this on one CPU thread: their
 # matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine threads
@@ -74,7 +73,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_not_replacing([path for row in single_files for path in row], "--output-dir")
     settings, source = sampling_settings(args, pipe)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
-    settings_text = ", ".join(f"{key}={settings[key]}" for key in SAMPLING_KEYS)
+    settings_text = ", ".join(f"{key}={settings[key]}" for key in pipe.sampling_keys)
+    if args.order is not None:
+        settings_text += f", order={args.order}"
+        settings = {**settings, "order": args.order}
     print(f"Sampling with {settings_text} (options not given: {source})", file=sys.stderr)
 
     # 3. Generate: one generator per image (seed + index), so an image does not depend on --batch-size

@@ -103,6 +103,12 @@ def _check_inputs(evaluation, args: argparse.Namespace):
         raise CLIError(str(error), "--reference") from None
 
 
+def _steps_text(settings: dict) -> str:
+    if "num_inference_steps" not in settings:  # an ARPipeline makes one token per step
+        return f"one token per step x {settings['num_diffusion_steps']} diffusion steps"
+    return f"{settings['num_inference_steps']} x {settings['num_diffusion_steps']} steps"
+
+
 def _card_line(results: dict) -> str:
     metrics, settings = results["metrics"], results["settings"]
     names = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall"}
@@ -111,7 +117,7 @@ def _card_line(results: dict) -> str:
     return (
         f"- {values} on {results['num_images']:,} images ({settings['images_per_class']} per class) against "
         f"`{reference}`; guidance {settings['guidance_scale']:g} ({settings['guidance_schedule']}), "
-        f"{settings['num_inference_steps']} x {settings['num_diffusion_steps']} steps, temperature "
+        f"{_steps_text(settings)}, temperature "
         f"{settings['temperature']:g}, seed {settings['seed']} (`diffusers-mar evaluate`, {results['date']})"
     )
 
@@ -182,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     accelerator.wait_for_everyone()
     if main_process:
         evaluation.write_run_file(args.output_dir, run)
-        settings_text = ", ".join(f"{key}={settings[key]}" for key in SAMPLING_KEYS)
+        settings_text = ", ".join(f"{key}={settings[key]}" for key in SAMPLING_KEYS if key in settings)
         print(
             f"{'Resuming' if resuming else 'Sampling'} {len(samples):,} images ({args.images_per_class} per class, "
             f"{num_classes} classes) on {accelerator.num_processes} process(es) with {settings_text} "

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from diffusers_mar import DEFAULT_MODEL, MARPipeline
+from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARPipeline
 from diffusers_mar.cli.errors import EXIT_FAILURE, CLIError
-from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,7 +28,8 @@ def _looks_like_local_path(model: str) -> bool:
 
 
 def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MARPipeline:
-    """Load a MARPipeline from a local folder or a Hugging Face Hub id, with errors that name `--model`.
+    """Load a MARPipeline, or an ARPipeline if the folder's model_index.json names one, from a local folder or a
+    Hugging Face Hub id, with errors that name `--model`.
 
     Raises `CLIError` (exit 2) when the model cannot be found, (exit 1) when the shipped default model is missing
     or a found model fails to load.
@@ -59,7 +59,10 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
         diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = MARPipeline.from_pretrained(source)
+        pipeline_class = (
+            ARPipeline if MARPipeline.load_config(source).get("_class_name") == "ARPipeline" else MARPipeline
+        )
+        pipe = pipeline_class.from_pretrained(source)
         if not isinstance(pipe, MARPipeline):
             raise CLIError(f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline", "--model")
         pipe.to(device=device, dtype=DTYPES[dtype])
@@ -121,12 +124,21 @@ def recommended_sampling(pipe: MARPipeline) -> tuple[dict, str]:
 def sampling_settings(args: argparse.Namespace, pipe: MARPipeline) -> tuple[dict, str]:
     """Options given on the command line, else the model's recommendations; range checks that name the option."""
     settings, source = recommended_sampling(pipe)
-    given = {key for key in SAMPLING_KEYS if getattr(args, key, None) is not None}
+    if isinstance(pipe, ARPipeline) and getattr(args, "num_inference_steps", None) is not None:
+        raise CLIError(
+            "does not apply to an ARPipeline folder, which makes one token per step", "--num-inference-steps"
+        )
+    order = getattr(args, "order", None)
+    if order is not None and not isinstance(pipe, ARPipeline):
+        raise CLIError("applies to ARPipeline folders only (MAR draws a random order per image)", "--order")
+    given = {key for key in pipe.sampling_keys if getattr(args, key, None) is not None}
     settings.update({key: getattr(args, key) for key in given})
     num_tokens = pipe.transformer.num_tokens
     max_steps = pipe.scheduler.config.num_train_timesteps
     ranges = {"num_inference_steps": (1, num_tokens), "num_diffusion_steps": (1, max_steps)}
     for key, (low, high) in ranges.items():
+        if key not in settings:
+            continue
         if not (isinstance(settings[key], int) and low <= settings[key] <= high):
             option = "--" + key.replace("_", "-")
             message = f"must be an integer in [{low}, {high}] for this model"

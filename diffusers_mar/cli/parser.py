@@ -84,7 +84,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--guidance-schedule", choices=("linear", "constant"), help="how guidance grows over the steps"
     )
-    parser.add_argument("--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps")
+    parser.add_argument(
+        "--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps (MAR only)"
+    )
     parser.add_argument(
         "--num-diffusion-steps", type=_positive_int, metavar="S", help="diffusion-head steps per token"
     )
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{generate,info,evaluate}")
     model_help = (
-        "a MARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
+        "a MARPipeline or ARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
         "(default: diffusers_mar.DEFAULT_MODEL, the model folder inside the package)"
     )
 
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_HUB_ID", help=model_help)
     add_sampling_options(generate)
+    generate.add_argument(
+        "--order", choices=("raster", "random"), help="generation order of an ARPipeline folder (default raster)"
+    )
     generate.add_argument(
         "--seed", type=int, default=0, help="image i uses torch.Generator seeded seed + i (default 0)"
     )

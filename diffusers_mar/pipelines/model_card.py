@@ -27,9 +27,10 @@ def make_model_card(
     license: str = "mit",
     base_model: str | None = None,
     datasets: list[str] | None = None,
+    pipeline_class: str = "MARPipeline",
 ) -> ModelCard:
     """A `ModelCard` from the template: YAML metadata, title, description, a details table, usage, `sections`
-    (Markdown, e.g. evaluation results or the training command) and the citation."""
+    (Markdown, e.g. evaluation results or the training command) and the citation; the usage loads `pipeline_class`."""
     metadata = ModelCardData(
         license=license, library_name="diffusers", tags=list(TAGS), base_model=base_model, datasets=datasets
     )
@@ -39,6 +40,7 @@ def make_model_card(
         description=description.strip(),
         details="\n".join(f"| {key} | {value} |" for key, value in details.items()),
         repo_id=repo_id,
+        pipeline_class=pipeline_class,
         example_label=example_label,
         sampling=", ".join(f"`{key}={value!r}`" for key, value in sampling.items()),
         sections=f"\n{sections.strip()}\n\n" if sections.strip() else "\n",

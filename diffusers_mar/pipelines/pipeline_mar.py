@@ -97,6 +97,7 @@ class MARPipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["diffusion_head"]
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["tokens", "mask", "condition"]
+    _transformer_class, sampling_keys = MARTransformer2DModel, SAMPLING_KEYS  # ARPipeline: its own of both
 
     def __init__(
         self,
@@ -109,6 +110,11 @@ class MARPipeline(DiffusionPipeline):
         token_space: str | None = None,
     ):
         super().__init__()
+        if not isinstance(transformer, self._transformer_class):
+            raise ValueError(
+                f"`transformer` of a {type(self).__name__} must be a {self._transformer_class.__name__}, got a "
+                f"{type(transformer).__name__}: load the folder with `DiffusionPipeline.from_pretrained(folder)`."
+            )
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
         if sampling is not None:

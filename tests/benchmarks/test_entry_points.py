@@ -18,6 +18,9 @@ SCRIPTS = [
     "bench_cli_threads.py",
     "bench_evaluation_cost.py",
     "check_cuda.py",
+    "bench_ar_cache.py",
+    "table1_digits.py",
+    "make_table1_figure.py",
 ]
 
 

@@ -214,3 +214,21 @@ def test_latent_model_with_inception_features(tmp_path):
     with np.load(tmp_path / "run" / "samples.npz") as data:
         assert data["arr_0"].shape == (10, 16, 16, 3) and data["arr_0"].dtype == np.uint8
     assert Image.open(tmp_path / "run" / "000003.png").mode == "RGB"
+
+
+def test_evaluate_an_ar_folder(tmp_path, capsys):
+    pipe = make_tiny_pipeline(ar=True)
+    pipe.set_sampling_defaults(num_diffusion_steps=3, guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path / "ar")
+    (tmp_path / "ar" / "README.md").write_text("# tiny AR\n")
+    assert evaluate(tmp_path / "ar", tmp_path / "run") == 0
+    reference = tmp_path / "ref.npz"
+    argv = ["evaluate", "--compute-reference", "--data", str(tmp_path / "run"), "--resolution", "8"]
+    assert cli.main([*argv, "--output", str(reference), "--feature-extractor", STUB]) == 0
+    assert evaluate(tmp_path / "ar", tmp_path / "run", "--reference", str(reference), "--update-model-card") == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["num_images"] == 20 and "num_inference_steps" not in results["settings"]
+    assert results["metrics"]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert "one token per step x 3 diffusion steps" in (tmp_path / "ar" / "README.md").read_text()
+    assert evaluate(tmp_path / "ar", tmp_path / "other", "--num-inference-steps", "2") == 2
+    assert "--num-inference-steps" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """What diffusers checks on each of its own models (`ModelTesterMixin`, `TrainingTesterMixin`, `MemoryTesterMixin` in
-diffusers' `tests/models/testing_utils/`), run on both of ours with tiny configs on the CPU (issue 12).
+diffusers' `tests/models/testing_utils/`), run on our three (the MAR and AR transformers, the head) with tiny configs
+on the CPU (issues 12 and 15).
 
 Each test takes a `case`: the model class, a tiny config and the inputs the pipeline or the training loss passes.
 Weights are perturbed (`perturb_`) because the original initialisation zeroes the head's output, which would make
@@ -17,9 +18,14 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.training_utils import EMAModel
 
-from diffusers_mar import MARDiffusionHead, MARTransformer2DModel
+from diffusers_mar import ARTransformer2DModel, MARDiffusionHead, MARTransformer2DModel
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHeadOutput
-from tests.testing_utils import TINY_PIXEL_HEAD_CONFIG, TINY_PIXEL_TRANSFORMER_CONFIG, perturb_
+from tests.testing_utils import (
+    TINY_AR_TRANSFORMER_CONFIG,
+    TINY_PIXEL_HEAD_CONFIG,
+    TINY_PIXEL_TRANSFORMER_CONFIG,
+    perturb_,
+)
 
 CPU = torch.device("cpu")
 
@@ -47,6 +53,9 @@ class ModelCase:
                 "condition": torch.randn(6, 16, generator=g),
             }
         orders = torch.stack([torch.randperm(16, generator=g) for _ in range(2)])
+        if self.model_class is ARTransformer2DModel:  # every row at once, in a random order (sampling or training)
+            tokens = torch.randn(2, 16, 4, generator=g)
+            return {"hidden_states": tokens, "class_labels": torch.tensor([3, 10]), "orders": orders}
         mask = torch.zeros(2, 16).scatter(1, orders[:, :10], 1.0)  # 10 unknown tokens per row
         inputs = {
             "hidden_states": torch.randn(2, 16, 4, generator=g),
@@ -60,12 +69,15 @@ class ModelCase:
     def output_shape(self, predict: bool = True) -> tuple[int, ...]:
         if self.model_class is MARDiffusionHead:
             return (6, 8)
+        if self.model_class is ARTransformer2DModel:
+            return (2, 16, 16)
         return (2, 3 if predict else 16, 16)
 
 
 CASES = {
     "transformer": ModelCase(MARTransformer2DModel, TINY_PIXEL_TRANSFORMER_CONFIG, Transformer2DModelOutput, 2),
     "head": ModelCase(MARDiffusionHead, TINY_PIXEL_HEAD_CONFIG, MARDiffusionHeadOutput, 1),
+    "ar_transformer": ModelCase(ARTransformer2DModel, TINY_AR_TRANSFORMER_CONFIG, Transformer2DModelOutput, 2),
 }
 
 
@@ -81,7 +93,11 @@ def _output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def _sampler_output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """What the pipeline calls: the transformer's forward, or the head's fast path (not its `forward`)."""
+    """What the pipeline calls: the transformer's forward (the AR one row by row with its KV cache), or the head's fast
+    path (not its `forward`)."""
+    if isinstance(model, ARTransformer2DModel):
+        cache = model.make_kv_cache(inputs["hidden_states"].shape[0])
+        return torch.cat([model(**inputs, kv_cache=cache, return_dict=False)[0] for _ in range(4)], dim=1)
     if not isinstance(model, MARDiffusionHead):
         return _output(model, inputs)
     modulation = model.compute_modulation(inputs["timestep"][:2], model.embed_condition(inputs["condition"]))

@@ -1,6 +1,6 @@
 """What diffusers checks on each of its own pipelines (`PipelineTesterMixin`, `MemoryTesterMixin` in diffusers'
-`tests/pipelines/testing_utils/`), run on `MARPipeline` (pixel and latent space) and `MARInpaintPipeline` with tiny
-random models on the CPU (issue 12).
+`tests/pipelines/testing_utils/`), run on `MARPipeline` and `ARPipeline` (pixel and latent space) and
+`MARInpaintPipeline` with tiny random models on the CPU (issues 12 and 15).
 
 Every offloading kind and layerwise casting run on the CPU too: the hooks are installed and run as on an accelerator.
 Group offloading goes through the disk, so a layer that ran without its hook would compute with weights that are not
@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.callbacks import PipelineCallback
 from PIL import Image
 
-from diffusers_mar import DEFAULT_MODEL, MARInpaintPipeline, MARPipeline, cli
+from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARInpaintPipeline, MARPipeline, cli
 from tests.testing_utils import make_tiny_pipeline, make_tiny_vae
 
 FAST = {"num_inference_steps": 4, "num_diffusion_steps": 5}
@@ -38,9 +38,23 @@ class PipelineCase:
     pipeline_class: type
     latent: bool = False  # with a VAE: tokens are latents of the tiny KL VAE
 
+    @property
+    def ar(self) -> bool:
+        return self.pipeline_class is ARPipeline
+
+    @property
+    def fast(self) -> dict:
+        """Few steps: an ARPipeline always makes one token per step (no `num_inference_steps`)."""
+        return {"num_diffusion_steps": FAST["num_diffusion_steps"]} if self.ar else FAST
+
+    @property
+    def num_steps(self) -> int:
+        return 16 if self.ar else FAST["num_inference_steps"]
+
     def make(self, seed: int = 0) -> MARPipeline:
-        pipe = make_tiny_pipeline(seed, vae=make_tiny_vae(seed) if self.latent else None, clip_sample=True)
-        if self.pipeline_class is not MARPipeline:
+        vae = make_tiny_vae(seed) if self.latent else None
+        pipe = make_tiny_pipeline(seed, vae=vae, ar=self.ar, clip_sample=True)
+        if self.pipeline_class not in (MARPipeline, ARPipeline):
             pipe = self.pipeline_class.from_pipe(pipe)
             pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -54,7 +68,7 @@ class PipelineCase:
             mask = np.zeros((size, size), dtype=np.uint8)
             mask[size // 2 :] = 255  # regenerate the bottom half
             inputs.update(image=image, mask_image=mask)
-        return {**inputs, **FAST, **overrides}
+        return {**inputs, **self.fast, **overrides}
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -65,6 +79,8 @@ CASES = {
     "pixel": PipelineCase(MARPipeline),
     "latent": PipelineCase(MARPipeline, latent=True),
     "inpaint": PipelineCase(MARInpaintPipeline),
+    "ar": PipelineCase(ARPipeline),
+    "ar_latent": PipelineCase(ARPipeline, latent=True),
 }
 
 
@@ -102,7 +118,9 @@ def test_components_function_and_rebuilding_from_components(case):
     rebuilt = case.pipeline_class(**pipe.components)
     rebuilt.set_progress_bar_config(disable=True)
     assert torch.equal(_images(rebuilt, case), _images(pipe, case))
-    other_class = MARPipeline if case.pipeline_class is MARInpaintPipeline else MARInpaintPipeline
+    other_class = {MARPipeline: MARInpaintPipeline, MARInpaintPipeline: MARPipeline}.get(
+        case.pipeline_class, ARPipeline
+    )
     other = other_class.from_pipe(pipe)
     assert all(other.components[name] is component for name, component in pipe.components.items())
 
@@ -124,12 +142,12 @@ def test_to_dtype_casts_every_model(case):
 @pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
 def test_save_load_local(case, tmp_path, safe_serialization):
     pipe = case.make()
-    pipe.set_sampling_defaults(**FAST)
+    pipe.set_sampling_defaults(**case.fast)
     pipe.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     loaded = DiffusionPipeline.from_pretrained(tmp_path)  # the class comes from model_index.json
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is case.pipeline_class
-    assert loaded.config.sampling == FAST and loaded.config.token_space == pipe.config.token_space
+    assert loaded.config.sampling == case.fast and loaded.config.token_space == pipe.config.token_space
     for name, component in pipe.components.items():
         assert type(loaded.components[name]) is type(component)
     expected = _images(pipe, case)
@@ -223,7 +241,7 @@ def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
         return callback
 
     _images(pipe, case, callback_on_step_end=check(["tokens"]))
-    assert [step for step, _, _ in seen] == list(range(FAST["num_inference_steps"]))
+    assert [step for step, _, _ in seen] == list(range(case.num_steps))
     assert seen[-1][1] == 0  # `timestep`: tokens still unknown after the step
     seen.clear()
     all_inputs = pipe._callback_tensor_inputs
@@ -257,7 +275,7 @@ def test_callback_interrupts_and_pipeline_callback_classes(callback_case):
     steps.clear()
     # Some tokens made, the others as they started: zero, or the image's own tokens when inpainting.
     tokens, complete_tokens = pipe.transformer.patchify(latents), pipe.transformer.patchify(complete)  # (B, L, C)
-    start = torch.zeros_like(tokens) if case.pipeline_class is MARPipeline else None
+    start = torch.zeros_like(tokens) if case.pipeline_class is not MARInpaintPipeline else None
     if start is not None:
         made = (tokens != start).any(dim=-1).sum(dim=1)
         assert 0 < made.min() and made.max() < 16
@@ -376,7 +394,8 @@ def test_layerwise_casting_inference_is_close_to_the_plain_run(case):
     expected, other_seed = _images(pipe, case), _images(pipe, case, seed=5)
     for model in (pipe.transformer, pipe.diffusion_head):
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    assert pipe.transformer.encoder_blocks[0].attn.to_qkv.weight.dtype == torch.float8_e4m3fn
+    blocks = pipe.transformer.blocks if case.ar else pipe.transformer.encoder_blocks
+    assert blocks[0].attn.to_qkv.weight.dtype == torch.float8_e4m3fn
     images = _images(pipe, case)
     assert torch.isfinite(images).all()
     # float8 weights move the images a little; another seed gives other images.

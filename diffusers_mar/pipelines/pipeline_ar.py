@@ -1,0 +1,317 @@
+"""ARPipeline: class-conditional image generation with a causal AR transformer and MAR's per-token diffusion head.
+
+The paper's Table 1 "AR" rows: one token per step in a raster, random or given order. Both loops are visible in
+`ARPipeline.__call__`: the outer loop over the `num_tokens` positions of the order and, inside it, the scheduler loop
+of the diffusion head. With `use_cache=True` (the default) the transformer keeps each block's keys and values
+(`ARKVCache`), so a step computes one sequence row: O(L) per step instead of O(L^2), with the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
+from diffusers_mar.models.transformer_ar import ARTransformer2DModel
+from diffusers_mar.pipelines.head_scheduler import guide, prepare_head_scheduler
+from diffusers_mar.pipelines.pipeline_mar import MARPipeline
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
+from diffusers_mar.pipelines.schedules import (
+    guidance_schedule_values,
+    mask_by_order,
+    mask_schedule,
+    modulation_chunks,
+    prepare_class_labels,
+    prepare_step_noise,
+)
+
+ORDERS = ("raster", "random")
+# The AR pipeline always makes one token per step: `num_inference_steps` is not one of its settings.
+AR_SAMPLING_KEYS = tuple(key for key in SAMPLING_KEYS if key != "num_inference_steps")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_mar import ARPipeline
+
+        >>> pipe = ARPipeline.from_pretrained("path/to/ar-pipeline")
+        >>> images = pipe(class_labels=[3, 7], order="random", generator=torch.manual_seed(0)).images
+        ```
+"""
+
+
+def _refuse_num_inference_steps(settings: dict | None, name: str) -> None:
+    if settings and "num_inference_steps" in settings:
+        raise ValueError(
+            f"`{name}` has `num_inference_steps`, which an ARPipeline does not take (it makes one token per step); "
+            f"allowed keys are {AR_SAMPLING_KEYS}."
+        )
+
+
+class ARPipeline(MARPipeline):
+    r"""
+    Pipeline for class-conditional image generation with a causal autoregressive transformer (the paper's "AR").
+
+    It shares `MARPipeline`'s components (but an [`ARTransformer2DModel`]), label names, recommended settings,
+    decoding, saving and model card; only the sampling loop differs.
+
+    Parameters:
+        transformer ([`ARTransformer2DModel`]):
+            The causal transformer that turns the tokens before each position in the order into its condition.
+        diffusion_head ([`MARDiffusionHead`]):
+            The per-token denoiser.
+        scheduler ([`SchedulerMixin`]):
+            The per-token diffusion process, usually [`MARDDPMScheduler`] (the same rules as `MARPipeline`).
+        vae ([`AutoencoderKL`], *optional*):
+            Decodes the tokens' latent grid into images.
+        id2label (`dict[int, str]`, *optional*):
+            Class names, comma-separated synonyms allowed, for `get_label_ids`.
+        sampling (`dict`, *optional*):
+            Recommended sampling settings (keys among `AR_SAMPLING_KEYS`), the defaults of `__call__`.
+        token_space (`str`, *optional*):
+            `"pixel"` or `"latent"`; defaults to `"latent"` with a `vae` and `"pixel"` without one.
+    """
+
+    _transformer_class = ARTransformer2DModel
+    sampling_keys = AR_SAMPLING_KEYS
+
+    def __init__(
+        self,
+        transformer: ARTransformer2DModel,
+        diffusion_head: MARDiffusionHead,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        id2label: dict[int, str] | dict[str, str] | None = None,
+        sampling: dict | None = None,
+        token_space: str | None = None,
+    ):
+        _refuse_num_inference_steps(sampling, "sampling")
+        super().__init__(transformer, diffusion_head, scheduler, vae, id2label, sampling, token_space)
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """The defaults of `__call__`'s sampling arguments: the folder's `sampling`, else the paper's."""
+        settings = super().sampling_defaults
+        return {key: settings[key] for key in AR_SAMPLING_KEYS}
+
+    def set_sampling_defaults(self, **settings) -> None:
+        """Store recommended sampling settings (keys among `AR_SAMPLING_KEYS`) in the config."""
+        _refuse_num_inference_steps(settings, "settings")
+        super().set_sampling_defaults(**settings)
+
+    def resolve_sampling_settings(
+        self,
+        num_diffusion_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
+    ) -> dict:
+        """The four sampling arguments of a call: those given, else `sampling_defaults` (not yet checked)."""
+        given = (num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
+        return {
+            **self.sampling_defaults,
+            **{key: value for key, value in zip(AR_SAMPLING_KEYS, given) if value is not None},
+        }
+
+    def prepare_ar_orders(
+        self,
+        order: str | torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Generation orders `(B, L)` from `order`: raster, one `torch.randperm` per image, or the given permutations
+        (one `(L,)` order for every image or one per image); a `ValueError` names the allowed values."""
+        num_tokens = self.transformer.num_tokens
+        if isinstance(order, str):
+            if order not in ORDERS:
+                raise ValueError(f"`order` must be one of {ORDERS} or a tensor of permutations; got {order!r}.")
+            if order == "raster":
+                return torch.arange(num_tokens, device=device).expand(batch_size, -1)
+            return self.prepare_orders(batch_size, generator, device)
+        if not isinstance(order, torch.Tensor) or order.dtype.is_floating_point or order.dtype == torch.bool:
+            raise ValueError(f"`order` must be one of {ORDERS} or an integer tensor of permutations; got {order!r}.")
+        orders = order.expand(batch_size, -1) if order.ndim == 1 else order
+        expected = torch.arange(num_tokens).expand(batch_size, -1)
+        if orders.shape != expected.shape or not torch.equal(orders.sort(dim=1).values.cpu(), expected):
+            raise ValueError(
+                f"`order` as a tensor must be ({num_tokens},) or ({batch_size}, {num_tokens}), each row a permutation "
+                f"of 0..{num_tokens - 1}; got shape {tuple(order.shape)}."
+            )
+        return orders.to(device=device, dtype=torch.long)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor,
+        num_diffusion_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        temperature: float | None = None,
+        num_images_per_label: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        order: str | torch.Tensor = "raster",
+        use_cache: bool = True,
+        noise: list[torch.Tensor] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images of the given classes, one token per step in the given order.
+
+        The four sampling arguments (`num_diffusion_steps` to `temperature`) default to `pipe.sampling_defaults`:
+        those stored in the folder, else the paper's (100 diffusion steps, guidance 3.0 with the linear schedule,
+        temperature 1.0).
+
+        Args:
+            class_labels (`int`, `list[int]` or `torch.Tensor`):
+                One class id per image, in `[0, num_classes]`; `num_classes` means unconditional.
+            num_diffusion_steps (`int`, *optional*):
+                Scheduler steps of the diffusion head per token.
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance scale; 1.0 disables guidance (and the doubled batch).
+            guidance_schedule (`str`, *optional*):
+                `"linear"`: the scale rises with the number of known tokens, as MAR's at one token per step
+                (`1 + (scale - 1) * (j + 1) / L` at step `j`, the last step as the one before); `"constant"`.
+            temperature (`float`, *optional*):
+                Multiplies the noise of every diffusion step (not the initial noise), as in MAR.
+            num_images_per_label (`int`, *optional*, defaults to 1):
+                Images per class label, next to each other in the output.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                One generator, or one per image (`len(class_labels) * num_images_per_label`): then each image equals
+                the image generated alone with its generator.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"` (the token grid `(B, C, H, W)`, scaled latents with a VAE).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return an [`ImagePipelineOutput`] or a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after each step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, with
+                `timestep` the number of tokens still unknown after the step. It may return a dict with a new
+                `"tokens"` canvas, and set `pipe._interrupt = True` to stop early (unknown tokens stay zero). With
+                the cache, a changed token enters later conditions only if it is the one made at this step (the
+                others are already in the cache); without it, every known token does.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
+                Among `"tokens"` (the canvas `(B, L, C)`), `"mask"` (`(B, L)`, 1 = still unknown) and `"condition"`
+                (the step's conditions `(B', 1, D)`, the unconditional half after the conditional one under
+                guidance). Defaults to `["tokens"]`.
+            order (`str` or `torch.LongTensor`, *optional*, defaults to `"raster"`):
+                `"raster"`, `"random"` (one `torch.randperm` per image from `generator`), or permutations of the
+                token positions: `(num_tokens,)` for every image or `(batch, num_tokens)`.
+            use_cache (`bool`, *optional*, defaults to `True`):
+                Keep the keys and values of the tokens already made (one sequence row per step). `False` recomputes
+                the whole causal sequence at every step (the reference; same values to float32 rounding).
+            noise (`list[torch.Tensor]`, *optional*):
+                Per step `j`, a `(1 + S, batch, 1, C)` tensor: `[0]` the initial noise and `[1 + i]` the noise of
+                diffusion step `i` of the token made at step `j`. Drawn with `generator` if not given.
+
+        Examples:
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
+        """
+        # 1. Check inputs
+        settings = self.resolve_sampling_settings(num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
+        class_labels = prepare_class_labels(class_labels, num_images_per_label)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]
+        num_tokens = self.transformer.num_tokens
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"`use_cache` must be True or False; got {use_cache!r}.")
+        if noise is not None and len(noise) != num_tokens:
+            raise ValueError(f"`noise` must hold one tensor per step ({num_tokens}); got {len(noise)}.")
+        self.check_inputs(
+            class_labels, {**settings, "num_inference_steps": num_tokens}, generator, output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        num_diffusion_steps = settings["num_diffusion_steps"]
+        scheduler, keep_variance, step_noise_kwargs = prepare_head_scheduler(
+            self.scheduler, num_diffusion_steps, settings["temperature"], generator
+        )
+        device = self._execution_device
+        batch_size, token_dim = len(class_labels), self.transformer.token_dim
+        do_guidance = settings["guidance_scale"] != 1.0
+        self._interrupt = False
+        self._num_timesteps = num_tokens
+
+        # 2. Class labels; the unconditional half follows the conditional one under guidance
+        labels = torch.tensor(class_labels, device=device)
+        if do_guidance:
+            labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])
+
+        # 3. Generation orders
+        orders = self.prepare_ar_orders(order, batch_size, generator, device)  # (B, L)
+        orders_in = torch.cat([orders, orders]) if do_guidance else orders
+
+        # 4. Guidance schedule: MAR's linear schedule at one token per step
+        guidance = guidance_schedule_values(
+            settings["guidance_scale"],
+            mask_schedule(num_tokens, num_tokens),
+            num_tokens,
+            settings["guidance_schedule"],
+        )
+
+        # 5. Autoregressive loop over the order; inside it, the diffusion head's scheduler loop
+        tokens = torch.zeros(batch_size, num_tokens, token_dim, device=device)  # (B, L, C), float32 canvas
+        kv_cache = self.transformer.make_kv_cache(len(labels)) if use_cache else None
+        head_dtype = self.diffusion_head.dtype
+        for step in self.progress_bar(range(num_tokens)):
+            if self.interrupt:
+                break
+            predict = orders[:, step : step + 1]  # (B, 1): the position made now
+            tokens_in = torch.cat([tokens, tokens]) if do_guidance else tokens
+            tokens_in = tokens_in.to(self.transformer.dtype)
+            if use_cache:
+                condition = self.transformer(tokens_in, labels, orders_in, kv_cache=kv_cache, return_dict=False)[0]
+            else:
+                condition = self.transformer(tokens_in, labels, orders_in, return_dict=False)[0]  # (B', L, D)
+                index = orders_in[:, step : step + 1].unsqueeze(-1).expand(-1, -1, condition.shape[-1])
+                condition = torch.gather(condition, 1, index)  # (B', 1, D)
+            condition_embedding = self.diffusion_head.embed_condition(
+                condition.reshape(-1, condition.shape[-1]).to(head_dtype)
+            )  # (B', W)
+
+            scheduler.set_timesteps(num_diffusion_steps)
+            step_noise = prepare_step_noise(
+                len(scheduler.timesteps), batch_size, 1, token_dim, generator, device, noise and noise[step]
+            )  # (1 + S, B, C)
+            modulations = modulation_chunks(
+                self.diffusion_head, scheduler.timesteps.to(device), condition_embedding, self.modulation_rows
+            )
+            step_guidance = guidance[step] if do_guidance else None
+            sample = step_noise[0] * scheduler.init_noise_sigma  # (B, C)
+            for i, (t, modulation) in enumerate(zip(scheduler.timesteps, modulations)):
+                model_input = scheduler.scale_model_input(sample, t)
+                model_input = torch.cat([model_input, model_input]) if do_guidance else model_input
+                model_output = self.diffusion_head.forward_with_modulation(model_input.to(head_dtype), modulation)
+                model_output = guide(model_output.float(), step_guidance, token_dim, keep_variance)
+                sample = scheduler.step(model_output, t, sample, **step_noise_kwargs(step_noise, i)).prev_sample
+
+            tokens = tokens.scatter(1, predict.unsqueeze(-1).expand(-1, -1, token_dim), sample.view(batch_size, 1, -1))
+
+            if callback_on_step_end is not None:
+                num_unknown = num_tokens - step - 1
+                mask = mask_by_order(num_unknown, orders.flip(1))  # the last `num_unknown` of each order
+                available = {"tokens": tokens, "mask": mask, "condition": condition}
+                callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, step, num_unknown, callback_kwargs) or {}
+                tokens = callback_outputs.pop("tokens", tokens)
+
+        # 6. Decode
+        image = self._decode_latents(self.transformer.unpatchify(tokens), output_type, generator)  # from (B, C, H, W)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+ARPipeline.__call__.__doc__ = ARPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING, 1)
