@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_mar.pipelines.orders import ORDER_NAMES, make_orders, skeleton_schedule
-from diffusers_mar.pipelines.sampling_settings import diffusion_step_schedule
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS, apply_sampling_preset, diffusion_step_schedule
 from tests.testing_utils import make_tiny_pipeline
 
 FAST = {"num_inference_steps": 4, "num_diffusion_steps": 5}
@@ -202,3 +202,25 @@ def test_bad_fast_sampling_arguments_raise_clear_errors(kwargs, match):
     pipe = make_tiny_pipeline()
     with pytest.raises(ValueError, match=match):
         _latents(pipe, **kwargs)
+
+
+def test_the_fast_preset_is_its_arguments_and_given_arguments_win():
+    pipe = make_tiny_pipeline()
+    preset = dict(SAMPLING_PRESETS["fast"])
+    expected = pipe(LABELS, generator=_generators(), output_type="latent", **preset).images
+    got = pipe(LABELS, generator=_generators(), output_type="latent", sampling_preset="fast").images
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    given = _latents(pipe, sampling_preset="fast", num_inference_steps=4, order="raster")  # and 5 diffusion steps
+    mixed = _latents(pipe, **{**preset, "num_inference_steps": 4, "order": "raster", "num_diffusion_steps": 5})
+    torch.testing.assert_close(given, mixed, rtol=0, atol=0)
+
+
+def test_the_preset_clips_its_outer_steps_to_the_model():
+    arguments = {key: None for key in ("num_inference_steps", "num_diffusion_steps", "guidance_scale")}
+    arguments.update(guidance_schedule=None, temperature=None, order="random", outer_schedule="cosine")
+    arguments.update(guidance_cache_interval=None, feature_cache_interval=None)
+    resolved = apply_sampling_preset("fast", arguments, num_tokens=4)
+    assert resolved["num_inference_steps"] == 3  # skeleton: ceil(4 / 2) + 1
+    assert apply_sampling_preset(None, arguments, num_tokens=4) == arguments
+    with pytest.raises(ValueError, match=r"sampling_preset.*\('fast',\)"):
+        apply_sampling_preset("fastest", arguments, num_tokens=4)
