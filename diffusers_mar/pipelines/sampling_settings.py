@@ -32,12 +32,7 @@ _CALL_DEFAULTS = {**dict.fromkeys(SAMPLING_KEYS + FAST_SAMPLING_KEYS), "order": 
 # Named sets of sampling arguments (`MARPipeline.__call__(sampling_preset=...)`), measured in docs/benchmarks.md.
 # `num_inference_steps` is clipped to what the model and the outer schedule allow.
 SAMPLING_PRESETS = {
-    "fast": {
-        "num_inference_steps": 8,
-        "num_diffusion_steps": "linear-25-5",
-        "order": "checkerboard",
-        "outer_schedule": "skeleton",
-    },
+    "fast": {"num_inference_steps": 8, "num_diffusion_steps": "linear-25-5"},
 }
 
 
