@@ -181,13 +181,15 @@ def markdown_report(reference: dict, results: list[dict], context: dict, args) -
 
 
 def save_grid(path: str, runs: dict[str, dict]) -> None:
-    """One panel per setting (10 rows = digits, 10 columns), side by side with a 2-pixel gap, 4x upscaled."""
+    """One panel per setting (10 rows = digits, 10 columns, 1-pixel gaps), side by side with a white 3-pixel gap,
+    4x upscaled."""
     panels = []
     for run in runs.values():
-        images = run["images"][..., 0] if run["images"].ndim == 4 else run["images"]  # (N, 8, 8)
+        images = run["images"].mean(axis=-1) if run["images"].ndim == 4 else run["images"]  # (N, H, W)
+        images = np.pad(images, ((0, 0), (0, 1), (0, 1)))  # a black gap after each digit
         rows = [np.concatenate(list(images[np.flatnonzero(run["labels"] == d)[:10]]), axis=1) for d in range(10)]
         panels.append(np.concatenate(rows, axis=0))
-    gap = np.ones((panels[0].shape[0], 2))
+    gap = np.ones((panels[0].shape[0], 3))
     grid = np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)
     image = Image.fromarray((grid * 255).round().astype(np.uint8), mode="L")
     image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(path)
