@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.pipelines.head_scheduler import guide, prepare_head_scheduler
+from diffusers_mar.pipelines.orders import make_orders
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 from diffusers_mar.pipelines.schedules import (
@@ -134,7 +135,8 @@ class ARPipeline(MARPipeline):
                 raise ValueError(f"`order` must be one of {ORDERS} or a tensor of permutations; got {order!r}.")
             if order == "raster":
                 return torch.arange(num_tokens, device=device).expand(batch_size, -1)
-            return self.prepare_orders(batch_size, generator, device)
+            # MAR's random orders (one `torch.randperm` per image); a permutation reads the same either way round.
+            return make_orders("random", batch_size, self.transformer.grid_size, generator).to(device)
         if not isinstance(order, torch.Tensor) or order.dtype.is_floating_point or order.dtype == torch.bool:
             raise ValueError(f"`order` must be one of {ORDERS} or an integer tensor of permutations; got {order!r}.")
         orders = order.expand(batch_size, -1) if order.ndim == 1 else order

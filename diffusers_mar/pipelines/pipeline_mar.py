@@ -22,17 +22,22 @@ from diffusers.utils import logging
 from diffusers_mar.models.cpu_inference import cpu_inference
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.pipelines.caches import TransformerPass
 from diffusers_mar.pipelines.head_scheduler import guide, prepare_head_scheduler
 from diffusers_mar.pipelines.model_card import copy_model_card
+from diffusers_mar.pipelines.orders import check_fast_sampling, outer_mask_schedule, prepare_orders
 from diffusers_mar.pipelines.sampling_settings import (
+    FAST_SAMPLING_KEYS,
     SAMPLING_KEYS,
+    apply_sampling_preset,
     check_sampling_settings,
+    diffusion_step_schedule,
     resolve_sampling_settings,
 )
 from diffusers_mar.pipelines.schedules import (
     guidance_schedule_values,
     mask_by_order,
-    mask_schedule,
+    mask_schedule,  # noqa: F401  (re-exported: `diffusers_mar.mask_schedule`)
     modulation_chunks,
     prepare_class_labels,
     prepare_step_noise,
@@ -199,6 +204,7 @@ class MARPipeline(DiffusionPipeline):
         orders: torch.Tensor | None = None,
         noise: list[torch.Tensor] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        fast_sampling: dict | None = None,
     ) -> int:
         """Validate the arguments of `__call__`; returns the number of tokens to generate per image."""
         num_classes = self.transformer.config.num_classes
@@ -226,6 +232,9 @@ class MARPipeline(DiffusionPipeline):
                 f"`class_labels` must be in [0, {num_classes}] ({num_classes} = unconditional); got {bad}."
             )
         check_sampling_settings(settings, num_unknown, self.scheduler.config.num_train_timesteps)
+        check_fast_sampling(
+            fast_sampling or {}, orders, batch_size, num_tokens, num_unknown, settings["num_inference_steps"]
+        )
         generators = generator if isinstance(generator, list) else [generator]
         if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
             raise ValueError(
@@ -244,13 +253,6 @@ class MARPipeline(DiffusionPipeline):
                 '(`token_space="latent"`) and it has no `vae`. Pass `output_type="latent"`, or load it with '
                 "`vae=AutoencoderKL.from_pretrained(...)`."
             )
-        if orders is not None:
-            expected = torch.arange(num_tokens).expand(batch_size, -1)
-            if orders.shape != expected.shape or not torch.equal(orders.sort(dim=1).values.cpu(), expected):
-                raise ValueError(
-                    f"`orders` must be a ({batch_size}, {num_tokens}) tensor whose rows are permutations "
-                    f"of 0..{num_tokens - 1}."
-                )
         if noise is not None and len(noise) != settings["num_inference_steps"]:
             raise ValueError(
                 f"`noise` must hold one tensor per step ({settings['num_inference_steps']}); got {len(noise)}."
@@ -276,30 +278,6 @@ class MARPipeline(DiffusionPipeline):
             **self.sampling_defaults,
             **{key: value for key, value in zip(SAMPLING_KEYS, given) if value is not None},
         }
-
-    def prepare_orders(
-        self,
-        batch_size: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        device: torch.device,
-        orders: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Generation orders `(B, L)`: one `torch.randperm` per image from its generator, unless given; with `mask`,
-        the tokens to keep move (stably) to the end, so the random order of the others is kept."""
-        if orders is None:
-            generators = generator if isinstance(generator, list) else [generator] * batch_size
-            orders = torch.stack(
-                [
-                    torch.randperm(self.transformer.num_tokens, generator=g, device=g.device if g else "cpu")
-                    for g in generators
-                ]
-            )
-        orders = orders.to(device=device, dtype=torch.long)
-        if mask is not None:
-            keep = (mask.to(device).gather(1, orders) == 0).to(torch.uint8)
-            orders = orders.gather(1, torch.argsort(keep, dim=1, stable=True))
-        return orders
 
     def _decode_latents(self, latents: torch.Tensor, output_type: str, generator=None):
         """Token grid `(B, C, H, W)` (scaled latents, or pixels in [-1, 1]) -> images of `output_type`; `generator`
@@ -336,6 +314,11 @@ class MARPipeline(DiffusionPipeline):
         mask: torch.Tensor | None = None,
         orders: torch.Tensor | None = None,
         noise: list[torch.Tensor] | None = None,
+        order: str | torch.Tensor = "random",
+        outer_schedule: str = "cosine",
+        guidance_cache_interval: int | None = None,
+        feature_cache_interval: int | None = None,
+        sampling_preset: str | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images of the given classes.
@@ -349,8 +332,9 @@ class MARPipeline(DiffusionPipeline):
                 One class id per image, in `[0, num_classes]`; `num_classes` means unconditional.
             num_inference_steps (`int`, *optional*):
                 Masked-autoregressive steps (the original's `num_iter`), in `[1, num_tokens]`.
-            num_diffusion_steps (`int`, *optional*):
-                Scheduler steps of the diffusion head per token (the original's `num_sampling_steps`).
+            num_diffusion_steps (`int`, `list[int]` or `str`, *optional*):
+                Scheduler steps of the diffusion head per token (the original's `num_sampling_steps`): one int, one
+                per outer step, or a named schedule such as `"linear-50-5"` (DiSA's annealing; `docs/usage.md`).
             guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale; 1.0 disables guidance (and the doubled batch).
             guidance_schedule (`str`, *optional*):
@@ -388,30 +372,47 @@ class MARPipeline(DiffusionPipeline):
                 diffusion step `i` for the `n_k` tokens predicted at step `k` (raster order). `S` is the number of
                 scheduler timesteps: `num_diffusion_steps`, or more for second-order and PNDM schedulers. Drawn with
                 `generator` if not given; for replaying recorded randomness in tests.
+            order (`str` or `torch.LongTensor`, *optional*, defaults to `"random"`):
+                The generation order when `orders` is not given: `"random"` (the original's), `"raster"`,
+                `"checkerboard"` (a checkerboard skeleton first; see `orders.py`), or a permutation tensor as `orders`.
+            outer_schedule (`str`, *optional*, defaults to `"cosine"`):
+                Tokens per outer step: `"cosine"` (the original's) or `"skeleton"` (the first half of the order over all
+                steps but the last, the rest in the last step; at most `ceil(num_tokens / 2) + 1` steps).
+            guidance_cache_interval (`int`, *optional*):
+                Reuse the guidance difference of the transformer's conditions, refreshed every that many outer steps
+                (`caches.py`; 1 = refresh at every step, the same as None, no cache).
+            feature_cache_interval (`int`, *optional*):
+                Reuse the transformer's conditions of the still-unknown tokens, refreshed every that many outer steps
+                (`caches.py`; 1 = refresh at every step, the same as None, no cache).
+            sampling_preset (`str`, *optional*):
+                A named set of the arguments above, among `SAMPLING_PRESETS` (`"fast"`; `docs/usage.md`), for the
+                arguments left at their defaults (`None`, `"random"`, `"cosine"`); the others keep their given value.
 
         Examples:
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
-        # 1. Check inputs
-        given = (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
-        settings = self.resolve_sampling_settings(*given)
+        # 1. Check inputs (a `sampling_preset` fills in the arguments left at their defaults)
+        arguments = apply_sampling_preset(sampling_preset, locals(), self.transformer.num_tokens)
+        settings = self.resolve_sampling_settings(*(arguments[key] for key in SAMPLING_KEYS))
+        fast = {key: arguments[key] for key in FAST_SAMPLING_KEYS}
         class_labels = prepare_class_labels(class_labels, num_images_per_label)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]
         num_unknown = self.check_inputs(
             class_labels, settings, generator, output_type, latents, mask, orders, noise,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, fast,
         )  # fmt: skip
-        num_inference_steps, num_diffusion_steps = settings["num_inference_steps"], settings["num_diffusion_steps"]
-        scheduler, keep_variance, step_noise_kwargs = prepare_head_scheduler(
-            self.scheduler, num_diffusion_steps, settings["temperature"], generator
-        )
+        num_inference_steps = settings["num_inference_steps"]
+        diffusion_steps = diffusion_step_schedule(settings["num_diffusion_steps"], num_inference_steps)
+        for num_diffusion_steps in dict.fromkeys(diffusion_steps):  # each step count the scheduler must run
+            scheduler, keep_variance, step_noise_kwargs = prepare_head_scheduler(
+                self.scheduler, num_diffusion_steps, settings["temperature"], generator
+            )
         device = self._execution_device
-        batch_size, num_tokens = len(class_labels), self.transformer.num_tokens
-        token_dim = self.transformer.token_dim
+        batch_size, num_tokens, token_dim = len(class_labels), self.transformer.num_tokens, self.transformer.token_dim
         do_guidance = settings["guidance_scale"] != 1.0
         self._interrupt = False
         self._num_timesteps = num_inference_steps
@@ -422,11 +423,11 @@ class MARPipeline(DiffusionPipeline):
             null_labels = torch.full_like(labels, self.transformer.config.num_classes)
             labels = torch.cat([labels, null_labels])
 
-        # 3. Generation orders, one random permutation per image
-        orders = self.prepare_orders(batch_size, generator, device, orders, mask)  # (B, L)
+        # 3. Generation orders, one permutation per image (random unless `order` says otherwise)
+        orders = prepare_orders(fast["order"], orders, batch_size, self.transformer.grid_size, generator, device, mask)
 
         # 4. Mask and guidance schedules, over the tokens to generate
-        mask_lens = mask_schedule(num_unknown, num_inference_steps)
+        mask_lens = outer_mask_schedule(fast["outer_schedule"], num_unknown, num_inference_steps)
         guidance = guidance_schedule_values(
             settings["guidance_scale"], mask_lens, num_tokens, settings["guidance_schedule"]
         )
@@ -437,6 +438,9 @@ class MARPipeline(DiffusionPipeline):
         else:
             tokens = self.transformer.patchify(latents.to(device=device, dtype=torch.float32))
         head_dtype = self.diffusion_head.dtype  # a walk over the parameters: once, not per step
+        transformer_pass = TransformerPass(
+            self.transformer, labels, do_guidance, fast["guidance_cache_interval"], fast["feature_cache_interval"]
+        )
         with cpu_inference(self.transformer):
             for step in self.progress_bar(range(num_inference_steps)):
                 if self.interrupt:
@@ -445,23 +449,13 @@ class MARPipeline(DiffusionPipeline):
                 # Tokens predicted now: order[next_unknown:num_unknown], in raster order as the original's nonzero().
                 predict = orders[:, next_unknown:num_unknown].sort(dim=1).values  # (B, n)
                 n = predict.shape[1]
-                step_mask = mask_by_order(num_unknown, orders)
-                tokens_in, mask_in, predict_in = tokens, step_mask, predict
-                if do_guidance:
-                    tokens_in, mask_in, predict_in = (torch.cat([x, x]) for x in (tokens, step_mask, predict))
-                condition = self.transformer(
-                    tokens_in.to(self.transformer.dtype),
-                    mask_in,
-                    labels,
-                    predict_indices=predict_in,
-                    return_dict=False,
-                )[0]  # (B', n, D)
+                condition = transformer_pass(step, tokens, mask_by_order(num_unknown, orders), predict)  # (B', n, D)
                 condition_embedding = self.diffusion_head.embed_condition(
                     condition.reshape(-1, condition.shape[-1]).to(head_dtype)
                 )  # (B' * n, W)
 
                 # Timesteps stay on the host for the scheduler (no device sync per step); the head gets a device copy.
-                scheduler.set_timesteps(num_diffusion_steps)
+                scheduler.set_timesteps(diffusion_steps[step])
                 step_noise = prepare_step_noise(
                     len(scheduler.timesteps), batch_size, n, token_dim, generator, device, noise and noise[step]
                 )  # (1 + S, B * n, C)

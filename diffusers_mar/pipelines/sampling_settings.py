@@ -9,6 +9,7 @@ Settings a folder does not store fall back to the paper's (`PAPER_SAMPLING`), cl
 from __future__ import annotations
 
 import math
+import re
 
 # `MARPipeline.__call__` arguments a pipeline folder may recommend, in display order.
 SAMPLING_KEYS = ("num_inference_steps", "num_diffusion_steps", "guidance_scale", "guidance_schedule", "temperature")
@@ -23,6 +24,33 @@ PAPER_SAMPLING = {
     "guidance_schedule": "linear",
     "temperature": 1.0,
 }
+
+# `MARPipeline.__call__` arguments of issue 17's faster sampling (orders, schedules, caches), and their defaults.
+FAST_SAMPLING_KEYS = ("order", "outer_schedule", "guidance_cache_interval", "feature_cache_interval")
+_CALL_DEFAULTS = {**dict.fromkeys(SAMPLING_KEYS + FAST_SAMPLING_KEYS), "order": "random", "outer_schedule": "cosine"}
+
+# Named sets of sampling arguments (`MARPipeline.__call__(sampling_preset=...)`), measured in docs/benchmarks.md.
+# `num_inference_steps` is clipped to what the model and the outer schedule allow.
+SAMPLING_PRESETS = {
+    "fast": {"num_inference_steps": 8, "num_diffusion_steps": "linear-25-5"},
+}
+
+
+def apply_sampling_preset(preset: str | None, arguments: dict, num_tokens: int) -> dict:
+    """The sampling arguments of a call (`SAMPLING_KEYS` and `FAST_SAMPLING_KEYS`, taken from `arguments`), with
+    the preset's values for those left at their defaults."""
+    if preset is not None and preset not in SAMPLING_PRESETS:
+        raise ValueError(f"`sampling_preset` must be None or one of {tuple(SAMPLING_PRESETS)}; got {preset!r}.")
+    resolved = {key: arguments[key] for key in _CALL_DEFAULTS}
+    for key, value in SAMPLING_PRESETS.get(preset, {}).items():
+        default = _CALL_DEFAULTS[key]
+        if isinstance(resolved[key], str | type(None)) and resolved[key] == default:
+            resolved[key] = value
+    if preset is not None and arguments["num_inference_steps"] is None:
+        schedule = resolved["outer_schedule"]
+        high = num_tokens if schedule == "cosine" else math.ceil(num_tokens / 2) + 1
+        resolved["num_inference_steps"] = min(resolved["num_inference_steps"], high)
+    return resolved
 
 
 def _is_number(value: object) -> bool:
@@ -47,11 +75,17 @@ def check_sampling_settings(
     bounds = {"num_inference_steps": num_tokens, "num_diffusion_steps": num_train_timesteps}
     for key, high in bounds.items():
         value = settings.get(key)
-        if key in settings and (
+        if key == "num_diffusion_steps" and isinstance(value, (list, tuple, str)):
+            steps = settings.get("num_inference_steps")
+            diffusion_step_schedule(value, steps if isinstance(steps, int) else None, high, label(key))
+        elif key in settings and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1 or (high is not None and value > high)
         ):
             allowed = f"[1, {high}]" if high is not None else ">= 1"
-            raise ValueError(f"{label(key)} must be an int in {allowed}; got {value!r}.")
+            also = (
+                ", a list with one such int per outer step or a named schedule" if key == "num_diffusion_steps" else ""
+            )
+            raise ValueError(f"{label(key)} must be an int in {allowed}{also}; got {value!r}.")
     if "guidance_scale" in settings and not (
         _is_number(settings["guidance_scale"]) and settings["guidance_scale"] >= 0
     ):
@@ -74,3 +108,48 @@ def resolve_sampling_settings(stored: dict | None, num_tokens: int, num_train_ti
     settings["num_diffusion_steps"] = min(settings["num_diffusion_steps"], num_train_timesteps)
     settings.update(stored or {})
     return settings
+
+
+def diffusion_step_schedule(
+    value: int | list[int] | tuple[int, ...] | str,
+    num_inference_steps: int | None,
+    num_train_timesteps: int | None = None,
+    name: str = "`num_diffusion_steps`",
+) -> list[int]:
+    """Diffusion steps of each outer step (a `ValueError` naming `name` if `value` is unusable).
+
+    `value` is an int (every outer step), a list with one int per outer step, or a named schedule
+    `"linear-<first>-<last>"` (DiSA's annealing: `round(first + (last - first) k / (K - 1))` at outer step `k` of `K`,
+    e.g. `"linear-50-5"`). Without `num_inference_steps` only the values are checked.
+    """
+    high = num_train_timesteps
+    allowed = f"[1, {high}]" if high is not None else ">= 1"
+
+    def valid(step: object) -> bool:
+        return isinstance(step, int) and not isinstance(step, bool) and step >= 1 and (high is None or step <= high)
+
+    if isinstance(value, str):
+        match = re.fullmatch(r"linear-(\d+)-(\d+)", value)
+        if match is None:
+            raise ValueError(
+                f'{name} names an unknown schedule {value!r}; the named schedule is "linear-<first>-<last>" '
+                '(e.g. "linear-50-5"), or pass an int or a list with one int per outer step.'
+            )
+        first, last = int(match.group(1)), int(match.group(2))
+        if not (valid(first) and valid(last)):
+            raise ValueError(f"{name}: the steps of {value!r} must be in {allowed}.")
+        if num_inference_steps is None:
+            return [first, last]
+        span = max(1, num_inference_steps - 1)
+        return [round(first + (last - first) * k / span) for k in range(num_inference_steps)]
+    if isinstance(value, (list, tuple)):
+        if not value or not all(valid(step) for step in value):
+            raise ValueError(f"{name} as a list must hold ints in {allowed}; got {list(value)!r}.")
+        if num_inference_steps is not None and len(value) != num_inference_steps:
+            raise ValueError(
+                f"{name} as a list must have one entry per outer step ({num_inference_steps}); got {len(value)}."
+            )
+        return list(value)
+    if not valid(value):
+        raise ValueError(f"{name} must be an int in {allowed}; got {value!r}.")
+    return [value] * (num_inference_steps or 1)
