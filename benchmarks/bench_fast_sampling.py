@@ -1,0 +1,161 @@
+"""Speed of `MARPipeline`'s sampling presets against its exact default on a full-size MAR (random weights).
+
+Quality is measured on the digits models (`benchmarks/fast_orders_digits.py`); this script measures what the presets
+buy on a model of the paper's size: images/s of each setting, and where the time goes (transformer, head and the
+rest), in one process with the same weights. The settings alternate (exact, preset, exact, preset, ...) for
+`--repeats` rounds, each call timed alone; a first call of every non-exact setting warms up PyTorch's per-shape
+kernels and is not timed (the exact default's first-call costs are a small share of its minutes). Reported: median
+(min-max) over the rounds, and the speed-up of each round's pair.
+
+Usage (from the repository root; `exact` is the paper's 64 x 100 steps, DDPM, for a model without stored settings):
+
+    python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 8 --repeats 3 --settings exact fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_sampling import Timer, load_ours, make_original_weights, spread, update_docs_section
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
+
+
+def setting_arguments(name: str, sampling_defaults: dict, guidance_scale: float) -> dict:
+    """`pipe(...)` arguments of a setting: `exact` (the pipeline's sampling defaults, the paper's for a folder without
+    stored ones) or a `sampling_preset` name, both at `guidance_scale`."""
+    if name == "exact":
+        return {**sampling_defaults, "guidance_scale": guidance_scale}
+    return {"guidance_scale": guidance_scale, "sampling_preset": name}
+
+
+def timed_call(pipe, labels: list[int], arguments: dict, timer: Timer) -> dict:
+    timer.totals.clear()
+    timer.start("total")
+    pipe(labels, generator=torch.Generator().manual_seed(0), output_type="latent", **arguments)
+    timer.stop("total")
+    totals = dict(timer.totals)
+    transformer, head = totals.get("transformer", 0.0), totals.get("head", 0.0)
+    return {
+        "seconds": totals["total"],
+        "images_per_second": len(labels) / totals["total"],
+        "transformer_seconds": transformer,
+        "head_seconds": head,
+        "rest_seconds": totals["total"] - transformer - head,
+    }
+
+
+def instrument(pipe, timer: Timer) -> None:
+    """Time the transformer's forwards (hooks) and the head's two entry points of the sampling loop."""
+    pipe.transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
+    pipe.transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
+    head = pipe.diffusion_head
+    head.compute_modulation = timer.wrap("head", head.compute_modulation)
+    head.forward_with_modulation = timer.wrap("head", head.forward_with_modulation)
+
+
+def run(args: argparse.Namespace, pipe) -> list[dict]:
+    timer = Timer("cpu")
+    instrument(pipe, timer)
+    labels = [i % 1000 for i in range(args.batch_size)]
+    for name in args.settings:
+        if name != "exact":
+            pipe(labels, output_type="latent", **setting_arguments(name, pipe.sampling_defaults, args.guidance_scale))
+    rounds = []  # the warm-up calls above are not timed
+    for repeat in range(args.repeats):
+        result = {}
+        for name in args.settings:
+            arguments = setting_arguments(name, pipe.sampling_defaults, args.guidance_scale)
+            result[name] = timed_call(pipe, labels, arguments, timer)
+            print(json.dumps({"round": repeat, name: result[name]}), flush=True)
+        rounds.append(result)
+    return rounds
+
+
+def summarise(args: argparse.Namespace, rounds: list[dict], sampling_defaults: dict) -> list[dict]:
+    rows = []
+    baseline = args.settings[0]
+    for name in args.settings:
+        row = {"setting": name, "arguments": setting_arguments(name, sampling_defaults, args.guidance_scale)}
+        for key in ("images_per_second", "transformer_seconds", "head_seconds", "rest_seconds"):
+            row[key] = spread([r[name][key] for r in rounds])
+        row["speedup"] = spread([r[name]["images_per_second"] / r[baseline]["images_per_second"] for r in rounds])
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| setting | arguments | img/s | speed-up | transformer / head / rest (s, median) |",
+        "|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        ips, speedup = row["images_per_second"], row["speedup"]
+        arguments = ", ".join(f"{k}={v!r}" for k, v in row["arguments"].items())
+        split = " / ".join(f"{row[k]['median']:.1f}" for k in ("transformer_seconds", "head_seconds", "rest_seconds"))
+        lines.append(
+            f"| {row['setting']} | `{arguments}` | {ips['median']:.4f} ({ips['min']:.4f}-{ips['max']:.4f}) | "
+            f"{speedup['median']:.2f} ({speedup['min']:.2f}-{speedup['max']:.2f})x | {split} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mar-base", choices=["mar-base", "mar-large", "mar-huge"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--settings", nargs="+", default=["exact", "fast"], help="`exact` and preset names.")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--output-json", type=Path)
+    parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.settings if name != "exact" and name not in SAMPLING_PRESETS]
+    if unknown:
+        parser.error(f"--settings must be `exact` or among {sorted(SAMPLING_PRESETS)}; got {unknown}")
+    if args.batch_size < 1 or args.repeats < 1:
+        parser.error("--batch-size and --repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        make_original_weights(argparse.Namespace(model=args.model, original_repo=None), weights)
+        pipe = load_ours(argparse.Namespace(model=args.model, weights=weights), "cpu", torch.float32)
+    rows = summarise(args, run(args, pipe), pipe.sampling_defaults)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
+    command = "python benchmarks/bench_fast_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = (
+        f"## Sampling presets on {args.model}, batch {args.batch_size} (benchmarks/bench_fast_sampling.py)\n\nMachine: {machine}. Batch "
+        f"{args.batch_size}, random weights, {args.repeats} rounds (settings alternating in one process), median "
+        f"(min-max); speed-up against `{args.settings[0]}` per round. Command: `{command}` "
+        f"({time.perf_counter() - start:.0f} s in all).\n\n{table(rows)}\n"
+    )
+    print(section)
+    if args.output_json:
+        args.output_json.write_text(json.dumps({"rows": rows, "machine": machine}, indent=2, default=str))
+    if args.write_docs:
+        markers = tuple(
+            f"<!-- bench_fast_sampling {args.model} batch {args.batch_size}:{end} -->" for end in ("begin", "end")
+        )
+        update_docs_section(section, markers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
