@@ -13,7 +13,6 @@ from pathlib import Path
 from diffusers_mar.cli.commands import cpu_threads, resolve_num_threads
 from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
 from diffusers_mar.cli.model import check_can_decode, load_pipeline, sampling_settings
-from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 
 RESULTS_FILE, NPZ_FILE = "results.json", "samples.npz"
 
@@ -188,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     accelerator.wait_for_everyone()
     if main_process:
         evaluation.write_run_file(args.output_dir, run)
-        settings_text = ", ".join(f"{key}={settings[key]}" for key in SAMPLING_KEYS if key in settings)
+        settings_text = ", ".join(f"{key}={settings[key]}" for key in pipe.sampling_keys)
         print(
             f"{'Resuming' if resuming else 'Sampling'} {len(samples):,} images ({args.images_per_class} per class, "
             f"{num_classes} classes) on {accelerator.num_processes} process(es) with {settings_text} "

@@ -20,15 +20,20 @@ ORDER_NAMES = ("random", "raster", "checkerboard")
 OUTER_SCHEDULES = ("cosine", "skeleton")
 
 
+def are_permutations(orders: torch.Tensor, batch_size: int, num_tokens: int) -> bool:
+    """Whether `orders` is a `(batch_size, num_tokens)` integer tensor whose rows are permutations of the positions."""
+    expected = torch.arange(num_tokens).expand(batch_size, -1)
+    return (
+        isinstance(orders, torch.Tensor)
+        and orders.shape == expected.shape
+        and not orders.dtype.is_floating_point
+        and torch.equal(orders.sort(dim=1).values.cpu().long(), expected)
+    )
+
+
 def check_orders(orders: torch.Tensor, batch_size: int, num_tokens: int, name: str = "orders") -> None:
     """A `ValueError` naming `name` unless `orders` is a `(batch_size, num_tokens)` tensor of permutations."""
-    expected = torch.arange(num_tokens).expand(batch_size, -1)
-    if (
-        not isinstance(orders, torch.Tensor)
-        or orders.shape != expected.shape
-        or orders.dtype.is_floating_point
-        or not torch.equal(orders.sort(dim=1).values.cpu().long(), expected)
-    ):
+    if not are_permutations(orders, batch_size, num_tokens):
         shape = tuple(orders.shape) if isinstance(orders, torch.Tensor) else type(orders).__name__
         raise ValueError(
             f"`{name}` must be a ({batch_size}, {num_tokens}) integer tensor whose rows are permutations "

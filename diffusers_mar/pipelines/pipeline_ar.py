@@ -19,7 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.pipelines.head_scheduler import guide, prepare_head_scheduler
-from diffusers_mar.pipelines.orders import make_orders
+from diffusers_mar.pipelines.orders import are_permutations, make_orders
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 from diffusers_mar.pipelines.schedules import (
@@ -140,8 +140,7 @@ class ARPipeline(MARPipeline):
         if not isinstance(order, torch.Tensor) or order.dtype.is_floating_point or order.dtype == torch.bool:
             raise ValueError(f"`order` must be one of {ORDERS} or an integer tensor of permutations; got {order!r}.")
         orders = order.expand(batch_size, -1) if order.ndim == 1 else order
-        expected = torch.arange(num_tokens).expand(batch_size, -1)
-        if orders.shape != expected.shape or not torch.equal(orders.sort(dim=1).values.cpu(), expected):
+        if not are_permutations(orders, batch_size, num_tokens):
             raise ValueError(
                 f"`order` as a tensor must be ({num_tokens},) or ({batch_size}, {num_tokens}), each row a permutation "
                 f"of 0..{num_tokens - 1}; got shape {tuple(order.shape)}."
