@@ -55,12 +55,13 @@ def timed_call(pipe, labels: list[int], arguments: dict, timer: Timer) -> dict:
 
 
 def instrument(pipe, timer: Timer) -> None:
-    """Time the transformer's forwards (hooks) and the head's two entry points of the sampling loop."""
+    """Time the transformer's forwards (hooks) and the head's three entry points of the sampling loop."""
     pipe.transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
     pipe.transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
     head = pipe.diffusion_head
     head.compute_modulation = timer.wrap("head", head.compute_modulation)
     head.forward_with_modulation = timer.wrap("head", head.forward_with_modulation)
+    head.forward_with_condition_embedding = timer.wrap("head", head.forward_with_condition_embedding)
 
 
 def run(args: argparse.Namespace, pipe) -> list[dict]:

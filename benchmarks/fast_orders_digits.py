@@ -96,6 +96,7 @@ class Timers:
         self._wrap(pipe.transformer, "forward", "transformer")
         self._wrap(pipe.diffusion_head, "forward_with_modulation", "head")
         self._wrap(pipe.diffusion_head, "compute_modulation", "head")
+        self._wrap(pipe.diffusion_head, "forward_with_condition_embedding", "head")
 
     def _wrap(self, module, method: str, key: str) -> None:
         original = getattr(module, method)

@@ -24,9 +24,9 @@ from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
 from diffusers_mar.pipelines.schedules import (
     guidance_schedule_values,
+    head_calls,
     mask_by_order,
     mask_schedule,
-    modulation_chunks,
     prepare_class_labels,
     prepare_step_noise,
 )
@@ -284,15 +284,15 @@ class ARPipeline(MARPipeline):
             step_noise = prepare_step_noise(
                 len(scheduler.timesteps), batch_size, 1, token_dim, generator, device, noise and noise[step]
             )  # (1 + S, B, C)
-            modulations = modulation_chunks(
+            heads = head_calls(
                 self.diffusion_head, scheduler.timesteps.to(device), condition_embedding, self.modulation_rows
             )
             step_guidance = guidance[step] if do_guidance else None
             sample = step_noise[0] * scheduler.init_noise_sigma  # (B, C)
-            for i, (t, modulation) in enumerate(zip(scheduler.timesteps, modulations)):
+            for i, (t, head) in enumerate(zip(scheduler.timesteps, heads)):
                 model_input = scheduler.scale_model_input(sample, t)
                 model_input = torch.cat([model_input, model_input]) if do_guidance else model_input
-                model_output = self.diffusion_head.forward_with_modulation(model_input.to(head_dtype), modulation)
+                model_output = head(model_input.to(head_dtype))
                 model_output = guide(model_output.float(), step_guidance, token_dim, keep_variance)
                 sample = scheduler.step(model_output, t, sample, **step_noise_kwargs(step_noise, i)).prev_sample
 

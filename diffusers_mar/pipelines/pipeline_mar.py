@@ -36,9 +36,9 @@ from diffusers_mar.pipelines.sampling_settings import (
 )
 from diffusers_mar.pipelines.schedules import (
     guidance_schedule_values,
+    head_calls,
     mask_by_order,
     mask_schedule,  # noqa: F401  (re-exported: `diffusers_mar.mask_schedule`)
-    modulation_chunks,
     prepare_class_labels,
     prepare_step_noise,
 )
@@ -138,8 +138,9 @@ class MARPipeline(DiffusionPipeline):
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # Rows of the head's AdaLN modulation computed in one product (see `modulation_chunks`; 1: one step at a time,
-    # as the original). 128 rows (10 MB for MAR-B) read the weights once for several steps at small batch while
+    # Rows of the head's AdaLN modulation computed in one product per block (`schedules.head_calls`): steps with at
+    # most half as many rows share a chunk; larger steps (and all steps, with 1) compute it block by block inside the
+    # head, as the original. 128 rows (10 MB for MAR-B) read the weights once for several steps at small batch while
     # keeping the peak memory within 1.2x of the original's (docs/benchmarks.md).
     modulation_rows = 128
 
@@ -459,15 +460,15 @@ class MARPipeline(DiffusionPipeline):
                 step_noise = prepare_step_noise(
                     len(scheduler.timesteps), batch_size, n, token_dim, generator, device, noise and noise[step]
                 )  # (1 + S, B * n, C)
-                modulations = modulation_chunks(
+                heads = head_calls(
                     self.diffusion_head, scheduler.timesteps.to(device), condition_embedding, self.modulation_rows
                 )
                 step_guidance = guidance[step] if do_guidance else None
                 sample = step_noise[0] * scheduler.init_noise_sigma  # (B * n, C), not scaled by temperature
-                for i, (t, modulation) in enumerate(zip(scheduler.timesteps, modulations)):
+                for i, (t, head) in enumerate(zip(scheduler.timesteps, heads)):
                     model_input = scheduler.scale_model_input(sample, t)
                     model_input = torch.cat([model_input, model_input]) if do_guidance else model_input
-                    model_output = self.diffusion_head.forward_with_modulation(model_input.to(head_dtype), modulation)
+                    model_output = head(model_input.to(head_dtype))
                     model_output = guide(model_output.float(), step_guidance, token_dim, keep_variance)
                     sample = scheduler.step(model_output, t, sample, **step_noise_kwargs(step_noise, i)).prev_sample
 

@@ -1,10 +1,11 @@
 """Small pure functions of MARPipeline's outer loop: the mask and guidance schedules, the generation-order mask, the
-head's modulation chunks, one step's noise, and the class labels of a call (shared with `MARInpaintPipeline`)."""
+head's call per diffusion step, one step's noise, and the class labels of a call (shared with `MARInpaintPipeline`)."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,17 +46,27 @@ def mask_by_order(num_unknown: int, orders: torch.Tensor) -> torch.Tensor:
     return mask.scatter(1, orders[:, :num_unknown], 1.0)
 
 
-def modulation_chunks(
+def head_calls(
     diffusion_head: MARDiffusionHead, timesteps: torch.Tensor, condition_embedding: torch.Tensor, max_rows: int
-) -> Iterator[torch.Tensor]:
-    """The head's AdaLN modulation `(N, M)` for each timestep in turn, computed for several steps at once.
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """The diffusion head as a function of the noisy tokens, for each timestep in turn (`N` = the rows of a step).
 
-    The modulation depends on (timestep, condition) only, so with few tokens per step that of several steps is one
-    matrix product (the weights are read once instead of once per step): chunks of about `max_rows` rows.
+    The AdaLN modulation depends on (timestep, condition) only. When a step has at most `max_rows / 2` rows, that of
+    several steps is one matrix product per block (chunks of about `max_rows` rows: the weights are read once per
+    chunk instead of once per step). Otherwise each step computes it block by block inside the head, holding one
+    block's at a time as the original does (`forward_with_condition_embedding`).
     """
-    steps_per_chunk = max(1, max_rows // condition_embedding.shape[0])
+    steps_per_chunk = max_rows // condition_embedding.shape[0]
+    if steps_per_chunk < 2:
+        for t in timesteps:
+            yield functools.partial(
+                diffusion_head.forward_with_condition_embedding, timestep=t, condition_embedding=condition_embedding
+            )
+        return
     for start in range(0, len(timesteps), steps_per_chunk):
-        yield from diffusion_head.compute_modulation(timesteps[start : start + steps_per_chunk], condition_embedding)
+        chunk = diffusion_head.compute_modulation(timesteps[start : start + steps_per_chunk], condition_embedding)
+        for modulation in chunk:
+            yield functools.partial(diffusion_head.forward_with_modulation, modulation=modulation)
 
 
 def check_num_images_per_label(num_images_per_label: int) -> None:

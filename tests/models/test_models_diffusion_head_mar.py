@@ -79,6 +79,30 @@ def test_precomputed_modulation_gives_the_same_output():
         torch.testing.assert_close(head.compute_modulation(421, embedding)[0], modulation[1], rtol=0, atol=1e-6)
 
 
+def test_adaln_modulation_rows_of_each_block():
+    head = perturb_(MARDiffusionHead(**{**TINY_PIXEL_HEAD_CONFIG, "num_res_blocks": 3})).eval()
+    layer, width = head.adaln_modulation, head.config.model_channels
+    y = torch.randn(2, 7, width)
+    with torch.no_grad():
+        full = layer(y)
+        torch.testing.assert_close(full, torch.nn.functional.linear(y, layer.weight, layer.bias), rtol=0, atol=1e-6)
+        pieces = [layer(y, block=i) for i in range(4)]
+    assert [piece.shape[-1] for piece in pieces] == [3 * width] * 3 + [2 * width]  # (shift, scale, gate), final
+    torch.testing.assert_close(torch.cat(pieces, dim=-1), full, rtol=0, atol=0)
+
+
+def test_condition_embedding_path_gives_the_same_output():
+    head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)).eval()
+    x, c = torch.randn(5, 4), torch.randn(5, 16)
+    with torch.no_grad():
+        embedding = head.embed_condition(c)
+        for t in (999, torch.tensor(421), torch.tensor([3, 4, 5, 6, 7])):
+            expected = head(x, t, c).sample
+            torch.testing.assert_close(
+                head.forward_with_condition_embedding(x, t, embedding), expected, rtol=0, atol=0
+            )
+
+
 def test_modulation_shape_is_checked():
     head = MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG)
     x, c = torch.randn(2, 4), torch.randn(2, 16)

@@ -116,7 +116,7 @@ def test_diffusion_step_schedules():
     pipe = make_tiny_pipeline()
     calls = []
     forward = pipe.diffusion_head.forward_with_modulation
-    pipe.diffusion_head.forward_with_modulation = lambda *args: calls.append(1) or forward(*args)
+    pipe.diffusion_head.forward_with_modulation = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
     _latents(pipe, num_diffusion_steps=[3, 5, 2, 4])
     assert len(calls) == 3 + 5 + 2 + 4
 

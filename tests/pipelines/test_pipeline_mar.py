@@ -448,15 +448,17 @@ def test_modulations_of_several_steps_at_once_equal_one_step_at_a_time(monkeypat
     head = pipe.diffusion_head
     for parameter in head.parameters():
         torch.nn.init.normal_(parameter, std=0.2)
-    sizes = []
-    compute = head.compute_modulation
+    sizes, blockwise = [], []
+    compute, lazy = head.compute_modulation, head.forward_with_condition_embedding
     monkeypatch.setattr(head, "compute_modulation", lambda t, c: sizes.append(len(t)) or compute(t, c))
+    monkeypatch.setattr(head, "forward_with_condition_embedding", lambda *a, **k: blockwise.append(1) or lazy(*a, **k))
     batched = pipe([1, 2], generator=_seeded(0), output_type="latent", guidance_scale=2.0, **FAST).images
     assert sizes == [FAST["num_diffusion_steps"]] * FAST["num_inference_steps"]  # all steps in one product
+    assert blockwise == []
     sizes.clear()
-    pipe.modulation_rows = 1  # one step at a time, as the original
+    pipe.modulation_rows = 1  # one step at a time, block by block inside the head, as the original
     stepwise = pipe([1, 2], generator=_seeded(0), output_type="latent", guidance_scale=2.0, **FAST).images
-    assert sizes == [1] * (FAST["num_diffusion_steps"] * FAST["num_inference_steps"])
+    assert sizes == [] and len(blockwise) == FAST["num_diffusion_steps"] * FAST["num_inference_steps"]
     assert relative_error(batched, stepwise) < 1e-5  # float32 rounding (products of other shapes)
 
 
