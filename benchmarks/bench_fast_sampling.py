@@ -1,4 +1,4 @@
-"""Speed of `MARPipeline`'s sampling presets against its exact default on a full-size MAR (random weights).
+"""Speed of `MARPipeline`'s sampling presets against its exact default, on a full-size MAR or a pipeline folder.
 
 Quality is measured on the digits models (`benchmarks/fast_orders_digits.py`); this script measures what the presets
 buy on a model of the paper's size: images/s of each setting, and where the time goes (transformer, head and the
@@ -7,9 +7,12 @@ rest), in one process with the same weights. The settings alternate (exact, pres
 kernels and is not timed (the exact default's first-call costs are a small share of its minutes). Reported: median
 (min-max) over the rounds, and the speed-up of each round's pair.
 
-Usage (from the repository root; `exact` is the paper's 64 x 100 steps, DDPM, for a model without stored settings):
+`--model` is a preset (`mar-base`, ...: random weights) or a pipeline folder (`shipped`: the digits model inside the
+package); `exact` is the folder's recommended settings, for a preset the paper's 64 x 100 steps, DDPM. Usage (from
+the repository root):
 
     python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 8 --repeats 3 --settings exact fast
+    python benchmarks/bench_fast_sampling.py --model shipped --batch-size 100 --threads 1 --repeats 5
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -26,16 +30,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_sampling import Timer, load_ours, make_original_weights, spread, update_docs_section
+from benchmarks.bench_sampling import (
+    Timer,
+    load_ours,
+    make_original_weights,
+    public_argv,
+    spread,
+    update_docs_section,
+)
+from diffusers_mar import DEFAULT_MODEL, MARPipeline
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 
+PRESET_MODELS = ("mar-base", "mar-large", "mar-huge")
 
-def setting_arguments(name: str, sampling_defaults: dict, guidance_scale: float) -> dict:
+
+def setting_arguments(name: str, sampling_defaults: dict, guidance_scale: float | None) -> dict:
     """`pipe(...)` arguments of a setting: `exact` (the pipeline's sampling defaults, the paper's for a folder without
-    stored ones) or a `sampling_preset` name, both at `guidance_scale`."""
+    stored ones) or a `sampling_preset` name, both at `guidance_scale` (None: the pipeline's)."""
+    guidance = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     if name == "exact":
-        return {**sampling_defaults, "guidance_scale": guidance_scale}
-    return {"guidance_scale": guidance_scale, "sampling_preset": name}
+        return {**sampling_defaults, **guidance}
+    return {**guidance, "sampling_preset": name}
 
 
 def timed_call(pipe, labels: list[int], arguments: dict, timer: Timer) -> dict:
@@ -67,7 +82,7 @@ def instrument(pipe, timer: Timer) -> None:
 def run(args: argparse.Namespace, pipe) -> list[dict]:
     timer = Timer("cpu")
     instrument(pipe, timer)
-    labels = [i % 1000 for i in range(args.batch_size)]
+    labels = [i % pipe.transformer.config.num_classes for i in range(args.batch_size)]
     for name in args.settings:
         if name != "exact":
             pipe(labels, output_type="latent", **setting_arguments(name, pipe.sampling_defaults, args.guidance_scale))
@@ -112,10 +127,10 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mar-base", choices=["mar-base", "mar-large", "mar-huge"])
+    parser.add_argument("--model", default="mar-base", help=f"one of {PRESET_MODELS}, `shipped` or a folder")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--guidance-scale", type=float, help="default: 3.0 for a preset, the folder's otherwise")
     parser.add_argument("--settings", nargs="+", default=["exact", "fast"], help="`exact` and preset names.")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--output-json", type=Path)
@@ -126,7 +141,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--settings must be `exact` or among {sorted(SAMPLING_PRESETS)}; got {unknown}")
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats must be >= 1")
+    if args.model not in PRESET_MODELS and args.model != "shipped" and not Path(args.model).is_dir():
+        parser.error(f"--model must be one of {PRESET_MODELS}, `shipped` or a pipeline folder; got {args.model!r}")
+    if args.guidance_scale is None and args.model in PRESET_MODELS:
+        args.guidance_scale = 3.0
     return args
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The model to time: a preset with random weights in the original layout, converted, or a pipeline folder."""
+    if args.model not in PRESET_MODELS:
+        pipe = MARPipeline.from_pretrained(DEFAULT_MODEL if args.model == "shipped" else args.model)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        make_original_weights(argparse.Namespace(model=args.model, original_repo=None), weights)
+        return load_ours(argparse.Namespace(model=args.model, weights=weights), "cpu", torch.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,16 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.safetensors"
-        make_original_weights(argparse.Namespace(model=args.model, original_repo=None), weights)
-        pipe = load_ours(argparse.Namespace(model=args.model, weights=weights), "cpu", torch.float32)
+    pipe = load_pipeline(args)
     rows = summarise(args, run(args, pipe), pipe.sampling_defaults)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
-    command = "python benchmarks/bench_fast_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/bench_fast_sampling.py", *public_argv(argv or sys.argv[1:])])
     section = (
         f"## Sampling presets on {args.model}, batch {args.batch_size} (benchmarks/bench_fast_sampling.py)\n\nMachine: {machine}. Batch "
-        f"{args.batch_size}, random weights, {args.repeats} rounds (settings alternating in one process), median "
+        f"{args.batch_size}, {'random weights' if args.model in PRESET_MODELS else 'trained weights'}, {args.repeats} rounds (settings alternating in one process), median "
         f"(min-max); speed-up against `{args.settings[0]}` per round. Command: `{command}` "
         f"({time.perf_counter() - start:.0f} s in all).\n\n{table(rows)}\n"
     )

@@ -466,13 +466,19 @@ def update_docs_section(section: str, markers: tuple[str, str] = DOCS_MARKERS) -
 
 
 def public_argv(argv: list[str]) -> list[str]:
-    """The command line as the docs show it: the checkout's path on this machine becomes `path/to/LTH14-mar`."""
-    shown = list(argv)
-    for i, arg in enumerate(shown):
-        if arg == "--original-repo" and i + 1 < len(shown):
-            shown[i + 1] = "path/to/LTH14-mar"
-        elif arg.startswith("--original-repo="):
-            shown[i] = "--original-repo=path/to/LTH14-mar"
+    """The command line as the docs show it, without this machine's paths: the checkout becomes `path/to/LTH14-mar`,
+    other absolute paths (output files, model folders) their last component."""
+    shown = []
+    for i, arg in enumerate(argv):
+        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if arg.startswith("--") and not equals:
+            shown.append(arg)  # an option name alone; its value is the next argument
+            continue
+        if option == "--original-repo" or (not option and i > 0 and argv[i - 1] == "--original-repo"):
+            value = "path/to/LTH14-mar"
+        elif os.path.isabs(value):
+            value = os.path.basename(value.rstrip("/"))
+        shown.append(f"{option}={value}" if equals else value)
     return shown
 
 

@@ -50,7 +50,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-from diffusers_mar import DEFAULT_MODEL, MARPipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/eval_digits.py` imports `benchmarks`
+
+from benchmarks.bench_sampling import public_argv  # noqa: E402
+from diffusers_mar import DEFAULT_MODEL, MARPipeline  # noqa: E402
 from diffusers_mar.evaluation.metrics import (
     frechet_distance_of_features,
     mean_pairwise_distance,
@@ -406,11 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     context = {
-        "model": args.model if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
+        "model": public_argv([args.model])[0] if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
         "num_parameters": sum(p.numel() for p in pipe.transformer.parameters())
         + sum(p.numel() for p in pipe.diffusion_head.parameters()),
         "machine": machine_description(args.threads),
-        "command": shlex.join(["python", "benchmarks/eval_digits.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(
+            ["python", "benchmarks/eval_digits.py", *public_argv(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     report = markdown_report(results, baselines, context)
     write_outputs(args, report, {**context, "baselines": baselines, "results": results})

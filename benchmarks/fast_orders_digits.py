@@ -37,6 +37,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the repository root imports `benchmarks`
 
+from benchmarks.bench_sampling import public_argv  # noqa: E402
 from benchmarks.eval_digits import (  # noqa: E402
     SCHEDULERS,
     DigitsEvaluator,
@@ -247,15 +248,15 @@ def main(argv: list[str] | None = None) -> int:
             result["misses"].append("Fréchet")
         result["kept"] = not result["misses"]
     context = {
-        "model": args.model if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
+        "model": public_argv([args.model])[0] if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
         "num_tokens": pipe.transformer.num_tokens,
         "machine": machine_description(args.threads),
         "command": shlex.join(
-            ["python", "benchmarks/fast_orders_digits.py", *(sys.argv[1:] if argv is None else argv)]
+            ["python", "benchmarks/fast_orders_digits.py", *public_argv(sys.argv[1:] if argv is None else argv)]
         ),
         "reference": (
-            f"MARDDPMScheduler, {sampling['num_inference_steps']} outer x {sampling['num_diffusion_steps']} head "
-            f"steps, guidance {sampling['guidance_scale']:g} ({sampling['guidance_schedule']}), temperature "
+            f"MARDDPMScheduler, {sampling.get('num_inference_steps', 'one token per')} outer x "
+            f"{sampling['num_diffusion_steps']} head steps, guidance {sampling['guidance_scale']:g} ({sampling['guidance_schedule']}), temperature "
             f"{sampling['temperature']:g}"
         ),
         "frechet_floor": evaluator.frechet_floor,

@@ -74,9 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings, source = sampling_settings(args, pipe)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     settings_text = ", ".join(f"{key}={settings[key]}" for key in pipe.sampling_keys)
-    if args.order is not None:
-        settings_text += f", order={args.order}"
-        settings = {**settings, "order": args.order}
+    for option in ("order", "sampling_preset"):
+        if getattr(args, option, None) is not None:
+            settings_text += f", {option}={getattr(args, option)}"
+            settings = {**settings, option: getattr(args, option)}
     print(f"Sampling with {settings_text} (options not given: {source})", file=sys.stderr)
 
     # 3. Generate: one generator per image (seed + index), so an image does not depend on --batch-size

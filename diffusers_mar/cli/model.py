@@ -13,6 +13,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARPipeline
 from diffusers_mar.cli.errors import EXIT_FAILURE, CLIError
+from diffusers_mar.pipelines.sampling_settings import _CALL_DEFAULTS, apply_sampling_preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -133,12 +134,21 @@ def sampling_settings(args: argparse.Namespace, pipe: MARPipeline) -> tuple[dict
         raise CLIError("applies to ARPipeline folders only (MAR draws a random order per image)", "--order")
     given = {key for key in pipe.sampling_keys if getattr(args, key, None) is not None}
     settings.update({key: getattr(args, key) for key in given})
+    preset = getattr(args, "sampling_preset", None)
+    if preset is not None:
+        if isinstance(pipe, ARPipeline):
+            raise CLIError("applies to MARPipeline folders only", "--sampling-preset")
+        arguments = dict.fromkeys(_CALL_DEFAULTS) | {key: settings[key] for key in given}
+        arguments.update(order="random", outer_schedule="cosine")
+        resolved = apply_sampling_preset(preset, arguments, pipe.transformer.num_tokens)
+        settings.update({key: resolved[key] for key in pipe.sampling_keys if resolved[key] is not None})
+        source = f"sampling preset {preset!r}, then {source}"
     num_tokens = pipe.transformer.num_tokens
     max_steps = pipe.scheduler.config.num_train_timesteps
     ranges = {"num_inference_steps": (1, num_tokens), "num_diffusion_steps": (1, max_steps)}
     for key, (low, high) in ranges.items():
-        if key not in settings:
-            continue
+        if key not in settings or (key == "num_diffusion_steps" and isinstance(settings[key], (str, list))):
+            continue  # a schedule per outer step (e.g. "linear-25-5"): the pipeline checks it
         if not (isinstance(settings[key], int) and low <= settings[key] <= high):
             option = "--" + key.replace("_", "-")
             message = f"must be an integer in [{low}, {high}] for this model"

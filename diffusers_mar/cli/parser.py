@@ -11,6 +11,7 @@ import torch
 from diffusers_mar import DEFAULT_MODEL
 from diffusers_mar.cli.model import DTYPES
 from diffusers_mar.cli.outputs import GRID_MIN_CELL
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 
 EPILOG = """\
 exit codes:
@@ -143,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(generate)
     generate.add_argument(
         "--order", choices=("raster", "random"), help="generation order of an ARPipeline folder (default raster)"
+    )
+    generate.add_argument(
+        "--sampling-preset",
+        choices=tuple(SAMPLING_PRESETS),
+        help="a measured faster setting (MAR only; docs/usage.md): sampling options not given take its values",
     )
     generate.add_argument(
         "--seed", type=int, default=0, help="image i uses torch.Generator seeded seed + i (default 0)"

@@ -62,10 +62,8 @@ class MARAdaLNModulation(nn.Linear):
 
     def __init__(self, channels: int, num_res_blocks: int):
         super().__init__(channels, (3 * num_res_blocks + 2) * channels, bias=True)
-        ends = [3 * channels * (i + 1) for i in range(num_res_blocks)] + [(3 * num_res_blocks + 2) * channels]
-        self.block_rows = [
-            slice(end - (2 if i == num_res_blocks else 3) * channels, end) for i, end in enumerate(ends)
-        ]
+        sizes = [3 * channels] * num_res_blocks + [2 * channels]  # the final layer has no gate
+        self.block_rows = [slice(3 * channels * i, 3 * channels * i + size) for i, size in enumerate(sizes)]
 
     def forward(self, y: torch.Tensor, block: int | None = None) -> torch.Tensor:
         if block is not None:

@@ -15,10 +15,32 @@ import math
 from collections.abc import Callable
 
 import torch
-from diffusers.schedulers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from diffusers_mar.schedulers.scheduling_ddpm_mar import LAMBDA_MIN_CLIPPED, mar_alphas_cumprod
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
+from diffusers_mar.schedulers.scheduling_ddpm_mar import LAMBDA_MIN_CLIPPED, MARDDPMScheduler, mar_alphas_cumprod
+
+# The head schedulers a sampling preset may name: a class and the config overrides it is built with from the
+# pipeline's scheduler config. DPM-Solver++ (2M) with `leading` spacing keeps the quality at 8-10 head steps
+# (docs/benchmarks.md); it is deterministic, so it samples at temperature 1 only.
+PRESET_SCHEDULERS = {"dpm-solver++": (DPMSolverMultistepScheduler, {"timestep_spacing": "leading"})}
+
+
+def preset_head_scheduler(scheduler: SchedulerMixin, preset: str | None, temperature: float) -> SchedulerMixin:
+    """The head's scheduler of a call with `sampling_preset=preset`: the preset's (`SAMPLING_PRESETS`), built from
+    `scheduler.config`, when the pipeline has the model's own `MARDDPMScheduler`; otherwise `scheduler` itself."""
+    name = SAMPLING_PRESETS[preset]["head_scheduler"] if preset is not None else None
+    if name is None or type(scheduler) is not MARDDPMScheduler:
+        return scheduler
+    if temperature != 1.0:
+        raise ValueError(
+            f"`sampling_preset={preset!r}` samples the head with {name} (DPMSolverMultistepScheduler), which adds no "
+            f"noise, so it needs `temperature=1.0`; got {temperature!r}. Pass `temperature=1.0`, or use "
+            '`sampling_preset="fast-ddpm"`, which keeps the DDPM sampler and its temperature.'
+        )
+    scheduler_class, overrides = PRESET_SCHEDULERS[name]
+    return scheduler_class.from_config(scheduler.config, **overrides)
 
 
 def prepare_head_scheduler(
@@ -83,6 +105,21 @@ def prepare_head_scheduler(
         )
     kwargs = {"generator": generator} if draws_own_noise else {}
     return scheduler, keep_variance, lambda noise, i: kwargs
+
+
+def prepare_call_scheduler(
+    scheduler: SchedulerMixin,
+    preset: str | None,
+    diffusion_steps: list[int],
+    temperature: float,
+    generator: torch.Generator | list | None,
+) -> tuple[SchedulerMixin, bool, Callable[[torch.Tensor, int], dict]]:
+    """`prepare_head_scheduler` for a call: the preset's scheduler (`preset_head_scheduler`), checked for every step
+    count of `diffusion_steps` (one per outer step)."""
+    scheduler = preset_head_scheduler(scheduler, preset, temperature)
+    for num_diffusion_steps in dict.fromkeys(diffusion_steps):
+        prepared = prepare_head_scheduler(scheduler, num_diffusion_steps, temperature, generator)
+    return prepared
 
 
 def guide(model_output: torch.Tensor, scale: float | None, channels: int, keep_variance: bool) -> torch.Tensor:

@@ -23,7 +23,7 @@ from diffusers_mar.models.cpu_inference import cpu_inference
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
 from diffusers_mar.pipelines.caches import TransformerPass
-from diffusers_mar.pipelines.head_scheduler import guide, prepare_head_scheduler
+from diffusers_mar.pipelines.head_scheduler import guide, prepare_call_scheduler
 from diffusers_mar.pipelines.model_card import copy_model_card
 from diffusers_mar.pipelines.orders import check_fast_sampling, outer_mask_schedule, prepare_orders
 from diffusers_mar.pipelines.sampling_settings import (
@@ -386,8 +386,12 @@ class MARPipeline(DiffusionPipeline):
                 Reuse the transformer's conditions of the still-unknown tokens, refreshed every that many outer steps
                 (`caches.py`; 1 = refresh at every step, the same as None, no cache).
             sampling_preset (`str`, *optional*):
-                A named set of the arguments above, among `SAMPLING_PRESETS` (`"fast"`; `docs/usage.md`), for the
-                arguments left at their defaults (`None`, `"random"`, `"cosine"`); the others keep their given value.
+                A named set of the arguments above, among `SAMPLING_PRESETS` (`docs/usage.md`), for the arguments
+                left at their defaults (`None`, `"random"`, `"cosine"`); the others keep their given value.
+                `"fast"`: 8 outer steps (at most a quarter of the tokens) x 8 head steps of DPM-Solver++ (2M,
+                `leading` spacing, built from `pipe.scheduler.config` for the call when `pipe.scheduler` is the
+                model's `MARDDPMScheduler`; it needs temperature 1). `"fast-ddpm"`: 8 outer steps, head steps
+                annealed from 25 to 5 (`"linear-25-5"`), the pipeline's own scheduler.
 
         Examples:
 
@@ -408,10 +412,9 @@ class MARPipeline(DiffusionPipeline):
         )  # fmt: skip
         num_inference_steps = settings["num_inference_steps"]
         diffusion_steps = diffusion_step_schedule(settings["num_diffusion_steps"], num_inference_steps)
-        for num_diffusion_steps in dict.fromkeys(diffusion_steps):  # each step count the scheduler must run
-            scheduler, keep_variance, step_noise_kwargs = prepare_head_scheduler(
-                self.scheduler, num_diffusion_steps, settings["temperature"], generator
-            )
+        scheduler, keep_variance, step_noise_kwargs = prepare_call_scheduler(
+            self.scheduler, sampling_preset, diffusion_steps, settings["temperature"], generator
+        )
         device = self._execution_device
         batch_size, num_tokens, token_dim = len(class_labels), self.transformer.num_tokens, self.transformer.token_dim
         do_guidance = settings["guidance_scale"] != 1.0

@@ -21,7 +21,12 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.utils import logging
 
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
-from diffusers_mar.pipelines.sampling_settings import check_sampling_settings
+from diffusers_mar.pipelines.sampling_settings import (
+    SAMPLING_KEYS,
+    apply_sampling_preset,
+    check_sampling_settings,
+    max_outer_steps,
+)
 from diffusers_mar.pipelines.schedules import check_num_images_per_label, prepare_class_labels
 
 logger = logging.get_logger(__name__)
@@ -312,6 +317,11 @@ class MARInpaintPipeline(MARPipeline):
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         mask_dilation: int = 0,
         resize: bool = False,
+        order: str | torch.Tensor = "random",
+        outer_schedule: str = "cosine",
+        guidance_cache_interval: int | None = None,
+        feature_cache_interval: int | None = None,
+        sampling_preset: str | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Regenerate the masked part of images, given the rest and a class label.
@@ -369,6 +379,17 @@ class MARInpaintPipeline(MARPipeline):
             resize (`bool`, *optional*, defaults to `False`):
                 Resize `image` (bicubic, antialiased) and `mask_image` (a pixel is masked when it overlaps a masked
                 pixel) to the model's resolution. Without it, another size is an error.
+            order (`str` or `torch.LongTensor`, *optional*, defaults to `"random"`):
+                As in [`MARPipeline`]; a tensor has one permutation per output image (kept tokens move to the end).
+            outer_schedule (`str`, *optional*, defaults to `"cosine"`):
+                As in [`MARPipeline`], over each image's unknown tokens (steps clipped to what the schedule allows).
+            guidance_cache_interval (`int`, *optional*):
+                As in [`MARPipeline`] (None or 1: no cache).
+            feature_cache_interval (`int`, *optional*):
+                As in [`MARPipeline`] (None or 1: no cache).
+            sampling_preset (`str`, *optional*):
+                As in [`MARPipeline`]; its outer steps are clipped to each group's unknown tokens, so
+                `num_diffusion_steps` must then be an int or a named schedule (a list fits one step count).
 
         Examples:
 
@@ -376,10 +397,10 @@ class MARInpaintPipeline(MARPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the edited images.
         """
         # 1. Check inputs
+        arguments = apply_sampling_preset(sampling_preset, locals(), self.transformer.num_tokens)
         class_labels = prepare_class_labels(class_labels)
         check_num_images_per_label(num_images_per_label)
-        given = (num_inference_steps, num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
-        settings = self.resolve_sampling_settings(*given)
+        settings = self.resolve_sampling_settings(*(arguments[key] for key in SAMPLING_KEYS))
         if not isinstance(resize, bool):
             raise ValueError(f"`resize` must be True or False; got {resize!r}.")
         # The sampling arguments are checked once here (each group is checked again by MARPipeline); the step count
@@ -410,6 +431,10 @@ class MARInpaintPipeline(MARPipeline):
                 f"`generator` is a list of {len(generator)} generators for {num_images} images (batch size "
                 f"{batch_size} times `num_images_per_label`); pass one generator per image or a single generator."
             )
+        if isinstance(order, torch.Tensor) and order.shape[:1] != (num_images,):
+            raise ValueError(
+                f"`order` as a tensor must have one row per output image ({num_images}); got {tuple(order.shape)}."
+            )
         class_labels = class_labels * batch_size if len(class_labels) == 1 else class_labels
         class_labels = [label for label in class_labels for _ in range(num_images_per_label)]
         mask = mask.expand(batch_size, -1).repeat_interleave(num_images_per_label, dim=0)  # (B * n, L)
@@ -432,11 +457,14 @@ class MARInpaintPipeline(MARPipeline):
             if self.interrupt:
                 break
             rows = [i for i, c in enumerate(unknown) if c == count]
+            preset = sampling_preset if num_inference_steps is None else None  # the preset chose the steps
+            steps = min(settings["num_inference_steps"], max_outer_steps(count, arguments["outer_schedule"], preset))
+            group_order = order[rows] if isinstance(order, torch.Tensor) else arguments["order"]
             output[rows] = (
                 super()
                 .__call__(
                     [class_labels[i] for i in rows],
-                    num_inference_steps=min(settings["num_inference_steps"], count),
+                    num_inference_steps=steps,
                     num_diffusion_steps=settings["num_diffusion_steps"],
                     guidance_scale=settings["guidance_scale"],
                     guidance_schedule=settings["guidance_schedule"],
@@ -447,6 +475,11 @@ class MARInpaintPipeline(MARPipeline):
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                     latents=latents[rows],
                     mask=mask[rows].to(latents.device),
+                    order=group_order,
+                    outer_schedule=arguments["outer_schedule"],
+                    guidance_cache_interval=arguments["guidance_cache_interval"],
+                    feature_cache_interval=arguments["feature_cache_interval"],
+                    sampling_preset=sampling_preset,
                 )
                 .images
             )

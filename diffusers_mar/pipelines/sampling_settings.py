@@ -29,26 +29,46 @@ PAPER_SAMPLING = {
 FAST_SAMPLING_KEYS = ("order", "outer_schedule", "guidance_cache_interval", "feature_cache_interval")
 _CALL_DEFAULTS = {**dict.fromkeys(SAMPLING_KEYS + FAST_SAMPLING_KEYS), "order": "random", "outer_schedule": "cosine"}
 
-# Named sets of sampling arguments (`MARPipeline.__call__(sampling_preset=...)`), measured in docs/benchmarks.md.
-# `num_inference_steps` is clipped to what the model and the outer schedule allow.
+# Named sets of sampling arguments (`MARPipeline.__call__(sampling_preset=...)`), measured in docs/benchmarks.md:
+# the call arguments they set, the fewest tokens an outer step predicts on average (`num_inference_steps` is clipped
+# to `num_tokens // tokens_per_step`, and to what the model and the outer schedule allow), and the head's scheduler
+# (`head_scheduler.PRESET_SCHEDULERS`; None: the pipeline's own).
 SAMPLING_PRESETS = {
-    "fast": {"num_inference_steps": 8, "num_diffusion_steps": "linear-25-5"},
+    "fast": {
+        "arguments": {"num_inference_steps": 8, "num_diffusion_steps": 8},
+        "tokens_per_step": 4,
+        "head_scheduler": "dpm-solver++",
+    },
+    "fast-ddpm": {
+        "arguments": {"num_inference_steps": 8, "num_diffusion_steps": "linear-25-5"},
+        "tokens_per_step": 1,
+        "head_scheduler": None,
+    },
 }
+
+
+def max_outer_steps(num_tokens: int, outer_schedule: str, preset: str | None = None) -> int:
+    """The most outer steps over `num_tokens` unknown tokens: one token per step with the cosine schedule,
+    `ceil(num_tokens / 2) + 1` with the skeleton one, and with `preset`, at least its `tokens_per_step` per step."""
+    high = num_tokens if outer_schedule != "skeleton" else min(num_tokens, math.ceil(num_tokens / 2) + 1)
+    if preset is not None:
+        high = min(high, max(1, num_tokens // SAMPLING_PRESETS[preset]["tokens_per_step"]))
+    return high
 
 
 def apply_sampling_preset(preset: str | None, arguments: dict, num_tokens: int) -> dict:
     """The sampling arguments of a call (`SAMPLING_KEYS` and `FAST_SAMPLING_KEYS`, taken from `arguments`), with
-    the preset's values for those left at their defaults."""
+    the preset's values for those left at their defaults (its head scheduler: `head_scheduler.preset_head_scheduler`)."""
     if preset is not None and preset not in SAMPLING_PRESETS:
         raise ValueError(f"`sampling_preset` must be None or one of {tuple(SAMPLING_PRESETS)}; got {preset!r}.")
     resolved = {key: arguments[key] for key in _CALL_DEFAULTS}
-    for key, value in SAMPLING_PRESETS.get(preset, {}).items():
+    spec = SAMPLING_PRESETS.get(preset, {"arguments": {}, "tokens_per_step": 1, "head_scheduler": None})
+    for key, value in spec["arguments"].items():
         default = _CALL_DEFAULTS[key]
         if isinstance(resolved[key], str | type(None)) and resolved[key] == default:
             resolved[key] = value
     if preset is not None and arguments["num_inference_steps"] is None:
-        schedule = resolved["outer_schedule"]
-        high = num_tokens if schedule == "cosine" else math.ceil(num_tokens / 2) + 1
+        high = max_outer_steps(num_tokens, resolved["outer_schedule"], preset)
         resolved["num_inference_steps"] = min(resolved["num_inference_steps"], high)
     return resolved
 

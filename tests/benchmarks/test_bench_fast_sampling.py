@@ -22,7 +22,7 @@ def test_settings_are_the_pipeline_defaults_or_a_preset():
 def test_unknown_settings_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench_fast_sampling.parse_args(["--settings", "exact", "turbo"])
-    assert "--settings must be `exact` or among ['fast']" in capsys.readouterr().err
+    assert "--settings must be `exact` or among ['fast', 'fast-ddpm']" in capsys.readouterr().err
 
 
 def test_rounds_time_every_setting_and_split_the_time():
@@ -40,3 +40,17 @@ def test_rounds_time_every_setting_and_split_the_time():
     assert rows[0]["speedup"]["median"] == 1.0 and rows[1]["speedup"]["runs"] == 2
     table = bench_fast_sampling.table(rows)
     assert "| exact |" in table and "sampling_preset='fast'" in table
+
+
+def test_models_are_presets_or_pipeline_folders(tmp_path, capsys):
+    assert bench_fast_sampling.parse_args(["--model", "mar-base"]).guidance_scale == 3.0
+    args = bench_fast_sampling.parse_args(["--model", "shipped", "--settings", "exact", "fast", "fast-ddpm"])
+    assert args.guidance_scale is None  # the folder's
+    assert bench_fast_sampling.setting_arguments("fast", PAPER_SAMPLING, None) == {"sampling_preset": "fast"}
+    pipe = bench_fast_sampling.load_pipeline(args)
+    assert pipe.transformer.num_tokens == 16 and pipe.sampling_defaults["num_inference_steps"] == 16
+    with pytest.raises(SystemExit):
+        bench_fast_sampling.parse_args(["--model", str(tmp_path / "missing")])
+    assert "--model must be one of ('mar-base', 'mar-large', 'mar-huge'), `shipped` or a pipeline folder" in (
+        capsys.readouterr().err
+    )

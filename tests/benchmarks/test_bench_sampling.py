@@ -66,3 +66,13 @@ def test_recorded_command_names_no_path_of_this_machine():
     shown = bench_sampling.public_argv(argv)
     assert shown == ["--original-repo", "path/to/LTH14-mar", "--batch-sizes", "1", "--original-repo=path/to/LTH14-mar"]
     assert argv[1] == "/tmp/LTH14-mar"  # the caller's list is left alone
+    other = ["--output-json", "/tmp/run/x.json", "--model=/data/digits64/", "--grid", "grid.png", "--seeds", "0"]
+    assert bench_sampling.public_argv(other) == [
+        "--output-json",
+        "x.json",
+        "--model=digits64",
+        "--grid",
+        "grid.png",
+        "--seeds",
+        "0",
+    ]

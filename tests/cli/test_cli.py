@@ -492,3 +492,26 @@ def test_a_model_whose_config_does_not_match_its_weights_fails_with_the_key_name
     err = capsys.readouterr().err
     assert "argument --model" in err and "do not match its config.json" in err and "encoder_blocks.1-11.*" in err
     assert "meta" not in err and not (tmp_path / "grid.png").exists()
+
+
+def test_generate_with_a_sampling_preset_equals_the_pipeline_call(tiny_model, tmp_path, capsys):
+    argv = ["generate", "--model", str(tiny_model), "--class-labels", "1", "2", "--num-images-per-label", "1"]
+    argv += ["--seed", "4", "--quiet"]
+    assert cli.main([*argv, "--sampling-preset", "fast", "--output-dir", str(tmp_path / "fast")]) == 0
+    assert "num_inference_steps=4, num_diffusion_steps=8" in capsys.readouterr().err  # 16 tokens, 4 per step
+    assert cli.main([*argv, "--sampling-preset", "fast-ddpm", "--num-inference-steps", "3", "--output-dir",
+                     str(tmp_path / "ddpm")]) == 0  # fmt: skip
+    assert "num_inference_steps=3, num_diffusion_steps=linear-25-5" in capsys.readouterr().err
+    pipe = MARPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    for folder, kwargs in (("fast", {}), ("ddpm", {"num_inference_steps": 3})):
+        preset = "fast" if folder == "fast" else "fast-ddpm"
+        generators = [torch.Generator().manual_seed(4 + i) for i in range(2)]
+        images = pipe([1, 2], generator=generators, sampling_preset=preset, **kwargs).images
+        for label, image in zip([1, 2], images):
+            actual = np.asarray(Image.open(tmp_path / folder / f"label-{label}-0.png"))
+            assert np.array_equal(actual, np.asarray(image))
+    code = cli.main([*argv, "--sampling-preset", "fast", "--temperature", "0.5", "--output", str(tmp_path / "g.png")])
+    assert code == 2 and "temperature=1.0" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+    assert cli.main([*argv, "--sampling-preset", "turbo", "--output", str(tmp_path / "g.png")]) == 2
+    assert "'fast', 'fast-ddpm'" in capsys.readouterr().err

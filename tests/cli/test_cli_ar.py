@@ -40,6 +40,8 @@ def test_options_of_the_other_family_are_refused(tiny_ar_model, tiny_model, tmp_
     base = ["generate", "--class-labels", "1", "--output", str(tmp_path / "grid.png")]
     assert cli.main([*base, "--model", str(tiny_ar_model), "--num-inference-steps", "4"]) == 2
     assert "--num-inference-steps" in capsys.readouterr().err
+    assert cli.main([*base, "--model", str(tiny_ar_model), "--sampling-preset", "fast"]) == 2
+    assert "--sampling-preset" in capsys.readouterr().err
     assert cli.main([*base, "--model", str(tiny_model), "--order", "random"]) == 2
     assert "--order" in capsys.readouterr().err
     assert not (tmp_path / "grid.png").exists()

@@ -1,10 +1,14 @@
 """Issue 17: generation orders, outer and diffusion step schedules, and the transformer caches of `MARPipeline`."""
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+from diffusers_mar import MARDDPMScheduler, MARPipeline
+from diffusers_mar.pipelines.head_scheduler import PRESET_SCHEDULERS
 from diffusers_mar.pipelines.orders import ORDER_NAMES, make_orders, skeleton_schedule
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS, apply_sampling_preset, diffusion_step_schedule
 from tests.testing_utils import make_tiny_pipeline
@@ -204,24 +208,68 @@ def test_bad_fast_sampling_arguments_raise_clear_errors(kwargs, match):
         _latents(pipe, **kwargs)
 
 
-def test_the_fast_preset_is_its_arguments_and_given_arguments_win():
-    pipe = make_tiny_pipeline()
-    preset = dict(SAMPLING_PRESETS["fast"])
-    expected = pipe(LABELS, generator=_generators(), output_type="latent", **preset).images
-    got = pipe(LABELS, generator=_generators(), output_type="latent", sampling_preset="fast").images
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    given = _latents(pipe, sampling_preset="fast", num_inference_steps=4, order="raster")  # and 5 diffusion steps
-    mixed = _latents(pipe, **{**preset, "num_inference_steps": 4, "order": "raster", "num_diffusion_steps": 5})
+def _preset_call(pipe, preset: str, num_tokens: int, **given):
+    """The call that `sampling_preset=preset` stands for, written out: its arguments (outer steps clipped to the
+    tokens) with the given ones winning, and its head scheduler built from the pipeline's config."""
+    spec = SAMPLING_PRESETS[preset]
+    arguments = {**spec["arguments"], **given}
+    if "num_inference_steps" not in given:
+        arguments["num_inference_steps"] = min(arguments["num_inference_steps"], num_tokens // spec["tokens_per_step"])
+    if spec["head_scheduler"] is not None:
+        scheduler_class, overrides = PRESET_SCHEDULERS[spec["head_scheduler"]]
+        pipe = MARPipeline(
+            **{**pipe.components, "scheduler": scheduler_class.from_config(pipe.scheduler.config, **overrides)}
+        )
+    return pipe(LABELS, generator=_generators(), output_type="latent", **arguments).images
+
+
+@pytest.mark.parametrize("preset", sorted(SAMPLING_PRESETS))
+def test_a_preset_is_its_arguments_and_given_arguments_win(preset):
+    pipe = make_tiny_pipeline()  # 16 tokens
+    got = pipe(LABELS, generator=_generators(), output_type="latent", sampling_preset=preset).images
+    torch.testing.assert_close(got, _preset_call(pipe, preset, 16), rtol=0, atol=0)
+    given = _latents(pipe, sampling_preset=preset, num_inference_steps=4, order="raster")  # and 5 diffusion steps
+    mixed = _preset_call(pipe, preset, 16, num_inference_steps=4, order="raster", num_diffusion_steps=5)
     torch.testing.assert_close(given, mixed, rtol=0, atol=0)
+
+
+def test_the_fast_preset_samples_with_dpm_solver_and_the_exact_default_does_not():
+    pipe = make_tiny_pipeline()
+    assert SAMPLING_PRESETS["fast"]["head_scheduler"] == "dpm-solver++"
+    seen = []
+    step = DPMSolverMultistepScheduler.step
+    with patch.object(
+        DPMSolverMultistepScheduler, "step", lambda self, *a, **k: seen.append(1) or step(self, *a, **k)
+    ):
+        pipe(LABELS, generator=_generators(), output_type="latent", sampling_preset="fast")
+        assert len(seen) == 4 * 8  # 16 tokens // 4 outer steps, 8 head steps each
+        seen.clear()
+        _latents(pipe)
+        assert seen == []
+    assert isinstance(pipe.scheduler, MARDDPMScheduler)  # the preset's scheduler is the call's only
+
+
+def test_the_fast_preset_keeps_a_scheduler_the_user_set_and_refuses_another_temperature():
+    pipe = make_tiny_pipeline()
+    with pytest.raises(ValueError, match=r"sampling_preset='fast'.*temperature=1.0.*fast-ddpm"):
+        _latents(pipe, sampling_preset="fast", temperature=0.9)
+    _latents(pipe, sampling_preset="fast-ddpm", temperature=0.9)  # DDPM takes a temperature
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    pipe = MARPipeline(**{**pipe.components, "scheduler": ddim})
+    got = _latents(pipe, sampling_preset="fast", num_inference_steps=None, num_diffusion_steps=None)
+    torch.testing.assert_close(got, _latents(pipe, num_inference_steps=4, num_diffusion_steps=8), rtol=0, atol=0)
 
 
 def test_the_preset_clips_its_outer_steps_to_the_model():
     arguments = {key: None for key in ("num_inference_steps", "num_diffusion_steps", "guidance_scale")}
     arguments.update(guidance_schedule=None, temperature=None, order="random", outer_schedule="cosine")
     arguments.update(guidance_cache_interval=None, feature_cache_interval=None)
-    resolved = apply_sampling_preset("fast", arguments, num_tokens=4)
-    skeleton = SAMPLING_PRESETS["fast"].get("outer_schedule") == "skeleton"
-    assert resolved["num_inference_steps"] == (3 if skeleton else 4)  # skeleton: ceil(4 / 2) + 1 steps at most
+    assert apply_sampling_preset("fast", arguments, num_tokens=16)["num_inference_steps"] == 4  # 4 tokens per step
+    assert apply_sampling_preset("fast", arguments, num_tokens=256)["num_inference_steps"] == 8
+    assert apply_sampling_preset("fast", arguments, num_tokens=3)["num_inference_steps"] == 1
+    assert apply_sampling_preset("fast-ddpm", arguments, num_tokens=4)["num_inference_steps"] == 4
+    skeleton = {**arguments, "outer_schedule": "skeleton"}
+    assert apply_sampling_preset("fast-ddpm", skeleton, num_tokens=4)["num_inference_steps"] == 3  # ceil(4 / 2) + 1
     assert apply_sampling_preset(None, arguments, num_tokens=4) == arguments
-    with pytest.raises(ValueError, match=r"sampling_preset.*\('fast',\)"):
+    with pytest.raises(ValueError, match=r"sampling_preset.*\('fast', 'fast-ddpm'\)"):
         apply_sampling_preset("fastest", arguments, num_tokens=4)

@@ -122,6 +122,35 @@ def test_mixed_unknown_counts_equal_single_image_calls():
     assert torch.equal(batch[:, 0][kept], singles[:, 0][kept])
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"order": "raster", "outer_schedule": "skeleton", "guidance_cache_interval": 2, "feature_cache_interval": 2},
+        {"sampling_preset": "fast", "num_inference_steps": None, "num_diffusion_steps": None},
+        {"sampling_preset": "fast-ddpm", "num_inference_steps": None, "num_diffusion_steps": None},
+        {"order": "tensor"},
+    ],
+)
+def test_fast_sampling_options_equal_mar_pipeline_with_latents_and_mask(options):
+    pipe = _inpaint_pipeline()
+    plain = MARPipeline.from_pipe(pipe)
+    images, labels, seeds = [_random_image(13), _random_image(14)], [3, 4], [30, 31]
+    masks = [_half_mask(), _half_mask(slice(0, 4))]  # 8 unknown tokens each: one group
+    if options.get("order") == "tensor":
+        options = {"order": torch.stack([torch.randperm(16, generator=_seeded(s)) for s in seeds])}
+    arguments = {**FAST, "guidance_scale": 2.0, **options}
+    got = pipe(images, masks, labels, generator=[_seeded(s) for s in seeds], output_type="latent", **arguments)
+    mask = torch.stack([token_mask_from_pixels(torch.from_numpy(m / 255.0)[None, None], 2)[0] for m in masks])
+    latents = torch.cat([pipe.encode_image(image) for image in images])
+    if arguments.get("sampling_preset") and arguments["num_inference_steps"] is None:  # clipped to the 8 unknown
+        arguments["num_inference_steps"] = 2 if arguments["sampling_preset"] == "fast" else 8
+    if arguments.get("outer_schedule") == "skeleton":
+        arguments["num_inference_steps"] = min(arguments["num_inference_steps"], 5)  # ceil(8 / 2) + 1
+    expected = plain(labels, generator=[_seeded(s) for s in seeds], output_type="latent", latents=latents,
+                     mask=mask, **arguments)  # fmt: skip
+    torch.testing.assert_close(got.images, expected.images, rtol=0, atol=0)
+
+
 def test_a_single_masked_pixel_makes_exactly_its_token_unknown():
     pipe = _inpaint_pipeline()
     mask = np.zeros((8, 8), dtype=np.uint8)
