@@ -32,6 +32,7 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -317,6 +318,26 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("argument --num-per-class: must be >= 2 (diversity needs pairs)")
 
 
+def reports_cli_errors(prog: str):
+    """Decorate a script's `main`: a `CLIError` (e.g. from `load_digits_pipeline`) prints as `prog: error: ...` and
+    `main` returns its exit code, as the command line does."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            from diffusers_mar.cli import CLIError
+
+            try:
+                return main(argv)
+            except CLIError as error:
+                print(f"{prog}: error: {error}", file=sys.stderr)
+                return error.exit_code
+
+        return run
+
+    return decorate
+
+
 def load_digits_pipeline(model: str) -> MARPipeline:
     """Load `model` with the CLI's error messages; raises `CLIError` (exit 2) unless it has the 10 digit classes."""
     from diffusers_mar.cli import CLIError, load_pipeline
@@ -358,16 +379,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@reports_cli_errors("eval_digits")
 def main(argv: list[str] | None = None) -> int:
-    from diffusers_mar.cli import CLIError
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        pipe = load_digits_pipeline(args.model)
-    except CLIError as error:
-        print(f"eval_digits: error: {error}", file=sys.stderr)
-        return error.exit_code
+    pipe = load_digits_pipeline(args.model)
     set_head_scheduler(pipe, args.scheduler, args.timestep_spacing)
     recommended = pipe.sampling_defaults
     steps = recommended["num_inference_steps"]

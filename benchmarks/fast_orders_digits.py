@@ -46,6 +46,7 @@ from benchmarks.eval_digits import (  # noqa: E402
     head_scheduler,
     load_digits_pipeline,
     machine_description,
+    reports_cli_errors,
     to_digit_scale,
     write_outputs,
 )
@@ -218,16 +219,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@reports_cli_errors("fast_orders_digits")
 def main(argv: list[str] | None = None) -> int:
-    from diffusers_mar.cli import CLIError
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        pipe = load_digits_pipeline(args.model)
-    except CLIError as error:
-        print(f"fast_orders_digits: error: {error}", file=sys.stderr)
-        return error.exit_code
+    pipe = load_digits_pipeline(args.model)
     base_config = pipe.scheduler.config
     sampling = pipe.sampling_defaults
     reference = {"name": "default", "arguments": {}, "scheduler": ("ddpm", None)}
