@@ -155,14 +155,18 @@ def load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARP
 
 
 class Timer:
-    """Accumulates wall time of named sections; synchronises CUDA at the edges."""
+    """Accumulates wall time of named sections; synchronises CUDA at the edges. `clock` replaces the wall clock
+    (e.g. a running count of floating-point operations) to accumulate another quantity over the same sections."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, clock=None):
         self.device = device
+        self.clock = clock
         self.totals: dict[str, float] = {}
         self._starts: dict[str, float] = {}
 
     def _now(self) -> float:
+        if self.clock is not None:
+            return self.clock()
         if self.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -215,6 +219,20 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
     device, dtype = args.device, getattr(torch, args.dtype)
     pipe = load_ours(args, device, dtype)
     timer = Timer(device)
+    call = ours_call(args, pipe, timer, batch_size, steps, diffusion_steps)
+    result = _timed_calls(args, device, timer, call)
+    totals = dict(timer.totals)
+    if args.profile_step is not None:  # one more call, not timed (its hooks still add to `timer`)
+        profile = _OuterStepProfiler(pipe.transformer, args.profile_step, device)
+        call()
+        result["profile"] = profile.table()
+    return _summarise(totals, batch_size, result)
+
+
+def ours_call(
+    args: argparse.Namespace, pipe: MARPipeline, timer: Timer, batch_size: int, steps: int, diffusion_steps: int
+):
+    """The measured call of ours, with `timer` accumulating the "transformer" and "encoder" sections."""
     transformer = pipe.transformer
     transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
     transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
@@ -227,15 +245,7 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
         "guidance_scale": args.guidance_scale,
         "output_type": "latent",
     }
-    result = _timed_calls(
-        args, device, timer, lambda: pipe(labels, generator=torch.Generator().manual_seed(0), **call)
-    )
-    totals = dict(timer.totals)
-    if args.profile_step is not None:  # one more call, not timed (its hooks still add to `timer`)
-        profile = _OuterStepProfiler(transformer, args.profile_step, device)
-        pipe(labels, generator=torch.Generator().manual_seed(0), **call)
-        result["profile"] = profile.table()
-    return _summarise(totals, batch_size, result)
+    return lambda: pipe(labels, generator=torch.Generator().manual_seed(0), **call)
 
 
 def _timed_calls(args: argparse.Namespace, device: str, timer: Timer, call) -> dict:
@@ -287,6 +297,15 @@ def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusio
     model.load_state_dict(load_file(str(args.weights)), strict=True)
     model.to(device)
     timer = Timer(device)
+    result = _timed_calls(args, device, timer, official_call(args, model, timer, batch_size, steps))
+    totals = dict(timer.totals)
+    totals["transformer"] = totals.get("encoder", 0.0) + totals.get("decoder", 0.0)
+    return _summarise(totals, batch_size, result)
+
+
+def official_call(args: argparse.Namespace, model: torch.nn.Module, timer: Timer, batch_size: int, steps: int):
+    """The measured call of the official `sample_tokens`, with `timer` accumulating "encoder" and "decoder"."""
+    device = args.device
     model.forward_mae_encoder = timer.wrap("encoder", model.forward_mae_encoder)
     model.forward_mae_decoder = timer.wrap("decoder", model.forward_mae_decoder)
     labels = torch.tensor([i % 1000 for i in range(batch_size)], device=device)
@@ -300,10 +319,7 @@ def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusio
                 batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels
             )
 
-    result = _timed_calls(args, device, timer, call)
-    totals = dict(timer.totals)
-    totals["transformer"] = totals.get("encoder", 0.0) + totals.get("decoder", 0.0)
-    return _summarise(totals, batch_size, result)
+    return call
 
 
 def _summarise(totals: dict[str, float], batch_size: int, result: dict) -> dict:
