@@ -7,8 +7,8 @@ model: 64 outer steps x 100 head steps). Each candidate is a comma-separated lis
 - `steps` (`num_inference_steps`), `diffusion` (`num_diffusion_steps`: an int or a named schedule such as
   `linear-25-5`), `order` (`random`, `raster`, `checkerboard`), `outer` (`outer_schedule`: `cosine`, `skeleton`),
   `gcache` / `fcache` (`guidance_cache_interval` / `feature_cache_interval`), `preset` (`sampling_preset`),
-  `scheduler` (`ddpm`, `ddim`, `dpm`, optionally `-leading`: the head's scheduler, as in fast_sampling_digits.py),
-  `guidance` (`guidance_scale`).
+  `scheduler` (`ddpm`, `ddim`, `dpm` = DPM-Solver++, optionally `-SPACING`, e.g. `-leading`: the head's scheduler,
+  built from the folder's scheduler config), `guidance` (`guidance_scale`).
 
 e.g. `steps=8,diffusion=linear-25-5,order=checkerboard,outer=skeleton`. Every setting generates `--num-per-class`
 images of each digit for each seed in `--seeds` (in batches of `--batch-size`), interleaved: each seed runs every
@@ -17,7 +17,12 @@ each batch, median and min-max over all batches of all seeds. Time split: the tr
 head (modulation + forward), the rest (scheduler steps, guidance arithmetic, orders, decoding), summed over the run.
 
 A setting *keeps the quality* when its accuracy is at most `--max-accuracy-drop` (0.01) below the reference's and
-its Fréchet distance at most `--max-frechet-increase` (10%) above it.
+its Fréchet distance at most `--max-frechet-increase` (10%) above it; with `--min-speedup X` it must also have at
+least X times the reference's img/s (median), and the table calls it a *fast setting*. For example, the first
+search for a fast setting of the shipped model (docs/benchmarks.md, "Fast setting"):
+
+    python benchmarks/fast_orders_digits.py --min-speedup 3 --batch-size 1000 \
+        --candidates scheduler=dpm-leading,diffusion=15,steps=8 scheduler=ddim,diffusion=25,steps=16
 
     python benchmarks/fast_orders_digits.py --model path/to/digits64 --write-docs --grid docs/images/grid.png
 """
@@ -40,6 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the r
 from benchmarks.bench_sampling import public_argv  # noqa: E402
 from benchmarks.eval_digits import (  # noqa: E402
     SCHEDULERS,
+    TIMESTEP_SPACINGS,
     DigitsEvaluator,
     add_common_arguments,
     check_common_arguments,
@@ -78,8 +84,11 @@ def parse_candidate(text: str) -> dict:
             raise ValueError(f"a candidate is KEY=VALUE,... with KEY in {tuple(KEYS)}; got {item!r} in {text!r}")
         if key == "scheduler":
             name, _, spacing = value.partition("-")
-            if name not in SCHEDULERS:
-                raise ValueError(f"scheduler must be one of {SCHEDULERS} (optionally -SPACING); got {value!r}")
+            if name not in SCHEDULERS or (spacing and spacing not in TIMESTEP_SPACINGS):
+                raise ValueError(
+                    f"scheduler must be one of {SCHEDULERS}, optionally -SPACING with SPACING in {TIMESTEP_SPACINGS}; "
+                    f"got {value!r}"
+                )
             scheduler = (name, spacing or None)
         elif key in INT_KEYS or (key == "diffusion" and value.isdigit()):
             arguments[KEYS[key]] = int(value)
@@ -165,10 +174,11 @@ def markdown_report(reference: dict, results: list[dict], context: dict, args) -
         f", batches of {args.batch_size}, settings interleaved per seed. Metrics are means over the seeds; img/s is the"
         f" median over all batches (min-max). Fréchet floor (real vs real) {context['frechet_floor']:.3f}. Time split:"
         " share of the wall time in the transformer, the diffusion head and the rest. Quality kept: accuracy at most "
-        f"{args.max_accuracy_drop:g} below the reference's, Fréchet at most {args.max_frechet_increase:.0%} above.",
+        f"{args.max_accuracy_drop:g} below the reference's, Fréchet at most {args.max_frechet_increase:.0%} above"
+        + (f"; a fast setting also needs >= {args.min_speedup:g}x its img/s." if args.min_speedup else "."),
         "",
         "| setting | head scheduler | img/s (min-max) | speed-up | accuracy | Fréchet (x floor) | diversity | "
-        "transformer / head / other | quality kept? |",
+        f"transformer / head / other | {'fast setting' if args.min_speedup else 'quality kept'}? |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [reference, *results]:
@@ -206,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="generation seeds (default 0 1)")
     parser.add_argument("--max-accuracy-drop", type=float, default=0.01)
     parser.add_argument("--max-frechet-increase", type=float, default=0.10)
+    parser.add_argument("--min-speedup", type=float, help="also require this many times the reference's img/s")
     parser.add_argument("--grid", help="save the reference's and the --grid-setting's digits side by side here")
     parser.add_argument("--grid-setting", help="the candidate shown next to the reference (default: the last)")
     args = parser.parse_args(argv)
@@ -214,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.settings = [parse_candidate(text) for text in args.candidates]
     except ValueError as error:
         parser.error(f"argument --candidates: {error}")
+    if args.min_speedup is not None and args.min_speedup <= 0:
+        parser.error(f"argument --min-speedup: must be > 0; got {args.min_speedup}")
     if args.grid_setting is not None and args.grid_setting not in args.candidates:
         parser.error("argument --grid-setting: must be one of --candidates")
     return args
@@ -232,12 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = {setting["name"]: [] for setting in settings}
     for seed in args.seeds:  # interleaved: each seed runs every setting in turn
         for setting in settings:
-            runs[setting["name"]].append(run_setting(pipe, base_config, timers, setting, seed, args))
+            try:
+                runs[setting["name"]].append(run_setting(pipe, base_config, timers, setting, seed, args))
+            except ValueError as error:  # the pipeline's check of the arguments (e.g. more steps than tokens)
+                print(f"fast_orders_digits: error: {setting['name']}: {error}", file=sys.stderr)
+                return 2
             print(f"seed {seed} {setting['name']}: {runs[setting['name']][-1]['seconds']:.1f} s", file=sys.stderr)
     results = [summarize(setting, runs[setting["name"]], evaluator) for setting in settings]
     reference_result = results[0]
     for result in results[1:]:
         result["misses"] = []
+        if args.min_speedup and result["images_per_second"] < args.min_speedup * reference_result["images_per_second"]:
+            result["misses"].append("speed")
         if result["accuracy"] < reference_result["accuracy"] - args.max_accuracy_drop:
             result["misses"].append("accuracy")
         if result["frechet_distance"] > (1 + args.max_frechet_increase) * reference_result["frechet_distance"]:

@@ -12,7 +12,6 @@ import pytest
 from tests.testing_utils import REPO_ROOT
 
 SCRIPTS = [
-    "fast_sampling_digits.py",
     "fast_orders_digits.py",
     "eval_inpaint_digits.py",
     "make_inpaint_figures.py",
