@@ -15,6 +15,7 @@ from PIL import Image
 from diffusers_mar import MARPipeline
 from diffusers_mar.cli.errors import EXIT_OK, CLIError
 from diffusers_mar.cli.model import (
+    call_settings,
     can_decode,
     check_can_decode,
     label_text,
@@ -73,11 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_not_replacing([path for row in single_files for path in row], "--output-dir")
     settings, source = sampling_settings(args, pipe)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
-    settings_text = ", ".join(f"{key}={settings[key]}" for key in pipe.sampling_keys)
-    for option in ("order", "sampling_preset"):
-        if getattr(args, option, None) is not None:
-            settings_text += f", {option}={getattr(args, option)}"
-            settings = {**settings, option: getattr(args, option)}
+    settings, settings_text = call_settings(args, pipe, settings)
     print(f"Sampling with {settings_text} (options not given: {source})", file=sys.stderr)
 
     # 3. Generate: one generator per image (seed + index), so an image does not depend on --batch-size

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffusers_mar.cli.commands import cpu_threads, resolve_num_threads
 from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
-from diffusers_mar.cli.model import check_can_decode, load_pipeline, sampling_settings
+from diffusers_mar.cli.model import call_settings, check_can_decode, load_pipeline, sampling_settings
 
 RESULTS_FILE, NPZ_FILE = "results.json", "samples.npz"
 
@@ -116,8 +116,9 @@ def _card_line(results: dict) -> str:
     return (
         f"- {values} on {results['num_images']:,} images ({settings['images_per_class']} per class) against "
         f"`{reference}`; guidance {settings['guidance_scale']:g} ({settings['guidance_schedule']}), "
-        f"{_steps_text(settings)}, temperature "
-        f"{settings['temperature']:g}, seed {settings['seed']} (`diffusers-mar evaluate`, {results['date']})"
+        f"{_steps_text(settings)}, temperature {settings['temperature']:g}"
+        + (f", sampling preset `{settings['sampling_preset']}`" if settings.get("sampling_preset") else "")
+        + f", seed {settings['seed']} (`diffusers-mar evaluate`, {results['date']})"
     )
 
 
@@ -168,6 +169,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "--reference",
         )
     settings, source = sampling_settings(args, pipe)
+    settings, settings_text = call_settings(args, pipe, settings)  # a preset is part of the run
     samples = evaluation.sample_list(num_classes, args.images_per_class, args.seed)
     run = {
         "model_hash": _model_hash(evaluation, args.model),
@@ -184,10 +186,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     extractor = None
     if not args.skip_metrics and main_process:  # fail now, not after hours of sampling
         extractor = _feature_extractor(evaluation, args, accelerator.device)
+    created = not Path(args.output_dir).exists()
     accelerator.wait_for_everyone()
     if main_process:
         evaluation.write_run_file(args.output_dir, run)
-        settings_text = ", ".join(f"{key}={settings[key]}" for key in pipe.sampling_keys)
         print(
             f"{'Resuming' if resuming else 'Sampling'} {len(samples):,} images ({args.images_per_class} per class, "
             f"{num_classes} classes) on {accelerator.num_processes} process(es) with {settings_text} "
@@ -200,16 +202,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     with cpu_threads(resolve_num_threads(args.num_threads, pipe, accelerator.device.type)):
-        generated = evaluation.generate_samples(
-            pipe,
-            samples,
-            args.output_dir,
-            args.batch_size,
-            accelerator.process_index,
-            accelerator.num_processes,
-            show_progress=main_process and not args.quiet,
-            **settings,
-        )
+        try:
+            generated = evaluation.generate_samples(
+                pipe,
+                samples,
+                args.output_dir,
+                args.batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+                show_progress=main_process and not args.quiet,
+                **settings,
+            )
+        except ValueError as error:  # an argument that the pipeline rejected, at the first batch
+            if main_process and not resuming:
+                evaluation.discard_new_run(args.output_dir, created)
+            raise CLIError(f"the pipeline rejected the settings ({settings_text}): {error}") from None
     sampling_seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
     if not main_process:

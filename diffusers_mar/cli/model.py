@@ -165,6 +165,17 @@ def sampling_settings(args: argparse.Namespace, pipe: MARPipeline) -> tuple[dict
     return settings, source
 
 
+def call_settings(args: argparse.Namespace, pipe: MARPipeline, settings: dict) -> tuple[dict, str]:
+    """The pipeline call's arguments: `settings` plus the options that are not sampling settings (`--order`,
+    `--sampling-preset`) when given, and the line that shows them."""
+    text = ", ".join(f"{key}={settings[key]}" for key in pipe.sampling_keys)
+    for option in ("order", "sampling_preset"):
+        if getattr(args, option, None) is not None:
+            text += f", {option}={getattr(args, option)}"
+            settings = {**settings, option: getattr(args, option)}
+    return settings, text
+
+
 def parse_class_labels(pipe: MARPipeline, tokens: list[str]) -> list[int]:
     """Integers are class ids in `[0, num_classes]` (`num_classes` = unconditional); other tokens are names."""
     num_classes = pipe.transformer.config.num_classes

@@ -94,6 +94,15 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=_positive_float, metavar="T", help="scales each diffusion step's noise")
 
 
+def add_preset_option(parser: argparse.ArgumentParser) -> None:
+    """`--sampling-preset`: a named faster setting of `MARPipeline` (`SAMPLING_PRESETS`)."""
+    parser.add_argument(
+        "--sampling-preset",
+        choices=tuple(SAMPLING_PRESETS),
+        help="a measured faster setting (MAR only; docs/usage.md): sampling options not given take its values",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `diffusers-mar` parser; each subcommand's namespace has `command` and `parser` (for its error lines)."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -145,11 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--order", choices=("raster", "random"), help="generation order of an ARPipeline folder (default raster)"
     )
-    generate.add_argument(
-        "--sampling-preset",
-        choices=tuple(SAMPLING_PRESETS),
-        help="a measured faster setting (MAR only; docs/usage.md): sampling options not given take its values",
-    )
+    add_preset_option(generate)
     generate.add_argument(
         "--seed", type=int, default=0, help="image i uses torch.Generator seeded seed + i (default 0)"
     )
@@ -226,6 +231,7 @@ def add_evaluate_parser(subparsers, model_help: str) -> None:
         "--batch-size", type=_positive_int, default=64, metavar="N", help="images per pipeline call (default 64)"
     )
     add_sampling_options(evaluate)
+    add_preset_option(evaluate)
     evaluate.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
     evaluate.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
     evaluate.add_argument(

@@ -19,6 +19,7 @@ from diffusers_mar.evaluation.reference import ReferenceStatistics, center_crop_
 from diffusers_mar.evaluation.sampling import (
     NpzWriter,
     check_output_folder,
+    discard_new_run,
     folder_hash,
     generate_samples,
     process_batches,
@@ -36,6 +37,7 @@ __all__ = [
     "check_output_folder",
     "compute_metrics",
     "compute_reference",
+    "discard_new_run",
     "extract",
     "folder_hash",
     "frechet_distance",

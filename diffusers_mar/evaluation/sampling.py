@@ -111,6 +111,17 @@ def write_run_file(folder: str | Path, run: dict) -> None:
     atomic_write(folder / RUN_FILE, lambda file: file.write(json.dumps(run, indent=2).encode()))
 
 
+def discard_new_run(folder: str | Path, created: bool) -> None:
+    """Undo `write_run_file` for a run that failed before writing any image: remove its run file, and the folder when
+    the run created it, so that the folder does not claim a run it does not hold."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.png")):
+        return
+    (folder / RUN_FILE).unlink(missing_ok=True)
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """`(N, H, W, C)` floats in [0, 1] -> uint8, rounded (as LTH14/mar: `np.round(np.clip(x * 255, 0, 255))`)."""
     return np.round(np.clip(images * 255, 0, 255)).astype(np.uint8)

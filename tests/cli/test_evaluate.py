@@ -8,9 +8,11 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusers_mar import MARPipeline, cli
+from diffusers_mar.cli import evaluate as cli_evaluate
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 from tests.training.test_train_mar import _two_process_launch, child_env
 
@@ -67,6 +69,56 @@ def test_options_override_the_folder_settings_and_a_changed_setting_is_another_r
     assert evaluate(tiny_model, tmp_path / "other", "--skip-metrics", "--guidance-scale", "1") == 0
     results = json.loads((tmp_path / "other" / "results.json").read_text())
     assert results["settings"]["guidance_scale"] == 1.0 and results["metrics"] == {}
+
+
+def test_a_sampling_preset_is_part_of_the_run_and_equals_the_pipeline_call(tiny_model, tmp_path, capsys):
+    assert evaluate(tiny_model, tmp_path / "run", "--skip-metrics", "--sampling-preset", "fast") == 0
+    err = capsys.readouterr().err
+    assert "num_inference_steps=4, num_diffusion_steps=8" in err and "sampling_preset=fast" in err  # 16 tokens
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["settings"]["sampling_preset"] == "fast" and results["settings"]["num_diffusion_steps"] == 8
+    pipe = MARPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1, 2)]  # images 0-2: class 0 twice, class 1
+    expected = pipe([0, 0, 1], generator=generators, sampling_preset="fast", output_type="np").images
+    for index in range(3):
+        actual = np.asarray(Image.open(tmp_path / "run" / f"{index:06d}.png"))
+        np.testing.assert_array_equal(actual, np.round(expected[index, ..., 0] * 255).astype(np.uint8))
+    # Another preset (or none) is another run: the folder is not mixed.
+    assert evaluate(tiny_model, tmp_path / "run", "--skip-metrics", "--sampling-preset", "fast-ddpm") == 2
+    assert "holds the images of another run" in capsys.readouterr().err
+    assert evaluate(tiny_model, tmp_path / "run", "--skip-metrics") == 2
+    # What the pipeline refuses fails before any image is written, naming the settings.
+    code = evaluate(tiny_model, tmp_path / "t", "--skip-metrics", "--sampling-preset", "fast", "--temperature", "0.5")
+    assert code == 2 and "temperature=1.0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()  # no folder claiming a run it does not hold
+    (tmp_path / "mine").mkdir()
+    code = evaluate(tiny_model, tmp_path / "mine", "--skip-metrics", "--sampling-preset", "fast", "--temperature", "2")
+    assert code == 2 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())  # kept, empty
+    assert evaluate(tiny_model, tmp_path / "mine", "--skip-metrics", "--sampling-preset", "fast") == 0
+
+
+def test_the_model_card_line_names_the_preset(tmp_path):
+    results = {
+        "metrics": {"fid": 3.5},
+        "reference": "ref.npz",
+        "num_images": 50000,
+        "date": "2026-11-30",
+        "settings": {
+            "images_per_class": 50,
+            "guidance_scale": 3.0,
+            "guidance_schedule": "linear",
+            "num_inference_steps": 8,
+            "num_diffusion_steps": 8,
+            "temperature": 1.0,
+            "seed": 0,
+            "sampling_preset": "fast",
+        },
+    }
+    line = cli_evaluate._card_line(results)
+    assert "8 x 8 steps, temperature 1, sampling preset `fast`, seed 0" in line
+    del results["settings"]["sampling_preset"]
+    assert "preset" not in cli_evaluate._card_line(results)
 
 
 @pytest.mark.parametrize(
