@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import logging
 
+from diffusers_mar.pipelines.image_inputs import to_unit_tensor, token_mask_from_pixels
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import (
     SAMPLING_KEYS,
@@ -32,7 +31,6 @@ from diffusers_mar.pipelines.schedules import check_num_images_per_label, prepar
 logger = logging.get_logger(__name__)
 
 OUTPAINT_MODES = ("shrink", "shift")
-PIL_MODES = {1: "L", 3: "RGB"}
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -45,68 +43,6 @@ EXAMPLE_DOC_STRING = """
         >>> images = pipe(image, mask_image, class_labels=[207], generator=torch.manual_seed(0)).images
         ```
 """
-
-
-def _to_unit_tensor(image: PipelineImageInput, name: str, channels: int | None) -> torch.Tensor:
-    """PIL images, arrays or tensors (one or a list) -> a float32 (B, C, H, W) tensor in [0, 1]."""
-    items = list(image) if isinstance(image, (list, tuple)) else [image]
-    if not items:
-        raise ValueError(f"`{name}` is empty; pass a PIL image, a NumPy array or a torch tensor (or a list of them).")
-    tensors = []
-    for item in items:
-        if isinstance(item, PIL.Image.Image):
-            mode = PIL_MODES.get(channels if channels is not None else 1)
-            if mode is None:
-                raise ValueError(f"`{name}` is a PIL image but the model takes {channels} channels; pass an array.")
-            item = VaeImageProcessor.numpy_to_pt(VaeImageProcessor.pil_to_numpy(item.convert(mode)))
-        elif isinstance(item, np.ndarray):
-            # Channels last, as `output_type="np"` returns: (H, W), (H, W, C) or (B, H, W, C).
-            if item.ndim not in (2, 3, 4):
-                raise ValueError(f"`{name}` arrays must be (H, W), (H, W, C) or (B, H, W, C); got {item.shape}.")
-            item = torch.from_numpy(np.ascontiguousarray(item))
-            item = item[None, :, :, None] if item.ndim == 2 else item[None] if item.ndim == 3 else item
-            item = item.permute(0, 3, 1, 2)
-        elif isinstance(item, torch.Tensor):
-            # Channels first, as `output_type="pt"` returns: (H, W), (C, H, W) or (B, C, H, W).
-            if item.ndim not in (2, 3, 4):
-                raise ValueError(
-                    f"`{name}` tensors must be (H, W), (C, H, W) or (B, C, H, W); got {tuple(item.shape)}."
-                )
-            item = item[None, None] if item.ndim == 2 else item[None] if item.ndim == 3 else item
-        else:
-            raise ValueError(
-                f"`{name}` must be a PIL image, a NumPy array or a torch tensor (or a list of them); got {type(item)}."
-            )
-        if item.dtype == torch.uint8:
-            item = item.float() / 255.0  # as VaeImageProcessor.pil_to_numpy
-        elif item.dtype == torch.bool or item.is_floating_point():
-            item = item.float()
-        else:
-            raise ValueError(f"`{name}` must hold uint8 (0-255), bool or float (0-1) values; got {item.dtype}.")
-        if item.numel() and (item.min() < 0 or item.max() > 1):
-            raise ValueError(
-                f"`{name}` float values must be in [0, 1] (as `output_type='np'` or `'pt'` give); got "
-                f"[{item.min().item():.3g}, {item.max().item():.3g}]."
-            )
-        tensors.append(item.cpu())
-    shapes = {tuple(t.shape[1:]) for t in tensors}
-    if len(shapes) > 1:
-        raise ValueError(f"All images of `{name}` must have the same channels and size; got {sorted(shapes)}.")
-    image = torch.cat(tensors)
-    if channels is not None and image.shape[1] != channels:
-        raise ValueError(f"`{name}` must have {channels} channel(s) for this model; got {image.shape[1]}.")
-    return image
-
-
-def token_mask_from_pixels(mask: torch.Tensor, token_size: int, mask_dilation: int = 0) -> torch.Tensor:
-    """Binary pixel mask (B, 1, H, W) -> token mask (B, L), 1 = unknown; any masked pixel makes its token unknown.
-
-    `mask_dilation` grows the unknown region by that many tokens in every direction (a (2d + 1)^2 square).
-    """
-    tokens = F.max_pool2d(mask.float(), kernel_size=token_size, stride=token_size)  # (B, 1, h, w)
-    if mask_dilation > 0:
-        tokens = F.max_pool2d(tokens, kernel_size=2 * mask_dilation + 1, stride=1, padding=mask_dilation)
-    return tokens.flatten(1)  # (B, L), raster order as `MARTransformer2DModel.patchify`
 
 
 class MARInpaintPipeline(MARPipeline):
@@ -192,7 +128,7 @@ class MARInpaintPipeline(MARPipeline):
         """
         if isinstance(mask_dilation, bool) or not isinstance(mask_dilation, int) or mask_dilation < 0:
             raise ValueError(f"`mask_dilation` must be an int >= 0 (in tokens); got {mask_dilation!r}.")
-        mask = _to_unit_tensor(mask_image, "mask_image", None)
+        mask = to_unit_tensor(mask_image, "mask_image", None)
         if mask.shape[1] != 1:
             raise ValueError(f"`mask_image` must have 1 channel (white = regenerate); got {mask.shape[1]}.")
         mask = self._fit_to_resolution(mask, "mask_image", resize, is_mask=True)
@@ -216,7 +152,7 @@ class MARInpaintPipeline(MARPipeline):
             posterior, such as `AutoencoderTiny`) times `vae.config.scaling_factor` (after subtracting
             `shift_factor` if the VAE has one).
         """
-        image = _to_unit_tensor(image, "image", self.image_channels)
+        image = to_unit_tensor(image, "image", self.image_channels)
         image = self._fit_to_resolution(image, "image", resize, is_mask=False)
         image = self.image_processor.normalize(image).to(self._execution_device)  # [-1, 1]
         if self.vae is None:
@@ -281,7 +217,7 @@ class MARInpaintPipeline(MARPipeline):
                 f"`border` must be an int or (top, right, bottom, left) ints >= 0, in tokens, leaving at least one "
                 f"token of the {grid}x{grid} grid inside; got {border!r}."
             )
-        image = _to_unit_tensor(image, "image", self.image_channels)
+        image = to_unit_tensor(image, "image", self.image_channels)
         top, right, bottom, left = (b * self.token_size for b in border)
         size = self.resolution
         canvas = torch.full((image.shape[0], image.shape[1], size, size), 0.5)
@@ -417,7 +353,7 @@ class MARInpaintPipeline(MARPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         mask = self.prepare_mask(mask_image, mask_dilation, resize)  # (Bm, L)
-        images = _to_unit_tensor(image, "image", self.image_channels)
+        images = to_unit_tensor(image, "image", self.image_channels)
         counts = {"image": images.shape[0], "mask_image": mask.shape[0], "class_labels": len(class_labels)}
         batch_size = max(counts.values())
         if any(count not in (1, batch_size) for count in counts.values()):

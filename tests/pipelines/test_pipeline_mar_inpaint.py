@@ -14,7 +14,7 @@ from diffusers_mar import (
     MARTransformer2DModel,
     mask_schedule,
 )
-from diffusers_mar.pipelines.pipeline_mar_inpaint import token_mask_from_pixels
+from diffusers_mar.pipelines.image_inputs import token_mask_from_pixels
 from tests.testing_utils import (
     TINY_PIXEL_HEAD_CONFIG,
     TINY_PIXEL_TRANSFORMER_CONFIG,
