@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args)
     rows = summarise(args, run(args, pipe), pipe.sampling_defaults)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
-    command = shlex.join(["python", "benchmarks/bench_fast_sampling.py", *public_argv(argv or sys.argv[1:])])
+    command = shlex.join(
+        ["python", "benchmarks/bench_fast_sampling.py", *public_argv(sys.argv[1:] if argv is None else argv)]
+    )
     section = (
         f"## Sampling presets on {args.model}, batch {args.batch_size} (benchmarks/bench_fast_sampling.py)\n\nMachine: {machine}. Batch "
         f"{args.batch_size}, {'random weights' if args.model in PRESET_MODELS else 'trained weights'}, {args.repeats} rounds (settings alternating in one process), median "

@@ -19,10 +19,10 @@ head (modulation + forward), the rest (scheduler steps, guidance arithmetic, ord
 A setting *keeps the quality* when its accuracy is at most `--max-accuracy-drop` (0.01) below the reference's and
 its Fréchet distance at most `--max-frechet-increase` (10%) above it; with `--min-speedup X` it must also have at
 least X times the reference's img/s (median), and the table calls it a *fast setting*. For example, the first
-search for a fast setting of the shipped model (docs/benchmarks.md, "Fast setting"):
+search for a fast setting of the shipped model (docs/benchmarks.md, "Fast setting (the first search)"):
 
     python benchmarks/fast_orders_digits.py --min-speedup 3 --batch-size 1000 \
-        --candidates scheduler=dpm-leading,diffusion=15,steps=8 scheduler=ddim,diffusion=25,steps=16
+        --candidates scheduler=dpm-leading,diffusion=15,steps=8 scheduler=ddim-leading,diffusion=25,steps=16
 
     python benchmarks/fast_orders_digits.py --model path/to/digits64 --write-docs --grid docs/images/grid.png
 """

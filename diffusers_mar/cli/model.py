@@ -138,8 +138,7 @@ def sampling_settings(args: argparse.Namespace, pipe: MARPipeline) -> tuple[dict
     if preset is not None:
         if isinstance(pipe, ARPipeline):
             raise CLIError("applies to MARPipeline folders only", "--sampling-preset")
-        arguments = dict.fromkeys(_CALL_DEFAULTS) | {key: settings[key] for key in given}
-        arguments.update(order="random", outer_schedule="cosine")
+        arguments = _CALL_DEFAULTS | {key: settings[key] for key in given}  # the call's defaults, then the options
         resolved = apply_sampling_preset(preset, arguments, pipe.transformer.num_tokens)
         settings.update({key: resolved[key] for key in pipe.sampling_keys if resolved[key] is not None})
         source = f"sampling preset {preset!r}, then {source}"

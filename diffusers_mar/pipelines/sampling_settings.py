@@ -62,8 +62,7 @@ def apply_sampling_preset(preset: str | None, arguments: dict, num_tokens: int) 
     if preset is not None and preset not in SAMPLING_PRESETS:
         raise ValueError(f"`sampling_preset` must be None or one of {tuple(SAMPLING_PRESETS)}; got {preset!r}.")
     resolved = {key: arguments[key] for key in _CALL_DEFAULTS}
-    spec = SAMPLING_PRESETS.get(preset, {"arguments": {}, "tokens_per_step": 1, "head_scheduler": None})
-    for key, value in spec["arguments"].items():
+    for key, value in (SAMPLING_PRESETS[preset]["arguments"] if preset is not None else {}).items():
         default = _CALL_DEFAULTS[key]
         if isinstance(resolved[key], str | type(None)) and resolved[key] == default:
             resolved[key] = value
