@@ -1,5 +1,5 @@
-"""Image and mask inputs of `MARInpaintPipeline`: PIL images, arrays or tensors in [0, 1], and pixel masks as token
-masks."""
+"""Image and mask inputs of `MARInpaintPipeline`: PIL images, arrays or tensors in [0, 1], pixel masks as token
+masks, and VAE encoder outputs as latents."""
 
 from __future__ import annotations
 
@@ -10,6 +10,21 @@ import torch.nn.functional as F
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 
 PIL_MODES = {1: "L", 3: "RGB"}
+
+
+# Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.retrieve_latents
+# (kept here because importing that module imports `transformers`, which the base install does not need)
+def retrieve_latents(
+    encoder_output: torch.Tensor, generator: torch.Generator | None = None, sample_mode: str = "sample"
+):
+    if hasattr(encoder_output, "latent_dist") and sample_mode == "sample":
+        return encoder_output.latent_dist.sample(generator)
+    elif hasattr(encoder_output, "latent_dist") and sample_mode == "argmax":
+        return encoder_output.latent_dist.mode()
+    elif hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    else:
+        raise AttributeError("Could not access latents of provided encoder_output")
 
 
 def to_unit_tensor(image: PipelineImageInput, name: str, channels: int | None) -> torch.Tensor:

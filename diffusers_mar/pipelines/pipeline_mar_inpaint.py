@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import logging
 
-from diffusers_mar.pipelines.image_inputs import to_unit_tensor, token_mask_from_pixels
+from diffusers_mar.pipelines.image_inputs import retrieve_latents, to_unit_tensor, token_mask_from_pixels
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import (
     SAMPLING_KEYS,
