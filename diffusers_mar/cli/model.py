@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARPipeline
 from diffusers_mar.cli.errors import EXIT_FAILURE, CLIError
+from diffusers_mar.hub import hub_unreachable_reason
 from diffusers_mar.pipelines.sampling_settings import _CALL_DEFAULTS, apply_sampling_preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,6 +55,8 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
         raise CLIError(f"no such folder: {model!r}", "--model")
     else:
         source = model
+    # A Hub id on a machine without network: only the local cache can help, so ask it alone, without retries.
+    offline_reason = hub_unreachable_reason() if source == model else None
     verbosity = diffusers_logging.get_verbosity()
     if verbosity == diffusers_logging.WARNING:
         # Loading logs a progress bar and notes a CLI user cannot act on: the str keys of id2label in JSON, and a
@@ -60,16 +64,25 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
         diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        pipeline_class = (
-            ARPipeline if MARPipeline.load_config(source).get("_class_name") == "ARPipeline" else MARPipeline
-        )
-        pipe = pipeline_class.from_pretrained(source)
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it has deprecated; not something a CLI user can act on.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            local_only = offline_reason is not None
+            config = MARPipeline.load_config(source, local_files_only=local_only)
+            pipeline_class = ARPipeline if config.get("_class_name") == "ARPipeline" else MARPipeline
+            pipe = pipeline_class.from_pretrained(source, local_files_only=local_only)
         if not isinstance(pipe, MARPipeline):
             raise CLIError(f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline", "--model")
         pipe.to(device=device, dtype=DTYPES[dtype])
     except CLIError:
         raise
     except Exception as error:  # diffusers reports a missing or unreachable Hub repository as OSError/ValueError
+        if offline_reason is not None:
+            raise CLIError(
+                f"{model!r} is not a local folder, and it is not in the local Hugging Face cache while the Hub "
+                f"cannot be reached ({offline_reason}); give a pipeline folder, or connect and retry",
+                "--model",
+            ) from None
         if source == model and not path.exists():
             reason = " ".join(str(error).split())[:300]
             raise CLIError(

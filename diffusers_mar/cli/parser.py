@@ -9,6 +9,7 @@ import re
 import torch
 
 from diffusers_mar import DEFAULT_MODEL
+from diffusers_mar.cli.errors import EXIT_USAGE
 from diffusers_mar.cli.model import DTYPES
 from diffusers_mar.cli.outputs import GRID_MIN_CELL
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
@@ -77,6 +78,14 @@ _positive_float.__name__ = "number"
 _device.__name__ = "device"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: `prog: error: message` and a pointer to `--help`, as `CLIError`s are
+    reported, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see: {self.prog} --help)\n")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     """The five sampling options; not given, they take the model folder's recommended values."""
     parser.add_argument(
@@ -106,7 +115,7 @@ def add_preset_option(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `diffusers-mar` parser; each subcommand's namespace has `command` and `parser` (for its error lines)."""
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="diffusers-mar",
         description="Generate images with MAR (masked autoregression + per-token diffusion), and inspect models.",
         epilog=EPILOG,
