@@ -1,0 +1,327 @@
+"""Our own mutation check: does the suite catch wrong code where it matters?
+
+Each entry of `MUTATIONS` is a one-line change that breaks a piece of the numerics or of the bookkeeping that no
+original code guards on its own (guidance in every family, the mask and outer schedules, the scheduler's temperature
+and variance, the KV cache, orders, the FID / IS / precision-recall formulas, the EMA and learning-rate schedule, the
+converter's key map, inpainting's keep-mask, ...). The script applies each one to a temporary copy of the repository
+and runs the tests that should catch it; a mutation that leaves them passing *survives*, and a survivor is a gap in
+the suite.
+
+    python tests/mutation_check.py                 # every mutation, report and exit 1 if any survives
+    python tests/mutation_check.py --list          # the names
+    python tests/mutation_check.py --only ar-guidance-halves fid-cross-term --jobs 2
+
+Run it before you stop; `tests/test_mutation_check.py` keeps the list valid (each `old` line is found exactly once),
+so that a refactor that moves a line updates the list with it. Parity fixtures are found as the suite finds them
+(`MAR_FIXTURES_DIR`, else `../shared/fixtures/mar_tiny` beside the checkout) and passed on to the copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # a substring found exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or paths that must catch it
+
+
+MUTATIONS = [
+    # Guidance, in every family
+    Mutation(
+        "guidance-direction",
+        "diffusers_mar/pipelines/head_scheduler.py",
+        "eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])",
+        "eps = cond[:, :channels] + scale * (uncond[:, :channels] - cond[:, :channels])",
+        ("tests/pipelines/test_pipeline_mar.py", "tests/pipelines/test_pipeline_ar.py"),
+    ),
+    Mutation(
+        "guidance-keeps-unconditional-variance",
+        "diffusers_mar/pipelines/head_scheduler.py",
+        "model_output = torch.cat([eps, cond[:, channels:]], dim=1)",
+        "model_output = torch.cat([eps, uncond[:, channels:]], dim=1)",
+        ("tests/pipelines/test_pipeline_mar.py",),
+    ),
+    Mutation(
+        "guidance-linear-schedule",
+        "diffusers_mar/pipelines/schedules.py",
+        "return (1 + (guidance_scale - 1) * (num_tokens - mask_len) / num_tokens).tolist()",
+        "return (1 + (guidance_scale - 1) * mask_len / num_tokens).tolist()",
+        ("tests/pipelines/test_pipeline_mar.py",),
+    ),
+    Mutation(
+        "ar-guidance-halves",
+        "diffusers_mar/pipelines/pipeline_ar.py",
+        "labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])",
+        "labels = torch.cat([torch.full_like(labels, self.transformer.config.num_classes), labels])",
+        ("tests/pipelines/test_pipeline_ar.py",),
+    ),
+    # The mask and outer schedules, orders
+    Mutation(
+        "mask-schedule-cosine",
+        "diffusers_mar/pipelines/schedules.py",
+        "target = np.floor(num_tokens * np.cos(math.pi / 2.0 * (step + 1) / num_inference_steps))",
+        "target = np.floor(num_tokens * np.sin(math.pi / 2.0 * (step + 1) / num_inference_steps))",
+        ("tests/pipelines/test_pipeline_mar.py",),
+    ),
+    Mutation(
+        "mask-schedule-clamp",
+        "diffusers_mar/pipelines/schedules.py",
+        "unknown = int(max(1, min(unknown - 1, target)))",
+        "unknown = int(max(1, min(unknown, target)))",
+        ("tests/pipelines/test_pipeline_mar.py",),
+    ),
+    Mutation(
+        "mask-by-order",
+        "diffusers_mar/pipelines/schedules.py",
+        "return mask.scatter(1, orders[:, :num_unknown], 1.0)",
+        "return mask.scatter(1, orders[:, -num_unknown:], 1.0)",
+        ("tests/pipelines/test_pipeline_mar.py",),
+    ),
+    Mutation(
+        "skeleton-schedule",
+        "diffusers_mar/pipelines/orders.py",
+        "mask_lens.append(num_tokens - skeleton + unknown)",
+        "mask_lens.append(num_tokens - skeleton + unknown - 1)",
+        ("tests/pipelines/test_fast_sampling_mar.py",),
+    ),
+    Mutation(
+        "raster-order",
+        "diffusers_mar/pipelines/orders.py",
+        "return torch.arange(num_tokens - 1, -1, -1).expand(batch_size, -1)",
+        "return torch.arange(num_tokens).expand(batch_size, -1)",
+        ("tests/pipelines/test_fast_sampling_mar.py",),
+    ),
+    Mutation(
+        "checkerboard-order",
+        "diffusers_mar/pipelines/orders.py",
+        "skeleton = ((rows + cols) % 2 == 0).flatten()",
+        "skeleton = (rows % 2 == 0).flatten()",
+        ("tests/pipelines/test_fast_sampling_mar.py",),
+    ),
+    # The per-token scheduler
+    Mutation(
+        "scheduler-temperature",
+        "diffusers_mar/schedulers/scheduling_ddpm_mar.py",
+        "prev_sample = prev_sample + torch.exp(0.5 * log_variance) * variance_noise * temperature",
+        "prev_sample = prev_sample + torch.exp(0.5 * log_variance) * variance_noise",
+        ("tests/schedulers/test_scheduler_ddpm_mar.py",),
+    ),
+    Mutation(
+        "scheduler-learned-variance",
+        "diffusers_mar/schedulers/scheduling_ddpm_mar.py",
+        "log_variance = frac * max_log + (1 - frac) * min_log",
+        "log_variance = frac * min_log + (1 - frac) * max_log",
+        ("tests/schedulers/test_scheduler_ddpm_mar.py",),
+    ),
+    Mutation(
+        "scheduler-add-noise",
+        "diffusers_mar/schedulers/scheduling_ddpm_mar.py",
+        "sqrt_one_minus_abar = (1.0 - abar).sqrt().to(original_samples.dtype).reshape(shape)",
+        "sqrt_one_minus_abar = (1.0 - abar).to(original_samples.dtype).reshape(shape)",
+        ("tests/schedulers/test_scheduler_ddpm_mar.py", "tests/training/test_mar_loss.py"),
+    ),
+    # The causal AR transformer's KV cache
+    Mutation(
+        "kv-cache-position",
+        "diffusers_mar/models/transformer_ar.py",
+        "start, end = kv_cache.length, kv_cache.length + n",
+        "start, end = kv_cache.length + 1, kv_cache.length + 1 + n",
+        ("tests/models/test_models_transformer_ar.py",),
+    ),
+    # Evaluation metrics
+    Mutation(
+        "fid-cross-term",
+        "diffusers_mar/evaluation/metrics.py",
+        "covmean = linalg.sqrtm(sigma_1 @ sigma_2)",
+        "covmean = linalg.sqrtm(sigma_1) @ linalg.sqrtm(sigma_2)",
+        ("tests/evaluation/test_metrics.py",),
+    ),
+    Mutation(
+        "inception-score-marginal",
+        "diffusers_mar/evaluation/metrics.py",
+        "log_q = np.log(p.mean(axis=0, keepdims=True))",
+        "log_q = np.log(p.mean(axis=1, keepdims=True))",
+        ("tests/evaluation/test_metrics.py",),
+    ),
+    Mutation(
+        "precision-ball-radius",
+        "diffusers_mar/evaluation/metrics.py",
+        "(pairwise_distances(points[i : i + batch_size], centres) <= radii[None, :]).any(axis=1)",
+        "(pairwise_distances(points[i : i + batch_size], centres) < radii[None, :]).any(axis=1)",
+        ("tests/evaluation/test_metrics.py",),
+    ),
+    # Training: the loss, the EMA and the learning rate
+    Mutation(
+        "loss-mask-weighting",
+        "training/mar_loss.py",
+        "loss = rows.mean() if mask is None else (rows * mask).sum() / mask.sum()",
+        "loss = rows.mean() if mask is None else (rows * mask).mean()",
+        ("tests/training/test_mar_loss.py",),
+    ),
+    Mutation(
+        "ema-first-step",
+        "training/train_mar.py",
+        '"update_after_step": -1',
+        '"update_after_step": 0',
+        ("tests/training/test_train_mar.py",),
+    ),
+    Mutation(
+        "lr-warmup",
+        "training/train_mar.py",
+        "return base_lr * step / warmup_steps",
+        "return base_lr * (step + 1) / warmup_steps",
+        ("tests/training/test_train_mar.py",),
+    ),
+    Mutation(
+        "lr-cosine",
+        "training/train_mar.py",
+        "return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))",
+        "return min_lr + (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))",
+        ("tests/training/test_train_mar.py",),
+    ),
+    # The converter's key map
+    Mutation(
+        "converter-modulation-block-order",
+        "conversion/convert_mar_to_diffusers.py",
+        'order = sorted(k for k in modulation["weight"] if k >= 0) + [-1]',
+        'order = sorted((k for k in modulation["weight"] if k >= 0), reverse=True) + [-1]',
+        ("tests/conversion",),
+    ),
+    Mutation(
+        "converter-head-mlp-swap",
+        "conversion/convert_mar_to_diffusers.py",
+        '("diffloss.net.res_blocks.{i}.mlp.0.", "res_blocks.{i}.linear_1."),',
+        '("diffloss.net.res_blocks.{i}.mlp.0.", "res_blocks.{i}.linear_2."),',
+        ("tests/conversion",),
+    ),
+    # Inpainting: which tokens are kept
+    Mutation(
+        "inpaint-keep-mask",
+        "diffusers_mar/pipelines/pipeline_mar_inpaint.py",
+        "return token_mask_from_pixels((mask >= 0.5).float(), self.token_size, mask_dilation)",
+        "return token_mask_from_pixels((mask < 0.5).float(), self.token_size, mask_dilation)",
+        ("tests/pipelines/test_pipeline_mar_inpaint.py",),
+    ),
+]
+
+
+def check_mutations(mutations: list[Mutation], root: Path = REPO_ROOT) -> list[str]:
+    """Problems with the list itself: an `old` not found exactly once, a test path that does not exist, a name twice."""
+    problems, names = [], set()
+    for mutation in mutations:
+        if mutation.name in names:
+            problems.append(f"{mutation.name}: the name is used twice")
+        names.add(mutation.name)
+        text = (root / mutation.path).read_text() if (root / mutation.path).is_file() else None
+        count = text.count(mutation.old) if text is not None else 0
+        if count != 1:
+            problems.append(f"{mutation.name}: {mutation.path} holds the line {count} times, not once")
+        if mutation.old == mutation.new:
+            problems.append(f"{mutation.name}: the mutation changes nothing")
+        for test in mutation.tests:
+            if not (root / test.split("::")[0]).exists():
+                problems.append(f"{mutation.name}: no test path {test}")
+    return problems
+
+
+def _fixtures_dir() -> str | None:
+    candidates = [os.environ.get("MAR_FIXTURES_DIR"), str(REPO_ROOT.parent / "shared" / "fixtures" / "mar_tiny")]
+    return next((c for c in candidates if c and Path(c).is_dir()), None)
+
+
+def _copy_repository(destination: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def run_mutation(mutation: Mutation, timeout: float) -> tuple[str, float, str]:
+    """Apply `mutation` to a fresh copy and run its tests: ("caught" | "survived" | "error", seconds, last output)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{mutation.name}-") as folder:
+        copy = Path(folder) / "repo"
+        _copy_repository(copy)
+        target = copy / mutation.path
+        target.write_text(target.read_text().replace(mutation.old, mutation.new, 1))
+        env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        fixtures = _fixtures_dir()
+        if fixtures:
+            env["MAR_FIXTURES_DIR"] = fixtures
+        # `-o addopts=` also runs tests marked slow; `-x` stops at the first failure, which is all we need.
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", "-o", "addopts="]
+        try:
+            result = subprocess.run(
+                [*command, *mutation.tests], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return "error", time.perf_counter() - start, f"timed out after {timeout:.0f} s"
+    tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-3:])
+    # pytest: 0 all passed, 1 some failed; 2-5 mean the run itself went wrong (collection error, no tests, ...).
+    outcome = {0: "survived", 1: "caught"}.get(result.returncode, "error")
+    return outcome, time.perf_counter() - start, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    parser.add_argument("--list", action="store_true", help="print the mutations' names and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations run at once (default 1)")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per mutation (default 1200)")
+    args = parser.parse_args(argv)
+    problems = check_mutations(MUTATIONS)
+    if problems:
+        print("The mutation list is out of date:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    names = [m.name for m in MUTATIONS]
+    if args.list:
+        print("\n".join(names))
+        return 0
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        parser.error(f"argument --only: unknown mutations {unknown}; choose from {names}")
+    if args.jobs < 1:
+        parser.error(f"argument --jobs: must be >= 1; got {args.jobs}")
+    selected = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    outcomes = {}
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_mutation, m, args.timeout): m for m in selected}
+        for future in concurrent.futures.as_completed(futures):
+            mutation = futures[future]
+            outcome, seconds, tail = future.result()
+            outcomes[mutation.name] = outcome
+            print(f"{outcome:9s} {mutation.name} ({seconds:.0f} s)", flush=True)
+            if outcome != "caught":
+                print("          " + tail.replace("\n", "\n          "), flush=True)
+    survivors = [name for name, outcome in outcomes.items() if outcome != "caught"]
+    print(f"{len(selected) - len(survivors)} of {len(selected)} mutations caught", flush=True)
+    if survivors:
+        print("not caught: " + ", ".join(survivors), flush=True)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
