@@ -56,7 +56,7 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
     else:
         source = model
     # A Hub id on a machine without network: only the local cache can help, so ask it alone, without retries.
-    offline_reason = hub_unreachable_reason() if source == model else None
+    offline_reason = None if path.is_dir() else hub_unreachable_reason()
     verbosity = diffusers_logging.get_verbosity()
     if verbosity == diffusers_logging.WARNING:
         # Loading logs a progress bar and notes a CLI user cannot act on: the str keys of id2label in JSON, and a
