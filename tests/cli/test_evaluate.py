@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffusers_mar import MARPipeline, cli
 from diffusers_mar.cli import evaluate as cli_evaluate
+from tests.evaluation.independent_metrics import inception_score_by_definition
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 from tests.training.test_train_mar import _two_process_launch, child_env
 
@@ -50,13 +51,18 @@ def test_evaluate_against_a_reference_computed_from_the_same_images(tiny_model, 
     metrics = results["metrics"]
     assert metrics["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images: the same Gaussian
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
-    assert 1.0 <= metrics["inception_score"] <= 10.0
     assert results["num_images"] == 20 and results["settings"]["num_inference_steps"] == 2
     assert results["settings"]["guidance_scale"] == 2.0  # from the folder's recommended settings
     assert len(results["model_hash"]) == 64 and results["seconds"]["sampling"] >= 0
     with np.load(tmp_path / "run" / "samples.npz") as data:
         samples = data["arr_0"]
     assert samples.shape == (20, 8, 8, 1) and samples.dtype == np.uint8
+    # The stub's logits are 4x the first 10 pixels (0..1): the IS of the images, 10 splits of 2, computed here.
+    logits = 4.0 * samples[..., 0].reshape(20, -1)[:, :10] / 255.0
+    expected_mean, expected_std = inception_score_by_definition(logits, splits=10)
+    assert expected_std > 0  # the splits differ, so a wrong split or shuffle shows
+    assert metrics["inception_score"] == pytest.approx(expected_mean, rel=1e-12)
+    assert metrics["inception_score_std"] == pytest.approx(expected_std, rel=1e-9)
     np.testing.assert_array_equal(samples[7, ..., 0], np.asarray(Image.open(tmp_path / "run" / "000007.png")))
     card = (tiny_model / "README.md").read_text()
     assert "## Evaluation results" in card and "FID 0" in card and "20 images (2 per class)" in card
@@ -262,7 +268,11 @@ def test_latent_model_with_inception_features(tmp_path):
     args += ["--images-per-class", "1", "--batch-size", "5", "--inception-weights", str(tmp_path / "inception.pth")]
     assert cli.main(args) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["feature_extractor"] == "inception" and results["metrics"]["inception_score"] >= 1.0
+    # 10 images in the IS's 10 splits: each split is one image, whose p(y|x) is its own marginal, so each scores
+    # exactly exp(KL(p || p)) = 1 whatever the (random) Inception weights.
+    assert results["feature_extractor"] == "inception"
+    assert results["metrics"]["inception_score"] == pytest.approx(1.0, abs=1e-12)
+    assert results["metrics"]["inception_score_std"] == pytest.approx(0.0, abs=1e-12)
     with np.load(tmp_path / "run" / "samples.npz") as data:
         assert data["arr_0"].shape == (10, 16, 16, 3) and data["arr_0"].dtype == np.uint8
     assert Image.open(tmp_path / "run" / "000003.png").mode == "RGB"
