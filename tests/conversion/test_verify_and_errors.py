@@ -327,3 +327,33 @@ def test_bad_input_exits_2_before_reading_the_checkpoint(tmp_path, capsys):
     no_ema = save_checkpoint(tmp_path / "no_ema.pth", model=source["model"], args=argparse.Namespace(model="x"))
     rc, err = run_main(["--checkpoint_path", no_ema, "--output_dir", tmp_path / "new"], capsys)
     assert rc == 2 and "--use_non_ema" in err
+
+
+@pytest.mark.parametrize(
+    "error, exit_code",
+    [
+        (ValueError("`--vae_path` 'kl16.ckpt' is wrong:\n  two lines"), 2),
+        (convert.VerificationError("Verification failed:\nthe outputs differ"), 1),
+        (OSError("disk full\n"), 1),
+    ],
+)
+def test_errors_are_one_line_starting_with_the_program_name(tmp_path, capsys, monkeypatch, error, exit_code):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(convert, "convert", fail)
+    rc, err = run_main(["--checkpoint_path", "x.pth", "--output_dir", tmp_path / "out"], capsys)
+    message = " ".join(error.args[0].split())
+    assert (rc, err) == (exit_code, f"convert_mar_to_diffusers.py: error: {message}\n")
+    # argparse's own errors name the same program, whatever the script was started as.
+    with pytest.raises(SystemExit):
+        convert.main(["--checkpoint_path", "x.pth"])
+    assert "convert_mar_to_diffusers.py: error: the following arguments are required: --output_dir" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_real_error_is_reported_with_the_program_name(tmp_path, capsys):
+    rc, err = run_main(["--checkpoint_path", tmp_path / "missing.pth", "--output_dir", tmp_path / "out"], capsys)
+    assert rc == 2 and err.startswith("convert_mar_to_diffusers.py: error: `--checkpoint_path` ")
+    assert err.count("\n") == 1
