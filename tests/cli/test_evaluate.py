@@ -168,6 +168,24 @@ def test_malformed_reference_files(tiny_model, tmp_path, capsys):
     assert "3-d statistics but the feature extractor gives 64-d" in capsys.readouterr().err
 
 
+def test_a_png_given_for_the_weights_or_the_reference_is_named_as_such(tiny_model, tmp_path, capsys):
+    # Issue 23c: torch advised weights_only=False for a PNG as --inception-weights, NumPy spoke of pickled data.
+    png = tmp_path / "000000.png"
+    Image.new("RGB", (8, 8)).save(png)
+    assert (
+        evaluate(tiny_model, tmp_path / "run", "--feature-extractor", "inception", "--inception-weights", str(png))
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"argument --inception-weights: `inception_weights` {str(png)!r} is a PNG image, not a state dict" in err
+    assert "as a .pth or .safetensors state dict" in err and "weights_only" not in err
+    assert evaluate(tiny_model, tmp_path / "run", "--reference", str(png)) == 2
+    err = capsys.readouterr().err
+    assert f"argument --reference: `reference` {str(png)!r} is a PNG image, not an .npz file" in err
+    assert "an .npz of reference statistics with 'mu' and 'sigma'" in err and "pickled" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_compute_reference_needs_its_options(tmp_path, capsys):
     assert cli.main(["evaluate", "--compute-reference", "--data", str(tmp_path), "--output", "r.npz"]) == 2
     assert "argument --resolution: is required" in capsys.readouterr().err
