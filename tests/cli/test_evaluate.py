@@ -63,6 +63,17 @@ def test_evaluate_against_a_reference_computed_from_the_same_images(tiny_model, 
     assert expected_std > 0  # the splits differ, so a wrong split or shuffle shows
     assert metrics["inception_score"] == pytest.approx(expected_mean, rel=1e-12)
     assert metrics["inception_score_std"] == pytest.approx(expected_std, rel=1e-9)
+    # 20 images, IS splits of 2 for a 10-class classifier: said on stderr and in results.json (issue 23a).
+    err = capsys.readouterr().err
+    assert results["warnings"] == [
+        "metrics of 20 images are not comparable with published numbers or with runs of another size: FID / FD, IS "
+        "and precision / recall depend on the number of images (the digits model scored FD 2.32 on 50 images and "
+        "0.254 on 1,000); use at least 1,000 images, and 50,000 to compare with the paper.",
+        "the Inception Score's 10 splits hold 2 images each, fewer than the classifier's 10 classes, so no split can "
+        "score above 2: the IS is not comparable with runs of another size.",
+    ]
+    for message in results["warnings"]:
+        assert f"diffusers-mar evaluate: warning: {message}\n" in err
     np.testing.assert_array_equal(samples[7, ..., 0], np.asarray(Image.open(tmp_path / "run" / "000007.png")))
     card = (tiny_model / "README.md").read_text()
     assert "## Evaluation results" in card and "FID 0" in card and "20 images (2 per class)" in card
@@ -75,6 +86,7 @@ def test_options_override_the_folder_settings_and_a_changed_setting_is_another_r
     assert evaluate(tiny_model, tmp_path / "other", "--skip-metrics", "--guidance-scale", "1") == 0
     results = json.loads((tmp_path / "other" / "results.json").read_text())
     assert results["settings"]["guidance_scale"] == 1.0 and results["metrics"] == {}
+    assert results["warnings"] == [] and "warning" not in capsys.readouterr().err  # no metrics, nothing to compare
 
 
 def test_a_sampling_preset_is_part_of_the_run_and_equals_the_pipeline_call(tiny_model, tmp_path, capsys):
