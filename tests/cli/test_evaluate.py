@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +199,41 @@ def test_a_png_given_for_the_weights_or_the_reference_is_named_as_such(tiny_mode
     assert f"argument --reference: `reference` {str(png)!r} is a PNG image, not an .npz file" in err
     assert "an .npz of reference statistics with 'mu' and 'sigma'" in err and "pickled" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_documented_digits_feature_extractor_imports_from_the_repository_root(tmp_path):
+    """docs/benchmarks.md's `--feature-extractor benchmarks.eval_digits:...` with the `diffusers-mar` script, run from
+    the repository root with no PYTHONPATH to it (issue 23b): the module is found in the current directory."""
+    option = "--feature-extractor benchmarks.eval_digits:digits_feature_extractor"
+    assert option in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    site = tmp_path / "site"  # the package alone, as an installation provides it; `benchmarks` is not in it
+    site.mkdir()
+    (site / "diffusers_mar").symlink_to(REPO_ROOT / "diffusers_mar")
+    script = Path(sys.executable).with_name("diffusers-mar")  # the console script: sys.path[0] is its folder
+    if not script.is_file():
+        script = tmp_path / "bin" / "diffusers-mar"
+        script.parent.mkdir()
+        script.write_text("import sys\nfrom diffusers_mar.cli import main\nsys.exit(main())\n")
+    (tmp_path / "real").mkdir()
+    for index in range(4):
+        Image.new("L", (8, 8), color=60 * index).save(tmp_path / "real" / f"{index}.png")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def run(cwd, output: str) -> subprocess.CompletedProcess:
+        argv = ["evaluate", "--compute-reference", "--data", str(tmp_path / "real"), "--resolution", "8"]
+        argv += ["--output", str(tmp_path / output), *option.split()]
+        command = [sys.executable, str(script), *argv]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+    result = run(REPO_ROOT, "ref.npz")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "ref.npz") as data:
+        assert data["features"].shape == (4, 64)
+    # From another folder the module is not found: only the current directory made the difference.
+    result = run(tmp_path, "other.npz")
+    assert result.returncode == 2 and "cannot import 'benchmarks.eval_digits'" in result.stderr
+    assert not (tmp_path / "other.npz").exists()
 
 
 def test_compute_reference_needs_its_options(tmp_path, capsys):
