@@ -87,6 +87,7 @@ from diffusers_mar import (  # noqa: E402
 from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROG = "convert_mar_to_diffusers.py"  # errors start with it, as argparse's and `diffusers-mar`'s do
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The weight mapping: one list of (original, diffusers-mar) key pairs per model, read in both directions. A pair
@@ -242,7 +243,8 @@ def build_mar_models(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Convert an official LTH14/mar checkpoint (and the KL-16 VAE) into a diffusers-mar MARPipeline folder."
+        prog=PROG,
+        description="Convert an official LTH14/mar checkpoint (and the KL-16 VAE) into a diffusers-mar MARPipeline folder.",
     )
     parser.add_argument("--checkpoint_path", required=True, help="LTH14/mar `checkpoint-last.pth` (MAR-B/L/H or own).")
     parser.add_argument("--vae_path", default=None, help="LTH14/mar `kl16.ckpt`; without it no VAE is saved.")
@@ -436,19 +438,24 @@ def convert(args: argparse.Namespace) -> Path:
     return output_dir
 
 
+def _report(message: object) -> None:
+    print(f"{PROG}: error: " + re.sub(r"\s*\n\s*", " ", str(message).strip()), file=sys.stderr)  # one line
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line; exit codes: 0 done, 2 bad input (nothing written), 1 a failure while running."""
+    """The command line; exit codes: 0 done, 2 bad input (nothing written), 1 a failure while running. Errors are one
+    line on stderr, `convert_mar_to_diffusers.py: error: ...`."""
     args = parse_args(argv)
     try:
         convert(args)
     except VerificationError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(error)
         return 1
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
+        _report(error.args[0] if error.args else error)
         return 2
     except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(error)
         return 1
     return 0
 

@@ -228,10 +228,19 @@ def verify_against_original(pipeline: MARPipeline, original: torch.nn.Module, rt
             getattr(blocks[0].attn, "num_heads", "?") for blocks in (original.encoder_blocks, original.decoder_blocks)
         ]
         config = transformer.config
+        ours = [config.num_attention_heads, config.decoder_num_attention_heads or config.num_attention_heads]
+        if heads == ours:
+            cause = (
+                f"The head counts agree ({ours[0]} / {ours[1]}), so the weight mapping of the converter or the "
+                "model code differs from the original: please report it with this message."
+            )
+        else:
+            cause = (
+                f"The original has {heads[0]} encoder / {heads[1]} decoder attention heads, the conversion "
+                f"{ours[0]} / {ours[1]}: check `--num_attention_heads` and `--decoder_num_attention_heads` (head "
+                "counts are not in the weights)."
+            )
         raise VerificationError(
-            f"Verification failed: the converted model differs from the original LTH14/mar model by {bad}. The "
-            f"original has {heads[0]} encoder / {heads[1]} decoder attention heads, the conversion "
-            f"{config.num_attention_heads} / {config.decoder_num_attention_heads or config.num_attention_heads}: "
-            "check `--num_attention_heads` and `--decoder_num_attention_heads` (head counts are not in the weights)."
+            f"Verification failed: the converted model differs from the original LTH14/mar model by {bad}. {cause}"
         )
     return diffs

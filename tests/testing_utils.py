@@ -25,30 +25,51 @@ from diffusers_mar import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(os.environ.get("MAR_FIXTURES_DIR", REPO_ROOT.parent / "shared" / "fixtures" / "mar_tiny"))
 
-FIXTURES_FOUND = (FIXTURES_DIR / "io.safetensors").exists()
+# Every file of the fixture folder that the tests read (`original_config.json` and README.md are documentation).
+FIXTURE_FILES = ("io.safetensors", "checkpoint-last.pth", "vae_tiny.ckpt")
+
+
+def missing_fixture_files(folder: Path) -> list[str]:
+    return [name for name in FIXTURE_FILES if not (folder / name).is_file()]
+
+
+MISSING_FIXTURES = missing_fixture_files(FIXTURES_DIR)
+FIXTURES_FOUND = not MISSING_FIXTURES
 # GitHub Actions, GitLab CI and most other CI services set CI=true; there a missing fixture folder is an error, so a CI
 # run without the fixtures cannot pass without checking numerics (issue 12).
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+NOT_FOUND = f"LTH14/mar fixtures not found in {FIXTURES_DIR} (missing: {', '.join(MISSING_FIXTURES)})"
 
 
 def requires_fixtures(test):
     """Decorate a test that reads the LTH14/mar fixtures: marked `parity`; skipped when they are missing, failed when
-    `CI` is set."""
+    `CI` is set. A pytest fixture that reads them starts with `if not fixtures_or_skip(): return None`."""
     test = pytest.mark.parity(test)
     if FIXTURES_FOUND:
         return test
     if not IN_CI:
-        return pytest.mark.skip(reason=f"LTH14/mar fixtures not found in {FIXTURES_DIR}")(test)
+        return pytest.mark.skip(reason=NOT_FOUND)(test)
 
     @functools.wraps(test)  # keeps the signature, so pytest still passes fixtures and parameters
     def fail(*args, **kwargs):
         pytest.fail(
-            f"LTH14/mar fixtures not found in {FIXTURES_DIR} and CI is set: parity tests must not skip in CI. Put "
-            "the fixtures in ../shared/fixtures/mar_tiny or point MAR_FIXTURES_DIR at them (unset CI to skip).",
+            f"{NOT_FOUND} and CI is set: parity tests must not skip in CI. Put the fixtures in "
+            "../shared/fixtures/mar_tiny or point MAR_FIXTURES_DIR at them (unset CI to skip).",
             pytrace=False,
         )
 
     return fail
+
+
+def fixtures_or_skip() -> bool:
+    """For a pytest fixture that reads the fixture files: True when they are there. Without them it skips the test,
+    except under CI: it returns False, the fixture returns None and the test, decorated `requires_fixtures`, fails
+    with the message above (a skip here would come before that decorator's check, issue 29)."""
+    if FIXTURES_FOUND:
+        return True
+    if not IN_CI:
+        pytest.skip(NOT_FOUND)
+    return False
 
 
 # The fixture model: LTH14/mar MAR(img_size=64, vae_stride=16, 64 wide, 2+2 blocks, 4 heads, buffer 4, 10 classes).

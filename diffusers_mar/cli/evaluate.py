@@ -225,10 +225,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # 4. Metrics on the main process (the PNGs read back: rounded uint8, as the paper's evaluation)
     start = time.perf_counter()
     npz_path = Path(args.output_dir) / NPZ_FILE
-    metrics = {}
+    metrics, notes = {}, []
+
+    def warn(message: str) -> None:  # at once, and in results.json
+        notes.append(message)
+        print(f"{args.parser.prog}: warning: {message}", file=sys.stderr)
+
     try:
         metrics = evaluation.compute_metrics(
-            args.output_dir, len(samples), extractor, reference, npz_path, args.metrics_batch_size
+            args.output_dir, len(samples), extractor, reference, npz_path, args.metrics_batch_size, warn=warn
         )
     except ValueError as error:
         raise CLIError(str(error), "--reference" if "reference" in str(error) else None, EXIT_FAILURE) from None
@@ -236,6 +241,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # 5. Results
     results = {
         "metrics": metrics,
+        "warnings": notes,
         "model": args.model,
         "model_hash": run["model_hash"],
         "reference": args.reference,

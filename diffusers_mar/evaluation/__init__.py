@@ -2,7 +2,13 @@
 statistics (`diffusers-mar evaluate`; docs/evaluation.md). Needs the `[eval]` extra (scipy; datasets for
 `--compute-reference` on a dataset)."""
 
-from diffusers_mar.evaluation.evaluate import compute_metrics, compute_reference, write_json
+from diffusers_mar.evaluation.evaluate import (
+    MIN_COMPARABLE_IMAGES,
+    comparability_warnings,
+    compute_metrics,
+    compute_reference,
+    write_json,
+)
 from diffusers_mar.evaluation.features import InceptionExtractor, extract, load_feature_extractor, to_rgb_tensor
 from diffusers_mar.evaluation.inception import InceptionV3Features, load_inception_v3
 from diffusers_mar.evaluation.metrics import (
@@ -29,12 +35,14 @@ from diffusers_mar.evaluation.sampling import (
 )
 
 __all__ = [
+    "MIN_COMPARABLE_IMAGES",
     "InceptionExtractor",
     "InceptionV3Features",
     "NpzWriter",
     "ReferenceStatistics",
     "center_crop_arr",
     "check_output_folder",
+    "comparability_warnings",
     "compute_metrics",
     "compute_reference",
     "discard_new_run",

@@ -3,12 +3,15 @@
 An extractor is a callable `extractor(images) -> dict` taking uint8 images `(N, 3, H, W)` on its device and
 returning `"features"` `(N, D)` (for FID and precision / recall) and, optionally, `"logits"` `(N, K)` (for the
 Inception Score). `--feature-extractor module:callable` names a factory `callable(device) -> extractor`, e.g. one
-that wraps DINOv2 from `transformers` for FD-DINOv2.
+that wraps DINOv2 from `transformers` for FD-DINOv2; the module is imported from `sys.path` or, failing that, from the
+current directory (as `python -m` would).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -32,6 +35,26 @@ class InceptionExtractor:
         return {"features": outputs["2048"], "logits": outputs["logits_unbiased"]}
 
 
+def _import_like_python_m(module_name: str):
+    """Import `module_name`; if it (or its package) is not found, try again from the current directory, which
+    `python -m` puts on `sys.path` but the `diffusers-mar` script does not (so `benchmarks.eval_digits` imports from
+    the repository root as documented). The directory stays on `sys.path` for the module's later imports."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        parts = module_name.split(".")
+        missing_here = error.name in {".".join(parts[: i + 1]) for i in range(len(parts))}
+        cwd = os.getcwd()
+        if not missing_here or cwd in sys.path or "" in sys.path or not _importable_from(cwd, parts[0]):
+            raise
+    sys.path.insert(0, cwd)
+    return importlib.import_module(module_name)
+
+
+def _importable_from(folder: str, name: str) -> bool:
+    return os.path.isfile(os.path.join(folder, f"{name}.py")) or os.path.isdir(os.path.join(folder, name))
+
+
 def load_feature_extractor(
     spec: str = INCEPTION, inception_weights: str | None = None, device: str | torch.device = "cpu"
 ) -> Callable[[torch.Tensor], dict]:
@@ -43,7 +66,7 @@ def load_feature_extractor(
     if not module_name or not attribute:
         raise ValueError(f"`feature_extractor` must be {INCEPTION!r} or 'module:callable'; got {spec!r}.")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_like_python_m(module_name)
     except ImportError as error:
         raise ValueError(f"`feature_extractor` {spec!r}: cannot import {module_name!r} ({error}).") from None
     factory = getattr(module, attribute, None)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusers_mar.evaluation.file_kinds import PYTORCH, SAFETENSORS, describe_file
+
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
@@ -201,9 +203,29 @@ class InceptionV3Features(nn.Module):
         return {"2048": features.float(), "logits_unbiased": (features @ self.fc.weight.T).float()}
 
 
+def _load_state_dict(path: Path, weights: str) -> dict:
+    """A `.pth` or `.safetensors` state dict; a `ValueError` saying what the file is otherwise."""
+    expected = f"expected torch-fidelity's Inception-v3 weights as a .pth or .safetensors state dict ({WEIGHTS_URL})"
+    kind = describe_file(path)
+    if kind == SAFETENSORS:
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if kind not in (PYTORCH, None):
+        raise ValueError(f"`inception_weights` {weights!r} is {kind}, not a state dict: {expected}.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's own message advises weights_only=False, which is not the fix here
+        detail = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise ValueError(
+            f"`inception_weights` {weights!r} does not load as a state dict of tensors ({detail}): {expected}."
+        ) from None
+
+
 def load_inception_v3(weights: str | None = None, device: str | torch.device = "cpu") -> InceptionV3Features:
     """FID's Inception-v3 with torch-fidelity's weights from `weights` (a local `.pth`), else downloaded from
-    `WEIGHTS_URL` into the torch hub cache. Raises `FileNotFoundError` / `ValueError` naming the file."""
+    `WEIGHTS_URL` into the torch hub cache; a local `.safetensors` copy works too. Raises `FileNotFoundError` /
+    `ValueError` naming the file and, for a file of another kind (an image, an .npz), what it is."""
     model = InceptionV3Features()
     if weights is None:
         state_dict = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", progress=False)
@@ -213,10 +235,7 @@ def load_inception_v3(weights: str | None = None, device: str | torch.device = "
             raise FileNotFoundError(
                 f"Inception weights {weights!r} not found; download {WEIGHTS_URL} (torch-fidelity's file) there."
             )
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{weights!r} is not a PyTorch state dict ({error}).") from None
+        state_dict = _load_state_dict(path, weights)
     if not isinstance(state_dict, dict):
         raise ValueError(f"{weights!r} holds a {type(state_dict).__name__}, not a state dict.")
     expected = set(model.state_dict())

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffusers_mar.evaluation.file_kinds import NPZ, describe_file
+
 
 @dataclass
 class ReferenceStatistics:
@@ -36,6 +38,12 @@ def load_reference(path: str | Path) -> ReferenceStatistics:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"`reference` {str(path)!r} does not exist; compute one with --compute-reference.")
+    kind = describe_file(path)
+    if kind not in (NPZ, None):
+        raise ValueError(
+            f"`reference` {str(path)!r} is {kind}, not an .npz file: expected an .npz of reference statistics with "
+            "'mu' and 'sigma' (an ADM reference batch, LTH14/mar's fid_stats, or --compute-reference's output)."
+        )
     try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)

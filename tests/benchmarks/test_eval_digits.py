@@ -1,4 +1,5 @@
-"""The metrics of `benchmarks/eval_digits.py` on real and synthetic digits, and its command line on a tiny model."""
+"""`benchmarks/eval_digits.py` on real and synthetic digits, and its command line on a tiny model (the metric
+functions it calls, `diffusers_mar.evaluation.metrics`, are tested in tests/evaluation/test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,33 +11,12 @@ import torch
 
 from benchmarks import eval_digits
 from benchmarks.eval_digits import DigitsEvaluator, digits_feature_extractor, to_digit_scale
-from diffusers_mar.evaluation.metrics import frechet_distance_of_features as frechet_distance
-from diffusers_mar.evaluation.metrics import mean_pairwise_distance
 from tests.testing_utils import make_tiny_pipeline
 
 
 @pytest.fixture(scope="module")
 def evaluator():
     return DigitsEvaluator()
-
-
-def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
-    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
-    shift = np.full(8, 0.5)
-    # Equal covariances: the distance is the squared distance of the means.
-    assert frechet_distance(features, features + shift) == pytest.approx((shift**2).sum(), rel=1e-4)
-    distances = [frechet_distance(features, features + k * shift) for k in (1, 2, 4)]
-    assert distances[0] < distances[1] < distances[2]
-    assert frechet_distance(features, 2 * features) > 1.0  # a different covariance also counts
-
-
-def test_mean_pairwise_distance():
-    assert mean_pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
-    assert mean_pairwise_distance(np.zeros((5, 64))) == 0.0
-    with pytest.raises(ValueError, match="at least 2"):
-        mean_pairwise_distance(np.zeros((1, 64)))
 
 
 def test_to_digit_scale_maps_unit_range_to_0_16_and_block_averages():

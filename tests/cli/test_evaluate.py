@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from PIL import Image
 
 from diffusers_mar import MARPipeline, cli
 from diffusers_mar.cli import evaluate as cli_evaluate
+from tests.evaluation.independent_metrics import inception_score_by_definition
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 from tests.training.test_train_mar import _two_process_launch, child_env
 
@@ -50,13 +54,29 @@ def test_evaluate_against_a_reference_computed_from_the_same_images(tiny_model, 
     metrics = results["metrics"]
     assert metrics["fid"] == pytest.approx(0.0, abs=1e-6)  # the same images: the same Gaussian
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
-    assert 1.0 <= metrics["inception_score"] <= 10.0
     assert results["num_images"] == 20 and results["settings"]["num_inference_steps"] == 2
     assert results["settings"]["guidance_scale"] == 2.0  # from the folder's recommended settings
     assert len(results["model_hash"]) == 64 and results["seconds"]["sampling"] >= 0
     with np.load(tmp_path / "run" / "samples.npz") as data:
         samples = data["arr_0"]
     assert samples.shape == (20, 8, 8, 1) and samples.dtype == np.uint8
+    # The stub's logits are 4x the first 10 pixels (0..1): the IS of the images, 10 splits of 2, computed here.
+    logits = 4.0 * samples[..., 0].reshape(20, -1)[:, :10] / 255.0
+    expected_mean, expected_std = inception_score_by_definition(logits, splits=10)
+    assert expected_std > 0  # the splits differ, so a wrong split or shuffle shows
+    assert metrics["inception_score"] == pytest.approx(expected_mean, rel=1e-12)
+    assert metrics["inception_score_std"] == pytest.approx(expected_std, rel=1e-9)
+    # 20 images, IS splits of 2 for a 10-class classifier: said on stderr and in results.json (issue 23a).
+    err = capsys.readouterr().err
+    assert results["warnings"] == [
+        "metrics of 20 images are not comparable with published numbers or with runs of another size: FID / FD, IS "
+        "and precision / recall depend on the number of images (the digits model scored FD 2.32 on 50 images and "
+        "0.254 on 1,000); use at least 1,000 images, and 50,000 to compare with the paper.",
+        "the Inception Score's 10 splits hold 2 images each, fewer than the classifier's 10 classes, so no split can "
+        "score above 2: the IS is not comparable with runs of another size.",
+    ]
+    for message in results["warnings"]:
+        assert f"diffusers-mar evaluate: warning: {message}\n" in err
     np.testing.assert_array_equal(samples[7, ..., 0], np.asarray(Image.open(tmp_path / "run" / "000007.png")))
     card = (tiny_model / "README.md").read_text()
     assert "## Evaluation results" in card and "FID 0" in card and "20 images (2 per class)" in card
@@ -69,6 +89,7 @@ def test_options_override_the_folder_settings_and_a_changed_setting_is_another_r
     assert evaluate(tiny_model, tmp_path / "other", "--skip-metrics", "--guidance-scale", "1") == 0
     results = json.loads((tmp_path / "other" / "results.json").read_text())
     assert results["settings"]["guidance_scale"] == 1.0 and results["metrics"] == {}
+    assert results["warnings"] == [] and "warning" not in capsys.readouterr().err  # no metrics, nothing to compare
 
 
 def test_a_sampling_preset_is_part_of_the_run_and_equals_the_pipeline_call(tiny_model, tmp_path, capsys):
@@ -160,6 +181,59 @@ def test_malformed_reference_files(tiny_model, tmp_path, capsys):
     np.savez(tmp_path / "dim.npz", mu=np.zeros(3), sigma=np.eye(3))
     assert evaluate(tiny_model, tmp_path / "run", "--reference", str(tmp_path / "dim.npz")) == 1
     assert "3-d statistics but the feature extractor gives 64-d" in capsys.readouterr().err
+
+
+def test_a_png_given_for_the_weights_or_the_reference_is_named_as_such(tiny_model, tmp_path, capsys):
+    # Issue 23c: torch advised weights_only=False for a PNG as --inception-weights, NumPy spoke of pickled data.
+    png = tmp_path / "000000.png"
+    Image.new("RGB", (8, 8)).save(png)
+    assert (
+        evaluate(tiny_model, tmp_path / "run", "--feature-extractor", "inception", "--inception-weights", str(png))
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"argument --inception-weights: `inception_weights` {str(png)!r} is a PNG image, not a state dict" in err
+    assert "as a .pth or .safetensors state dict" in err and "weights_only" not in err
+    assert evaluate(tiny_model, tmp_path / "run", "--reference", str(png)) == 2
+    err = capsys.readouterr().err
+    assert f"argument --reference: `reference` {str(png)!r} is a PNG image, not an .npz file" in err
+    assert "an .npz of reference statistics with 'mu' and 'sigma'" in err and "pickled" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_documented_digits_feature_extractor_imports_from_the_repository_root(tmp_path):
+    """docs/benchmarks.md's `--feature-extractor benchmarks.eval_digits:...` with the `diffusers-mar` script, run from
+    the repository root with no PYTHONPATH to it (issue 23b): the module is found in the current directory."""
+    option = "--feature-extractor benchmarks.eval_digits:digits_feature_extractor"
+    assert option in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    site = tmp_path / "site"  # the package alone, as an installation provides it; `benchmarks` is not in it
+    site.mkdir()
+    (site / "diffusers_mar").symlink_to(REPO_ROOT / "diffusers_mar")
+    script = Path(sys.executable).with_name("diffusers-mar")  # the console script: sys.path[0] is its folder
+    if not script.is_file():
+        script = tmp_path / "bin" / "diffusers-mar"
+        script.parent.mkdir()
+        script.write_text("import sys\nfrom diffusers_mar.cli import main\nsys.exit(main())\n")
+    (tmp_path / "real").mkdir()
+    for index in range(4):
+        Image.new("L", (8, 8), color=60 * index).save(tmp_path / "real" / f"{index}.png")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def run(cwd, output: str) -> subprocess.CompletedProcess:
+        argv = ["evaluate", "--compute-reference", "--data", str(tmp_path / "real"), "--resolution", "8"]
+        argv += ["--output", str(tmp_path / output), *option.split()]
+        command = [sys.executable, str(script), *argv]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+    result = run(REPO_ROOT, "ref.npz")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "ref.npz") as data:
+        assert data["features"].shape == (4, 64)
+    # From another folder the module is not found: only the current directory made the difference.
+    result = run(tmp_path, "other.npz")
+    assert result.returncode == 2 and "cannot import 'benchmarks.eval_digits'" in result.stderr
+    assert not (tmp_path / "other.npz").exists()
 
 
 def test_compute_reference_needs_its_options(tmp_path, capsys):
@@ -262,7 +336,11 @@ def test_latent_model_with_inception_features(tmp_path):
     args += ["--images-per-class", "1", "--batch-size", "5", "--inception-weights", str(tmp_path / "inception.pth")]
     assert cli.main(args) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["feature_extractor"] == "inception" and results["metrics"]["inception_score"] >= 1.0
+    # 10 images in the IS's 10 splits: each split is one image, whose p(y|x) is its own marginal, so each scores
+    # exactly exp(KL(p || p)) = 1 whatever the (random) Inception weights.
+    assert results["feature_extractor"] == "inception"
+    assert results["metrics"]["inception_score"] == pytest.approx(1.0, abs=1e-12)
+    assert results["metrics"]["inception_score_std"] == pytest.approx(0.0, abs=1e-12)
     with np.load(tmp_path / "run" / "samples.npz") as data:
         assert data["arr_0"].shape == (10, 16, 16, 3) and data["arr_0"].dtype == np.uint8
     assert Image.open(tmp_path / "run" / "000003.png").mode == "RGB"

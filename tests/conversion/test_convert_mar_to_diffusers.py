@@ -30,6 +30,7 @@ from tests.testing_utils import (
     REPO_ROOT,
     fixture_checkpoint,
     fixture_io,
+    fixtures_or_skip,
     requires_fixtures,
 )
 
@@ -71,10 +72,10 @@ def save_checkpoint(path: pathlib.Path, **entries) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def converted_fixture(tmp_path_factory, stand_in_checkout) -> pathlib.Path:
+def converted_fixture(tmp_path_factory, stand_in_checkout) -> pathlib.Path | None:
     """The fixture checkpoint and VAE converted by `main()` with `--verify --original_repo`."""
-    if not CHECKPOINT.exists():
-        pytest.skip(f"LTH14/mar fixtures not found in {FIXTURES_DIR}")
+    if not fixtures_or_skip():
+        return None
     output_dir = tmp_path_factory.mktemp("converted") / "mar-tiny"
     argv = fixture_argv(output_dir, "--verify", "--original_repo", stand_in_checkout)
     assert convert.main([str(arg) for arg in argv]) == 0

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from conversion import convert_mar_to_diffusers as convert
+from conversion.verify import build_original_mar
 from diffusers_mar import MARPipeline
+from tests.conversion.conftest import STAND_IN_MAR
 from tests.conversion.test_convert_mar_to_diffusers import (
     CHECKPOINT,
     assert_nothing_written,
@@ -22,7 +24,13 @@ from tests.conversion.test_convert_mar_to_diffusers import (
     run_main,
     save_checkpoint,
 )
-from tests.testing_utils import fixture_checkpoint, requires_fixtures
+from tests.testing_utils import (
+    FIXTURE_HEAD_CONFIG,
+    FIXTURE_TRANSFORMER_CONFIG,
+    fixture_checkpoint,
+    fixture_io,
+    requires_fixtures,
+)
 
 
 def heads_argv(output_dir: pathlib.Path, encoder: int, decoder: int | None = None, *extra) -> list:
@@ -85,6 +93,97 @@ def test_verify_needs_the_factory_in_the_original_checkout(tmp_path, capsys):
     (empty_checkout / "models" / "mar.py").write_text("def mar_base(**kwargs):\n    raise AssertionError\n")
     rc, err = run_main(heads_argv(tmp_path / "out", 4, None, "--verify", "--original_repo", empty_checkout), capsys)
     assert rc == 1 and "models/mar.py has no factory `mar_tiny_fixture`" in err
+    assert_nothing_written(tmp_path)
+
+
+def _class_embedding(original, labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    rows = original.class_emb(labels.clamp(max=num_classes - 1))  # label `num_classes`: the original's fake_latent
+    return torch.where((labels == num_classes)[:, None], original.fake_latent.expand_as(rows), rows)
+
+
+@requires_fixtures
+def test_the_stand_in_original_reproduces_the_recorded_outputs(stand_in_checkout):
+    """The stand-in checkout (conftest.py), built as `--verify` builds it, gives the outputs recorded from LTH14/mar:
+    it can stand for the original in CI, where the real code cannot be fetched. It shares no code with the converter.
+    """
+    assert "diffusers_mar" not in STAND_IN_MAR and "conversion" not in STAND_IN_MAR
+    io = fixture_io()
+    original = build_original_mar(
+        stand_in_checkout,
+        "mar_tiny_fixture",
+        fixture_checkpoint()["model_ema"],  # the original keys, loaded strictly with no mapping
+        FIXTURE_TRANSFORMER_CONFIG,
+        FIXTURE_HEAD_CONFIG,
+    )
+    with torch.no_grad():
+        for case in ("cond", "mixed", "allmasked"):
+            tokens, mask = io["transformer.x"], io["transformer.mask"]
+            if case == "allmasked":
+                tokens, mask = torch.zeros_like(tokens), torch.ones_like(mask)
+            labels = _class_embedding(original, io[f"transformer.{case}.labels"])
+            encoded = original.forward_mae_encoder(tokens, mask, labels)
+            torch.testing.assert_close(encoded, io[f"transformer.{case}.encoder_out"], rtol=0, atol=1e-5)
+            z = original.forward_mae_decoder(encoded, mask)
+            torch.testing.assert_close(z, io[f"transformer.{case}.z"], rtol=0, atol=1e-5)
+        out = original.diffloss.net(io["mlp.x_t"], io["mlp.t"], io["mlp.c"])
+    torch.testing.assert_close(out, io["mlp.out"], rtol=0, atol=1e-5)
+
+
+def _blocks(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(tensor.split(sizes))
+
+
+def _adaln_blocks_reversed(transformer: dict, head: dict) -> None:  # res block 1's rows before res block 0's
+    for kind in ("weight", "bias"):
+        res_0, res_1, final = _blocks(head[f"adaln_modulation.{kind}"], [192, 192, 128])
+        head[f"adaln_modulation.{kind}"] = torch.cat([res_1, res_0, final])
+
+
+def _shift_and_scale_swapped(transformer: dict, head: dict) -> None:  # (scale, shift, gate) in every res block
+    for kind in ("weight", "bias"):
+        chunks = _blocks(head[f"adaln_modulation.{kind}"], [64] * 6 + [128])
+        chunks[0], chunks[1], chunks[3], chunks[4] = chunks[1], chunks[0], chunks[4], chunks[3]
+        head[f"adaln_modulation.{kind}"] = torch.cat(chunks)
+
+
+def _fake_latent_first(transformer: dict, head: dict) -> None:  # the null class as row 0 instead of the last row
+    rows = transformer["class_embedding.weight"]
+    transformer["class_embedding.weight"] = torch.cat([rows[-1:], rows[:-1]])
+
+
+def _query_and_key_swapped(transformer: dict, head: dict) -> None:  # [k; q; v] in the first decoder block
+    for kind in ("weight", "bias"):
+        q, k, v = _blocks(transformer[f"decoder_blocks.0.attn.to_qkv.{kind}"], [64, 64, 64])
+        transformer[f"decoder_blocks.0.attn.to_qkv.{kind}"] = torch.cat([k, q, v])
+
+
+@requires_fixtures
+@pytest.mark.parametrize(
+    "break_mapping, component",
+    [
+        (_adaln_blocks_reversed, "diffusion_head"),
+        (_shift_and_scale_swapped, "diffusion_head"),
+        (_fake_latent_first, "transformer"),
+        (_query_and_key_swapped, "transformer"),
+    ],
+)
+def test_verify_catches_a_broken_key_mapping(
+    tmp_path, capsys, monkeypatch, stand_in_checkout, break_mapping, component
+):
+    """A converter bug that keeps every shape (so every strict load passes) is caught by `--verify --original_repo`:
+    the stand-in original maps no keys, so it does not share the bug (issue 29: it used the converter's mapping)."""
+    mapping = convert.convert_mar_state_dict
+
+    def broken(state_dict):
+        transformer, head = mapping(state_dict)
+        break_mapping(transformer, head)
+        return transformer, head
+
+    monkeypatch.setattr(convert, "convert_mar_state_dict", broken)
+    rc, err = run_main(heads_argv(tmp_path / "out", 4, None, "--verify", "--original_repo", stand_in_checkout), capsys)
+    assert rc == 1, err
+    assert f"differs from the original LTH14/mar model by {{'{component}'" in err
+    assert "The head counts agree (4 / 4), so the weight mapping of the converter or the model code differs" in err
     assert_nothing_written(tmp_path)
 
 
@@ -228,3 +327,33 @@ def test_bad_input_exits_2_before_reading_the_checkpoint(tmp_path, capsys):
     no_ema = save_checkpoint(tmp_path / "no_ema.pth", model=source["model"], args=argparse.Namespace(model="x"))
     rc, err = run_main(["--checkpoint_path", no_ema, "--output_dir", tmp_path / "new"], capsys)
     assert rc == 2 and "--use_non_ema" in err
+
+
+@pytest.mark.parametrize(
+    "error, exit_code",
+    [
+        (ValueError("`--vae_path` 'kl16.ckpt' is wrong:\n  two lines"), 2),
+        (convert.VerificationError("Verification failed:\nthe outputs differ"), 1),
+        (OSError("disk full\n"), 1),
+    ],
+)
+def test_errors_are_one_line_starting_with_the_program_name(tmp_path, capsys, monkeypatch, error, exit_code):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(convert, "convert", fail)
+    rc, err = run_main(["--checkpoint_path", "x.pth", "--output_dir", tmp_path / "out"], capsys)
+    message = " ".join(error.args[0].split())
+    assert (rc, err) == (exit_code, f"convert_mar_to_diffusers.py: error: {message}\n")
+    # argparse's own errors name the same program, whatever the script was started as.
+    with pytest.raises(SystemExit):
+        convert.main(["--checkpoint_path", "x.pth"])
+    assert "convert_mar_to_diffusers.py: error: the following arguments are required: --output_dir" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_real_error_is_reported_with_the_program_name(tmp_path, capsys):
+    rc, err = run_main(["--checkpoint_path", tmp_path / "missing.pth", "--output_dir", tmp_path / "out"], capsys)
+    assert rc == 2 and err.startswith("convert_mar_to_diffusers.py: error: `--checkpoint_path` ")
+    assert err.count("\n") == 1

@@ -5,11 +5,14 @@ weights. `inception_reference.npz` comes from torch-fidelity; `make_inception_re
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 from diffusers_mar.evaluation.inception import InceptionV3Features, load_inception_v3, resize_bilinear_tf1
 
@@ -77,11 +80,33 @@ def test_resize_matches_tensorflow_1_on_a_hand_computed_case():
 def test_weights_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_inception_v3(str(tmp_path / "missing.pth"))
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a PyTorch state dict"):
-        load_inception_v3(str(tmp_path / "junk.pth"))
+    # A file of another kind is named as such (issue 23c: torch advised weights_only=False for a PNG).
+    Image.new("RGB", (4, 4)).save(tmp_path / "image.png")
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2))
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    for name, kind in [
+        ("image.png", "a PNG image"),
+        ("stats.npz", "a NumPy .npz archive"),
+        ("junk.pth", "a text file"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            load_inception_v3(str(tmp_path / name))
+        assert str(error.value).startswith(f"`inception_weights` {str(tmp_path / name)!r} is {kind}, not a state dict")
+        assert "expected torch-fidelity's Inception-v3 weights as a .pth or .safetensors state dict" in str(
+            error.value
+        )
+    # A torch file that pickles other objects, or unknown bytes: torch's reason, without its weights_only advice.
+    torch.save({"args": argparse.Namespace(model="x")}, tmp_path / "pickled.pth")
+    (tmp_path / "binary.pth").write_bytes(b"\x00\x01\x02binary")
+    for name in ("pickled.pth", "binary.pth"):
+        with pytest.raises(ValueError, match="does not load as a state dict of tensors") as error:
+            load_inception_v3(str(tmp_path / name))
+        assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="missing keys"):
         load_inception_v3(str(tmp_path / "other.pth"))
+    save_file({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "other.safetensors")  # read, then checked
+    with pytest.raises(ValueError, match="is not torch-fidelity's Inception-v3 .* missing keys"):
+        load_inception_v3(str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="uint8"):
         InceptionV3Features()(torch.zeros(1, 3, 8, 8))

@@ -15,6 +15,11 @@ from diffusers_mar.evaluation.metrics import (
     pairwise_distances,
     precision_recall,
 )
+from tests.evaluation.independent_metrics import (
+    frechet_distance_by_eigendecomposition,
+    inception_score_by_definition,
+    precision_recall_by_brute_force,
+)
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
@@ -39,6 +44,30 @@ def test_frechet_distance_with_a_full_covariance_is_the_closed_form():
     assert frechet_distance(np.zeros(6), a * np.eye(6), np.zeros(6), sigma_2) == pytest.approx(expected, rel=1e-10)
 
 
+def random_covariance(rng: np.random.Generator, dim: int) -> np.ndarray:
+    a_matrix = rng.normal(size=(dim, dim))
+    return a_matrix @ a_matrix.T + 0.1 * np.eye(dim)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_frechet_distance_of_full_covariances_matches_the_symmetric_form(seed):
+    # Issue 29: for covariances that do not commute, tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2), but not
+    # tr S1^(1/2) S2^(1/2). Seed 0: 24.45 here, 26.11 with that wrong cross term.
+    rng = np.random.default_rng(seed)
+    mu_1, mu_2 = rng.normal(size=6), rng.normal(size=6)
+    sigma_1, sigma_2 = random_covariance(rng, 6), random_covariance(rng, 6)
+    assert not np.allclose(sigma_1 @ sigma_2, sigma_2 @ sigma_1)  # they do not commute
+    expected = frechet_distance_by_eigendecomposition(mu_1, sigma_1, mu_2, sigma_2)
+    assert frechet_distance(mu_1, sigma_1, mu_2, sigma_2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu_2, sigma_2, mu_1, sigma_1) == pytest.approx(expected, rel=1e-9)  # symmetric
+    features_1 = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    features_2 = rng.normal(1.0, 1.0, size=(200, 6)) @ rng.normal(size=(6, 6))
+    expected = frechet_distance_by_eigendecomposition(
+        features_1.mean(axis=0), np.cov(features_1.T), features_2.mean(axis=0), np.cov(features_2.T)
+    )
+    assert frechet_distance_of_features(features_1, features_2) == pytest.approx(expected, rel=1e-9)
+
+
 def test_frechet_distance_is_computed_in_float64():
     # A 1e-5 shift of a mean gives 1e-10 per dimension: lost in float32 rounding of values around 1e3.
     mu = np.full(4, 1000.0, dtype=np.float32)
@@ -56,6 +85,16 @@ def test_frechet_distance_of_features_matches_the_gaussians_fitted_to_them():
         frechet_distance(mu_x, sigma_x, *gaussian_statistics(y))
     )
     assert frechet_distance_of_features(x, x) == pytest.approx(0.0, abs=1e-8)
+    # Correlated features (a full covariance): a shift alone adds the squared distance of the means, a wider
+    # covariance adds more (merged from tests/benchmarks/test_eval_digits.py, whose metrics are these).
+    features = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
+    shift = np.full(8, 0.5)
+    assert frechet_distance_of_features(features, features + shift) == pytest.approx((shift**2).sum(), rel=1e-6)
+    distances = [frechet_distance_of_features(features, features + k * shift) for k in (1, 2, 4)]
+    assert distances == pytest.approx([k**2 * (shift**2).sum() for k in (1, 2, 4)], rel=1e-6)
+    # 2x the features: the same shape, twice the spread: tr(S + 4 S - 2 * 2 S) = tr S (plus 0 for the means here).
+    centred = features - features.mean(axis=0)
+    assert frechet_distance_of_features(centred, 2 * centred) == pytest.approx(np.trace(np.cov(centred.T)), rel=1e-6)
 
 
 def test_frechet_distance_shape_errors():
@@ -94,6 +133,20 @@ def test_inception_score_is_exp_of_the_mean_kl_divergence():
         inception_score(logits, splits=51)
 
 
+@pytest.mark.parametrize(("num_rows", "splits"), [(53, 10), (40, 3), (7, 1)])
+def test_inception_score_follows_torch_fidelitys_protocol(num_rows, splits):
+    # Uneven chunks (53 rows in 10 splits: 5 or 6 rows each), a seeded shuffle, population std: all of it counts.
+    logits = np.random.default_rng(num_rows).normal(0.0, 3.0, size=(num_rows, 6))
+    expected_mean, expected_std = inception_score_by_definition(logits, splits)
+    mean, std = inception_score(logits, splits=splits)
+    assert mean == pytest.approx(expected_mean, rel=1e-12) and std == pytest.approx(expected_std, rel=1e-9, abs=1e-15)
+    mean, std = inception_score(logits, splits=splits, shuffle=False)
+    assert (mean, std) == pytest.approx(inception_score_by_definition(logits, splits, seed=None), rel=1e-9)
+    # Another seed is another shuffle, so other chunks (a check that the comparison above can fail).
+    if splits > 1:
+        assert inception_score(logits, splits=splits, seed=0)[0] != pytest.approx(expected_mean, rel=1e-6)
+
+
 def grid(offset: float, shift: float = 0.0) -> np.ndarray:
     """A 5 x 6 grid of points 1 apart, at `offset` along both axes, moved by `shift`."""
     xs, ys = np.meshgrid(np.arange(5.0), np.arange(6.0))
@@ -119,15 +172,32 @@ def test_precision_recall_neighbourhood_and_errors():
     fake = np.concatenate([real[:9], [[10.5]]])
     assert precision_recall(real, fake, k=3)[0] == 1.0
     assert precision_recall(real, fake, k=1)[0] == 0.9
+    # A point exactly on the ball's boundary is inside (<=): 10.0 is 1 from 9, whose k = 1 radius is 1.
+    assert precision_recall(real, np.concatenate([real[:9], [[10.0]]]), k=1)[0] == 1.0
     with pytest.raises(ValueError, match="`k`"):
         precision_recall(real, fake, k=10)
     with pytest.raises(ValueError, match="feature sizes"):
         precision_recall(real, np.zeros((5, 2)))
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_of_random_sets_matches_a_brute_force_count(k):
+    # A narrower generated cloud off the real one: neither metric is 0 or 1, and precision != recall.
+    rng = np.random.default_rng(k)
+    real, fake = rng.normal(size=(40, 3)), rng.normal(1.0, 0.6, size=(30, 3))
+    expected = precision_recall_by_brute_force(real, fake, k)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1 and expected[0] != expected[1]
+    assert precision_recall(real, fake, k=k) == pytest.approx(expected, abs=1e-12)
+    assert precision_recall(real, fake, k=k, batch_size=7) == pytest.approx(expected, abs=1e-12)
+
+
 def test_pairwise_and_nearest_neighbour_distances():
     points = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
     np.testing.assert_allclose(pairwise_distances(points, points), [[0, 5, 10], [5, 0, 5], [10, 5, 0]])
     assert mean_pairwise_distance(points) == pytest.approx(20 / 3)
+    assert mean_pairwise_distance(points[:2]) == pytest.approx(5.0)
+    assert mean_pairwise_distance(np.zeros((5, 64))) == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pairwise_distance(np.zeros((1, 64)))
     np.testing.assert_allclose(nearest_neighbour_distances(points, points, exclude_self=True), [5, 5, 5])
     np.testing.assert_allclose(nearest_neighbour_distances(points[:1] + 1, points), [np.sqrt(2)])

@@ -158,3 +158,37 @@ def test_metrics_and_reference_entry_points_validate_their_numbers(tmp_path):
         compute_reference(str(tmp_path), tmp_path / "r.npz", None, 0, "inception")
     with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1"):
         process_batches(10, 0, 0, 1)
+
+
+def test_too_few_images_for_comparable_metrics_are_flagged():
+    from diffusers_mar.evaluation import MIN_COMPARABLE_IMAGES, comparability_warnings
+
+    assert MIN_COMPARABLE_IMAGES == 1_000
+    assert comparability_warnings(1_000, 10) == [] and comparability_warnings(50_000, 1008) == []
+    assert comparability_warnings(1_000) == []  # no logits: no IS
+    [few] = comparability_warnings(999)
+    assert few.startswith("metrics of 999 images are not comparable with published numbers")
+    # IS splits: a split of n images cannot score above n; 10,000 Inception images give splits of 1,000 < 1,008.
+    [splits] = comparability_warnings(10_000, 1008)
+    assert "10 splits hold 1,000 images each, fewer than the classifier's 1,008 classes" in splits
+    assert comparability_warnings(10_080, 1008) == []
+    assert len(comparability_warnings(50, 10)) == 2  # the 5 images per class: both
+
+
+def test_compute_metrics_warns_about_a_small_run(tmp_path):
+    from diffusers_mar.evaluation import compute_metrics
+    from tests.evaluation.stub_extractor import make
+
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 256, size=(8, 8), dtype=np.uint8)).save(tmp_path / f"{index:06d}.png")
+    with pytest.warns(UserWarning) as record:
+        metrics = compute_metrics(tmp_path, 12, make())
+    assert "inception_score" in metrics
+    assert [str(warning.message)[:40] for warning in record] == [
+        "metrics of 12 images are not comparable ",
+        "the Inception Score's 10 splits hold 1 i",
+    ]
+    received = []
+    compute_metrics(tmp_path, 12, make(), warn=received.append)
+    assert len(received) == 2 and "splits hold 1 image each" in received[1]
