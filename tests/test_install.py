@@ -83,3 +83,26 @@ def test_generate_with_the_shipped_model_prints_only_our_lines(tmp_path):
     assert lines[0].startswith("Sampling with num_inference_steps=2, num_diffusion_steps=3")
     assert lines[1].startswith("Generated 8 images in ")
     assert result.stdout == f"{output}\n" and output.stat().st_size > 0
+
+
+def test_evaluate_prints_only_our_lines(tmp_path):
+    # scipy stays: the metrics need it (the `[eval]` extra); the other extras are hidden.
+    argv = ["evaluate", "--output-dir", str(tmp_path / "run"), "--images-per-class", "2", "--num-inference-steps", "2"]
+    argv += [
+        "--num-diffusion-steps",
+        "2",
+        "--feature-extractor",
+        "tests.evaluation.stub_extractor:make",
+        "--cpu",
+        "-q",
+    ]
+    hidden = tuple(name for name in EXTRAS_ONLY if name != "scipy")
+    result = run_hidden(hidden, cli(*argv))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Sampling 20 images (2 per class, 10 classes) on 1 process(es)")
+    # Our two warnings (too few images to compare; IS splits smaller than the class count), then the metrics.
+    assert len(lines) == 4, result.stderr
+    assert all(line.startswith("diffusers-mar evaluate: warning: ") for line in lines[1:3])
+    assert lines[3].startswith("inception_score ")
+    assert result.stdout == f"{tmp_path / 'run' / 'results.json'}\n"
