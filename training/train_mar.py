@@ -78,7 +78,7 @@ from training.data import (
     image_transform,
     load_image_dataset,
 )
-from training.launch import check_launch, launch_command, resume_argv, run_script
+from training.launch import StopRequest, check_launch, launch_command, resume_argv, run_script
 from training.mar_loss import MARTrainingModule, weight_decay_param_groups
 
 logger = get_logger(__name__, log_level="INFO")
@@ -958,6 +958,14 @@ def save_checkpoint(
     return final
 
 
+def stop_requested(stop_request: StopRequest, accelerator: Accelerator) -> bool:
+    """Whether Ctrl-C reached any process: all of them stop at the same step."""
+    if accelerator.num_processes == 1:
+        return stop_request.requested
+    requested = torch.tensor([float(stop_request.requested)], device=accelerator.device)
+    return accelerator.reduce(requested, reduction="sum").item() > 0
+
+
 def log_samples(
     args: argparse.Namespace,
     models: Models,
@@ -1084,87 +1092,101 @@ def main(args: argparse.Namespace) -> Path:
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    step_loss, step_start = 0.0, time.perf_counter()
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        model.train()
-        loader = train_dataloader
-        if epoch == first_epoch and resume_batches > 0:
-            loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        loader.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                with torch.no_grad():
-                    class_labels = batch["class_labels"].long()
-                    batch_size = class_labels.shape[0]
-                    # Training randomness (flips, posterior samples, orders, masks, noise) is drawn here, in the
-                    # step, from the global generators that `save_state` records: a resume continues it exactly.
-                    flip = torch.rand(batch_size) < 0.5 if random_flip else torch.zeros(batch_size, dtype=torch.bool)
-                    flip = flip.to(accelerator.device)
-                    if "moments" in batch:
-                        moments = torch.where(
-                            flip[:, None, None, None], batch["moments"][:, 1], batch["moments"][:, 0]
-                        )
-                        latents = DiagonalGaussianDistribution(moments.float()).sample()
-                    else:
-                        pixels = batch["pixel_values"].float()
-                        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-                        latents = vae.encode(pixels).latent_dist.sample() if vae is not None else pixels
-                    if vae is not None:
-                        shift = vae.config.shift_factor or 0.0
-                        latents = (latents - shift) * vae.config.scaling_factor
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate_at(
-                        global_step, base_lr, warmup_steps, max_train_steps, args.lr_scheduler, args.min_lr
-                    )
-                if isinstance(unwrapped, ARTrainingModule):  # the order annealing follows the step: resume is exact
-                    unwrapped.progress = global_step / max_train_steps
-                loss = model(latents, class_labels)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / args.gradient_accumulation_steps
-
-            if not accelerator.sync_gradients:
-                continue
-            if not math.isfinite(step_loss):
-                raise RuntimeError(f"The loss is {step_loss} at step {global_step}; stopping.")
-            for ema, module in zip(emas, (unwrapped.transformer, unwrapped.diffusion_head)):
-                ema.step(module.parameters())
-            global_step += 1
-            elapsed = time.perf_counter() - step_start
-            logs = {
-                "loss": step_loss,
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "images_per_second": global_batch / elapsed,
-                "epoch": global_step / steps_per_epoch,
-            }
-            recent.append(step_loss)
-            accelerator.log(logs, step=global_step)
-            progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
-            step_loss = 0.0
-
-            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
-                card = model_card(args, data, space, models, schedule, global_step, list(recent))
-                state = {
-                    "global_batch": global_batch,
-                    "num_processes": accelerator.num_processes,
-                    "recent_losses": list(recent),
-                }
-                save_checkpoint(
-                    accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
-                )
-            if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
-                log_samples(args, models, emas, output_dir, accelerator, global_step)
-            step_start = time.perf_counter()
+    # Ctrl-C asks the loop to stop at the next step boundary (a second one stops at once).
+    with StopRequest(Path(SCRIPT).name) as stop_request:
+        step_loss, step_start = 0.0, time.perf_counter()
+        for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps:
                 break
+            model.train()
+            loader = train_dataloader
+            if epoch == first_epoch and resume_batches > 0:
+                loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            loader.set_epoch(epoch)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    with torch.no_grad():
+                        class_labels = batch["class_labels"].long()
+                        batch_size = class_labels.shape[0]
+                        # Training randomness (flips, posterior samples, orders, masks, noise) is drawn here, in the
+                        # step, from the global generators that `save_state` records: a resume continues it exactly.
+                        flip = (
+                            torch.rand(batch_size) < 0.5 if random_flip else torch.zeros(batch_size, dtype=torch.bool)
+                        )
+                        flip = flip.to(accelerator.device)
+                        if "moments" in batch:
+                            moments = torch.where(
+                                flip[:, None, None, None], batch["moments"][:, 1], batch["moments"][:, 0]
+                            )
+                            latents = DiagonalGaussianDistribution(moments.float()).sample()
+                        else:
+                            pixels = batch["pixel_values"].float()
+                            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+                            latents = vae.encode(pixels).latent_dist.sample() if vae is not None else pixels
+                        if vae is not None:
+                            shift = vae.config.shift_factor or 0.0
+                            latents = (latents - shift) * vae.config.scaling_factor
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate_at(
+                            global_step, base_lr, warmup_steps, max_train_steps, args.lr_scheduler, args.min_lr
+                        )
+                    # The order annealing follows the step: resume is exact.
+                    if isinstance(unwrapped, ARTrainingModule):
+                        unwrapped.progress = global_step / max_train_steps
+                    loss = model(latents, class_labels)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += (
+                    accelerator.reduce(loss.detach(), reduction="mean").item() / args.gradient_accumulation_steps
+                )
+
+                if not accelerator.sync_gradients:
+                    continue
+                if not math.isfinite(step_loss):
+                    raise RuntimeError(f"The loss is {step_loss} at step {global_step}; stopping.")
+                for ema, module in zip(emas, (unwrapped.transformer, unwrapped.diffusion_head)):
+                    ema.step(module.parameters())
+                global_step += 1
+                elapsed = time.perf_counter() - step_start
+                logs = {
+                    "loss": step_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "images_per_second": global_batch / elapsed,
+                    "epoch": global_step / steps_per_epoch,
+                }
+                recent.append(step_loss)
+                accelerator.log(logs, step=global_step)
+                progress_bar.update(1)
+                progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                step_loss = 0.0
+
+                # Ctrl-C: every process saves this step's checkpoint and stops here (a collective left alone hangs).
+                stopping = stop_requested(stop_request, accelerator)
+                if stopping or global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                    card = model_card(args, data, space, models, schedule, global_step, list(recent))
+                    state = {
+                        "global_batch": global_batch,
+                        "num_processes": accelerator.num_processes,
+                        "recent_losses": list(recent),
+                    }
+                    save_checkpoint(
+                        accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
+                    )
+                if stopping:
+                    logger.info(f"Stopped at step {global_step} (Ctrl-C).")
+                    raise KeyboardInterrupt  # `run_script` names the last checkpoint and the command that resumes
+                if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
+                    log_samples(args, models, emas, output_dir, accelerator, global_step)
+                step_start = time.perf_counter()
+                if global_step >= max_train_steps:
+                    break
+        if stop_requested(stop_request, accelerator):  # Ctrl-C during the last step: its checkpoint is saved
+            raise KeyboardInterrupt
     progress_bar.close()
 
     # 7. Final pipeline folder (EMA weights, sampling settings, model card), sample grid, Hub upload
