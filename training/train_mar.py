@@ -60,6 +60,7 @@ from diffusers_mar import (
     MARTransformer2DModel,
     get_preset_config,
 )
+from diffusers_mar.cli.commands import cpu_threads, resolve_num_threads
 from diffusers_mar.cli.outputs import GRID_MIN_CELL, make_grid
 from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
 from diffusers_mar.pipelines.model_card import make_model_card
@@ -976,18 +977,23 @@ def log_samples(
 ) -> None:
     """Sample `--num_sample_images` images (classes 0, 1, ...) with the EMA weights and the pipeline's own generator
     (the training randomness is untouched); save `samples/step-N.png`, one row per class, and log them to
-    tensorboard."""
+    tensorboard. The CPU thread count follows the command line's `--num-threads auto` while sampling."""
     num_classes = models.transformer.config.num_classes
     class_labels = [i % num_classes for i in range(args.num_sample_images)]
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    path = output_dir / "samples" / f"step-{step:07d}.png"
     with ema_weights(models, emas):
         pipeline = models.pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        images = pipeline(class_labels, generator=generator, output_type="np").images
+        # One thread for a small model on the CPU: on a busy machine its samples take seconds instead of a minute
+        # (docs/benchmarks.md, "CPU threads of the command line"). The training's thread count is back after.
+        num_threads = resolve_num_threads("auto", pipeline, accelerator.device.type)
+        logger.info(f"Sampling {len(class_labels)} images for {path} ({num_threads} CPU thread(s)) ...")
+        with cpu_threads(num_threads):
+            images = pipeline(class_labels, generator=generator, output_type="np").images
     pil = pipeline.numpy_to_pil(images)
     rows = {label: [image for image, row in zip(pil, class_labels) if row == label] for label in class_labels}
     names = [(models.id2label or {}).get(label, str(label)) for label in rows]
-    path = output_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     make_grid(list(rows.values()), names, scale=max(1, math.ceil(GRID_MIN_CELL / images.shape[1]))).save(path)
     for tracker in accelerator.trackers:

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import socket
@@ -513,6 +514,28 @@ def test_learning_rate_schedule_follows_the_original():
         assert learning_rate_at(step, 1e-3, 20, 100, "constant") == pytest.approx(original(step, schedule="constant"))
     assert learning_rate_at(0, 1e-3, 20, 100) == 0.0
     assert learning_rate_at(100, 1e-3, 20, 100, "cosine", 1e-5) == pytest.approx(1e-5)
+
+
+def test_sample_grids_run_on_one_thread_for_a_small_model_and_say_so_first(tmp_path, monkeypatch, caplog):
+    # The command line's `--num-threads auto`: a small model samples on one CPU thread; the training's count is back.
+    threads, call = [], MARPipeline.__call__
+
+    def recording_call(pipe, *args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(MARPipeline, "__call__", recording_call)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO):
+            output_dir = run(tmp_path, "--max_train_steps=1")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert threads == [1]
+    assert f"Sampling 2 images for {output_dir / 'samples' / 'step-0000001.png'} (1 CPU thread(s)) ..." in caplog.text
+    assert (output_dir / "samples" / "step-0000001.png").is_file()
 
 
 def test_learning_rate_schedule_hand_computed_values():
