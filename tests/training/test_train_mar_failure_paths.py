@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -128,6 +129,60 @@ def test_b_errors_print_the_message_alone_with_the_exit_code(tmp_path, capsys, m
         )
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("train_mar.py: error: ") == 1, result.stderr
+
+
+def test_b_an_unknown_dataset_name_stops_at_once_naming_the_flag_and_the_choices(tmp_path):
+    # Offline (child_env sets HF_HUB_OFFLINE=1) and not cached: exit 2 with one message, no retries.
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--dataset_name=mnistt", f"--output_dir={tmp_path / 'out'}", "--report_to=none"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line.lower() or "retry" in line.lower()]
+    assert line.startswith("train_mar.py: error: --dataset_name 'mnistt' is not a local folder and is not in the")
+    assert "HF_HUB_OFFLINE is set" in line and "'digits'" in line and "local dataset folder" in line
+    assert elapsed < 60, f"{elapsed:.0f} s"  # the Hub client's retries alone took 23 s
+    assert not (tmp_path / "out").exists()
+
+
+def test_b_an_unreachable_hub_fails_after_one_request(monkeypatch):
+    # Online but without network: one request, then the message (load_dataset, which retries, is never called).
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from training import data
+
+    requests = []
+
+    def no_network(name, timeout=None):
+        requests.append(name)
+        raise OSError("[Errno -2] Name or service not known")
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("load_dataset was called")
+
+    monkeypatch.setattr(data.datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(data.huggingface_hub.HfApi, "dataset_info", lambda self, name, timeout=None: no_network(name))
+    monkeypatch.setattr(data.datasets, "load_dataset", not_called)
+    args = parse_args(["--dataset_name=mnistt", "--output_dir=unused"])
+    with pytest.raises(
+        ValueError, match=r"--dataset_name 'mnistt' is not a local folder and the Hugging Face Hub can"
+    ):
+        data.load_image_dataset(args)
+    assert requests == ["mnistt"]
+
+    def not_found(self, name, timeout=None):
+        raise RepositoryNotFoundError("404", response=mock.MagicMock())
+
+    monkeypatch.setattr(data.huggingface_hub.HfApi, "dataset_info", not_found)
+    with pytest.raises(
+        ValueError, match=r"'mnistt' is not a local folder and there is no such dataset on the Hug.*'digits'"
+    ):
+        data.load_image_dataset(args)
 
 
 # (c) Ctrl-C --------------------------------------------------------------------------------------------------------
