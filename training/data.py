@@ -36,9 +36,42 @@ CACHE_INFO = "cache_info.json"
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# What each model flag takes: a folder that `from_pretrained` reads (or a Hub id), never a single file.
+EXPECTED_FOLDERS = {
+    "--pretrained_model": "a MARPipeline or ARPipeline folder (with model_index.json, as `save_pretrained` and "
+    "train_mar.py write; convert an original checkpoint with conversion/convert_mar_to_diffusers.py)",
+    "--pretrained_vae": "an AutoencoderKL folder (config.json and weights, as `save_pretrained` writes)",
+}
+# The first bytes of files that are mistaken for checkpoints.
+FILE_SIGNATURES = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"PK": "a zip archive (a torch checkpoint, written by `torch.save`?)",
+    b"\x80": "a pickle (a torch checkpoint, written by `torch.save`?)",
+}
+
+
+def describe_file(path: Path) -> str:
+    """What a file looks like from its first bytes, e.g. "a PNG image"."""
+    with path.open("rb") as file:
+        head = file.read(8)
+    if not head:
+        return "an empty file"
+    return next((kind for magic, kind in FILE_SIGNATURES.items() if head.startswith(magic)), "a file")
+
+
 def check_local_path(flag: str, path: str | None) -> None:
-    """A Hub id reads "owner/name"; anything else must be an existing local path."""
-    if path is None or Path(path).expanduser().exists():
+    """A Hub id reads "owner/name"; anything else must be an existing local folder (`EXPECTED_FOLDERS[flag]`)."""
+    if path is None:
+        return
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ValueError(
+            f"{flag} {path!r} is {describe_file(local)}, not a folder; expected {EXPECTED_FOLDERS[flag]}, or a Hub "
+            "id 'owner/name'."
+        )
+    if local.exists():
         return
     if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise ValueError(f"{flag} {path!r} does not exist (give a local folder or a Hub id 'owner/name').")
@@ -168,8 +201,8 @@ def _readable(image: dict | None, mode: str) -> bool:
 def _unknown_dataset(name: str, reason: str) -> ValueError:
     return ValueError(
         f"--dataset_name {name!r} is not a local folder and {reason}. Give a `datasets` dataset on the Hub "
-        f"('owner/name'), a local dataset folder, '{DIGITS}' (scikit-learn's bundled handwritten digits, no download), "
-        "or an image folder with --train_data_dir."
+        f"('owner/name'), a local dataset folder, '{DIGITS}' (scikit-learn's bundled handwritten digits, no "
+        "download), or an image folder with --train_data_dir."
     )
 
 

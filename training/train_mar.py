@@ -76,6 +76,7 @@ from training.data import (
     check_latent_cache,
     check_local_path,
     dataset_class_names,
+    describe_file,
     image_transform,
     load_image_dataset,
 )
@@ -265,10 +266,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.cached_latents_dir is not None:
         check_latent_cache(args.cached_latents_dir)
     if args.resume_from_checkpoint not in (None, "latest"):
-        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
+        resume = Path(args.resume_from_checkpoint)
+        if not (resume / "training_state.json").is_file():
+            what = f"is {describe_file(resume)}, not" if resume.is_file() else "is not"
             raise ValueError(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder of this script "
-                "(no training_state.json); give 'latest' or an existing checkpoint-N folder."
+                f"--resume_from_checkpoint {args.resume_from_checkpoint!r} {what} a checkpoint folder of this script "
+                "(a checkpoint-N folder with training_state.json); give 'latest' or an existing checkpoint-N folder."
             )
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.pretrained_model is not None and (args.model_config is not None or args.overrides):

@@ -131,6 +131,23 @@ def test_b_errors_print_the_message_alone_with_the_exit_code(tmp_path, capsys, m
         assert "Traceback" not in result.stderr and result.stderr.count("train_mar.py: error: ") == 1, result.stderr
 
 
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--pretrained_model", "expected a MARPipeline or ARPipeline folder (with model_index.json"),
+        ("--pretrained_vae", "expected an AutoencoderKL folder (config.json and weights"),
+        ("--resume_from_checkpoint", "not a checkpoint folder of this script (a checkpoint-N folder with training_st"),
+    ],
+)
+def test_b_an_image_given_as_a_model_or_checkpoint_says_what_it_is_and_what_was_expected(tmp_path, flag, expected):
+    image = tmp_path / "sample.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), "L").save(image)
+    with pytest.raises(ValueError) as error:
+        parse_args(["--dataset_name=digits", f"{flag}={image}", f"--output_dir={tmp_path / 'out'}"])
+    assert str(error.value).startswith(f"{flag} {str(image)!r} is a PNG image, not ")
+    assert expected in str(error.value) and "weights_only" not in str(error.value)
+
+
 def test_b_an_unknown_dataset_name_stops_at_once_naming_the_flag_and_the_choices(tmp_path):
     # Offline (child_env sets HF_HUB_OFFLINE=1) and not cached: exit 2 with one message, no retries.
     start = time.monotonic()
