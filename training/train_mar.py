@@ -473,7 +473,9 @@ def resolve_model_configs(
             f"The grid side {grid_size} is not a multiple of transformer.patch_size={patch_size}: the token count "
             "does not match the resolution and patch size."
         )
-    probe = TRANSFORMERS[family].from_config({**transformer, "num_layers": 0, "decoder_num_layers": 0})
+    # A model without blocks gives the derived widths; `decoder_num_layers` is MAR's only (the AR model has none).
+    no_blocks = {"num_layers": 0, "decoder_num_layers": 0} if family == "mar" else {"num_layers": 0}
+    probe = TRANSFORMERS[family].from_config({**transformer, **no_blocks})
     condition_dim = probe.inner_dim if family == "ar" else probe.decoder_dim
     head = dict(config["diffusion_head"])
     for key, value in (("in_channels", probe.token_dim), ("condition_channels", condition_dim)):
@@ -544,22 +546,19 @@ class Models:
     id2label: dict[int, str] | None
     sampling: dict
     config_name: str
+    training_order: str | None = None  # AR: `--order`, recorded in the pipeline's config
 
     def pipeline(self) -> MARPipeline:
-        """A `MARPipeline` (`ARPipeline` for the AR family) of the current weights, with the recommended sampling
-        settings in its config."""
+        """A `MARPipeline` (`ARPipeline` for the AR family, with its `training_order`) of the current weights, with
+        the recommended sampling settings in its config."""
         # Pixels are bounded, so x0_hat is clipped as in pixel-space DDPM; the unbounded latents keep the original's
         # `clip_denoised=False`. Early in training this turns saturated pixel samples into clean ones (docs/training.md).
         scheduler = MARDDPMScheduler(clip_sample=self.vae is None)
-        pipeline_class = ARPipeline if isinstance(self.transformer, ARTransformer2DModel) else MARPipeline
-        return pipeline_class(
-            self.transformer,
-            self.diffusion_head,
-            scheduler,
-            vae=self.vae,
-            id2label=self.id2label,
-            sampling=self.sampling,
-        )
+        components = (self.transformer, self.diffusion_head, scheduler)
+        settings = {"vae": self.vae, "id2label": self.id2label, "sampling": self.sampling}
+        if isinstance(self.transformer, ARTransformer2DModel):
+            return ARPipeline(*components, **settings, training_order=self.training_order)
+        return MARPipeline(*components, **settings)
 
 
 @dataclass
@@ -742,7 +741,8 @@ def build_models(
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         diffusion_head.enable_gradient_checkpointing()
-    return Models(transformer, diffusion_head, space.vae, data.id2label, sampling, config_name)
+    training_order = args.order if args.model_family == "ar" else None
+    return Models(transformer, diffusion_head, space.vae, data.id2label, sampling, config_name, training_order)
 
 
 def load_pretrained(args: argparse.Namespace) -> MARPipeline | None:
