@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import torch
 from accelerate.logging import get_logger
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from PIL import Image
 
 from diffusers_mar.evaluation.reference import center_crop_arr  # the ADM crop, shared with evaluation
@@ -34,9 +36,42 @@ CACHE_INFO = "cache_info.json"
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# What each model flag takes: a folder that `from_pretrained` reads (or a Hub id), never a single file.
+EXPECTED_FOLDERS = {
+    "--pretrained_model": "a MARPipeline or ARPipeline folder (with model_index.json, as `save_pretrained` and "
+    "train_mar.py write; convert an original checkpoint with conversion/convert_mar_to_diffusers.py)",
+    "--pretrained_vae": "an AutoencoderKL folder (config.json and weights, as `save_pretrained` writes)",
+}
+# The first bytes of files that are mistaken for checkpoints.
+FILE_SIGNATURES = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"PK": "a zip archive (a torch checkpoint, written by `torch.save`?)",
+    b"\x80": "a pickle (a torch checkpoint, written by `torch.save`?)",
+}
+
+
+def describe_file(path: Path) -> str:
+    """What a file looks like from its first bytes, e.g. "a PNG image"."""
+    with path.open("rb") as file:
+        head = file.read(8)
+    if not head:
+        return "an empty file"
+    return next((kind for magic, kind in FILE_SIGNATURES.items() if head.startswith(magic)), "a file")
+
+
 def check_local_path(flag: str, path: str | None) -> None:
-    """A Hub id reads "owner/name"; anything else must be an existing local path."""
-    if path is None or Path(path).expanduser().exists():
+    """A Hub id reads "owner/name"; anything else must be an existing local folder (`EXPECTED_FOLDERS[flag]`)."""
+    if path is None:
+        return
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ValueError(
+            f"{flag} {path!r} is {describe_file(local)}, not a folder; expected {EXPECTED_FOLDERS[flag]}, or a Hub "
+            "id 'owner/name'."
+        )
+    if local.exists():
         return
     if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise ValueError(f"{flag} {path!r} does not exist (give a local folder or a Hub id 'owner/name').")
@@ -163,6 +198,36 @@ def _readable(image: dict | None, mode: str) -> bool:
         return False
 
 
+def _unknown_dataset(name: str, reason: str) -> ValueError:
+    return ValueError(
+        f"--dataset_name {name!r} is not a local folder and {reason}. Give a `datasets` dataset on the Hub "
+        f"('owner/name'), a local dataset folder, '{DIGITS}' (scikit-learn's bundled handwritten digits, no "
+        "download), or an image folder with --train_data_dir."
+    )
+
+
+def check_hub_dataset(name: str) -> None:
+    """A `--dataset_name` that is not a local folder must be on the Hub: one request, no retries, so that a typo or
+    an unreachable Hub stops the run at once (`datasets` retries for about half a minute). Offline, `load_dataset`
+    itself fails at once when the dataset is not cached."""
+    if Path(name).expanduser().exists() or datasets.config.HF_HUB_OFFLINE:
+        return
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=10)
+    except GatedRepoError:
+        return  # `load_dataset` explains the access it needs
+    except (RepositoryNotFoundError, HFValidationError):
+        raise _unknown_dataset(name, "there is no such dataset on the Hugging Face Hub") from None
+    except huggingface_hub.errors.HfHubHTTPError:
+        return  # the Hub answered (e.g. a server error): `load_dataset` tries again
+    except Exception as error:  # noqa: BLE001 - any transport failure (no network, no DNS, a timeout)
+        raise _unknown_dataset(
+            name,
+            f"the Hugging Face Hub cannot be reached ({type(error).__name__}: {error}); set HF_HUB_OFFLINE=1 to use "
+            "a copy in the `datasets` cache",
+        ) from None
+
+
 def load_image_dataset(args: argparse.Namespace) -> tuple[datasets.Dataset, list[int]]:
     """Load `--train_data_dir` or `--dataset_name`, drop or report unreadable images; returns (dataset, labels)."""
     if args.train_data_dir is not None:
@@ -170,9 +235,18 @@ def load_image_dataset(args: argparse.Namespace) -> tuple[datasets.Dataset, list
             "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"
         )
     else:
-        dataset = datasets.load_dataset(
-            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train"
-        )
+        check_hub_dataset(args.dataset_name)
+        try:
+            dataset = datasets.load_dataset(
+                args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train"
+            )
+        except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+            reason = (
+                "is not in the `datasets` cache (HF_HUB_OFFLINE is set)"
+                if datasets.config.HF_HUB_OFFLINE
+                else f"could not be loaded ({error})"
+            )
+            raise _unknown_dataset(args.dataset_name, reason) from None
     if args.image_column not in dataset.column_names:
         raise ValueError(
             f"--image_column {args.image_column!r} is not a column of the dataset; columns: {dataset.column_names}."

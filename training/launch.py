@@ -3,14 +3,21 @@
 Exit codes, as the `diffusers-mar` command line: 0 success, 2 bad input (a flag, a path or data that cannot be used;
 found before any training step), 1 a failure while running, 130 interrupted (Ctrl-C). Errors print their message
 alone, without a traceback.
+
+Ctrl-C during training (`StopRequest`): the first one asks the loop to stop at the next step boundary, where it saves
+a checkpoint and raises `KeyboardInterrupt`; a second one raises `KeyboardInterrupt` at once. Checkpoints are written
+under a temporary name and renamed once complete, so stopping at once never leaves a checkpoint half-written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,6 +94,41 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+class StopRequest:
+    """Within the `with` block, SIGINT (Ctrl-C) sets `requested` instead of raising `KeyboardInterrupt`: a training
+    loop checks it at each step boundary and stops cleanly there. A second SIGINT raises `KeyboardInterrupt` at once.
+    The previous handler is restored when the block ends (the script's `main` may run inside a process that goes on).
+    Outside the main thread, where Python cannot install signal handlers, it does nothing."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            # Python's default from now on. Should this one be lost (raised inside a finalizer, where Python ignores
+            # it), the loop still stops at the next step boundary.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        if _is_main_process():
+            # os.write, not print: the handler may run while the loop is inside a write to sys.stderr (tqdm).
+            message = f"\n{self.name}: Ctrl-C: stopping after this step (Ctrl-C again to stop at once).\n"
+            with contextlib.suppress(OSError):
+                os.write(2, message.encode())
 
 
 def run_script(

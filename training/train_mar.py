@@ -60,6 +60,7 @@ from diffusers_mar import (
     MARTransformer2DModel,
     get_preset_config,
 )
+from diffusers_mar.cli.commands import cpu_threads, resolve_num_threads
 from diffusers_mar.cli.outputs import GRID_MIN_CELL, make_grid
 from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
 from diffusers_mar.pipelines.model_card import make_model_card
@@ -75,10 +76,11 @@ from training.data import (
     check_latent_cache,
     check_local_path,
     dataset_class_names,
+    describe_file,
     image_transform,
     load_image_dataset,
 )
-from training.launch import check_launch, launch_command, resume_argv, run_script
+from training.launch import StopRequest, check_launch, launch_command, resume_argv, run_script
 from training.mar_loss import MARTrainingModule, weight_decay_param_groups
 
 logger = get_logger(__name__, log_level="INFO")
@@ -264,10 +266,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.cached_latents_dir is not None:
         check_latent_cache(args.cached_latents_dir)
     if args.resume_from_checkpoint not in (None, "latest"):
-        if not (Path(args.resume_from_checkpoint) / "training_state.json").is_file():
+        resume = Path(args.resume_from_checkpoint)
+        if not (resume / "training_state.json").is_file():
+            what = f"is {describe_file(resume)}, not" if resume.is_file() else "is not"
             raise ValueError(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder of this script "
-                "(no training_state.json); give 'latest' or an existing checkpoint-N folder."
+                f"--resume_from_checkpoint {args.resume_from_checkpoint!r} {what} a checkpoint folder of this script "
+                "(a checkpoint-N folder with training_state.json); give 'latest' or an existing checkpoint-N folder."
             )
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.pretrained_model is not None and (args.model_config is not None or args.overrides):
@@ -469,7 +473,9 @@ def resolve_model_configs(
             f"The grid side {grid_size} is not a multiple of transformer.patch_size={patch_size}: the token count "
             "does not match the resolution and patch size."
         )
-    probe = TRANSFORMERS[family].from_config({**transformer, "num_layers": 0, "decoder_num_layers": 0})
+    # A model without blocks gives the derived widths; `decoder_num_layers` is MAR's only (the AR model has none).
+    no_blocks = {"num_layers": 0, "decoder_num_layers": 0} if family == "mar" else {"num_layers": 0}
+    probe = TRANSFORMERS[family].from_config({**transformer, **no_blocks})
     condition_dim = probe.inner_dim if family == "ar" else probe.decoder_dim
     head = dict(config["diffusion_head"])
     for key, value in (("in_channels", probe.token_dim), ("condition_channels", condition_dim)):
@@ -540,22 +546,19 @@ class Models:
     id2label: dict[int, str] | None
     sampling: dict
     config_name: str
+    training_order: str | None = None  # AR: `--order`, recorded in the pipeline's config
 
     def pipeline(self) -> MARPipeline:
-        """A `MARPipeline` (`ARPipeline` for the AR family) of the current weights, with the recommended sampling
-        settings in its config."""
+        """A `MARPipeline` (`ARPipeline` for the AR family, with its `training_order`) of the current weights, with
+        the recommended sampling settings in its config."""
         # Pixels are bounded, so x0_hat is clipped as in pixel-space DDPM; the unbounded latents keep the original's
         # `clip_denoised=False`. Early in training this turns saturated pixel samples into clean ones (docs/training.md).
         scheduler = MARDDPMScheduler(clip_sample=self.vae is None)
-        pipeline_class = ARPipeline if isinstance(self.transformer, ARTransformer2DModel) else MARPipeline
-        return pipeline_class(
-            self.transformer,
-            self.diffusion_head,
-            scheduler,
-            vae=self.vae,
-            id2label=self.id2label,
-            sampling=self.sampling,
-        )
+        components = (self.transformer, self.diffusion_head, scheduler)
+        settings = {"vae": self.vae, "id2label": self.id2label, "sampling": self.sampling}
+        if isinstance(self.transformer, ARTransformer2DModel):
+            return ARPipeline(*components, **settings, training_order=self.training_order)
+        return MARPipeline(*components, **settings)
 
 
 @dataclass
@@ -738,7 +741,8 @@ def build_models(
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         diffusion_head.enable_gradient_checkpointing()
-    return Models(transformer, diffusion_head, space.vae, data.id2label, sampling, config_name)
+    training_order = args.order if args.model_family == "ar" else None
+    return Models(transformer, diffusion_head, space.vae, data.id2label, sampling, config_name, training_order)
 
 
 def load_pretrained(args: argparse.Namespace) -> MARPipeline | None:
@@ -958,6 +962,14 @@ def save_checkpoint(
     return final
 
 
+def stop_requested(stop_request: StopRequest, accelerator: Accelerator) -> bool:
+    """Whether Ctrl-C reached any process: all of them stop at the same step."""
+    if accelerator.num_processes == 1:
+        return stop_request.requested
+    requested = torch.tensor([float(stop_request.requested)], device=accelerator.device)
+    return accelerator.reduce(requested, reduction="sum").item() > 0
+
+
 def log_samples(
     args: argparse.Namespace,
     models: Models,
@@ -968,18 +980,23 @@ def log_samples(
 ) -> None:
     """Sample `--num_sample_images` images (classes 0, 1, ...) with the EMA weights and the pipeline's own generator
     (the training randomness is untouched); save `samples/step-N.png`, one row per class, and log them to
-    tensorboard."""
+    tensorboard. The CPU thread count follows the command line's `--num-threads auto` while sampling."""
     num_classes = models.transformer.config.num_classes
     class_labels = [i % num_classes for i in range(args.num_sample_images)]
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+    path = output_dir / "samples" / f"step-{step:07d}.png"
     with ema_weights(models, emas):
         pipeline = models.pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        images = pipeline(class_labels, generator=generator, output_type="np").images
+        # One thread for a small model on the CPU: on a busy machine its samples take seconds instead of a minute
+        # (docs/benchmarks.md, "CPU threads of the command line"). The training's thread count is back after.
+        num_threads = resolve_num_threads("auto", pipeline, accelerator.device.type)
+        logger.info(f"Sampling {len(class_labels)} images for {path} ({num_threads} CPU thread(s)) ...")
+        with cpu_threads(num_threads):
+            images = pipeline(class_labels, generator=generator, output_type="np").images
     pil = pipeline.numpy_to_pil(images)
     rows = {label: [image for image, row in zip(pil, class_labels) if row == label] for label in class_labels}
     names = [(models.id2label or {}).get(label, str(label)) for label in rows]
-    path = output_dir / "samples" / f"step-{step:07d}.png"
     path.parent.mkdir(exist_ok=True)
     make_grid(list(rows.values()), names, scale=max(1, math.ceil(GRID_MIN_CELL / images.shape[1]))).save(path)
     for tracker in accelerator.trackers:
@@ -1084,87 +1101,101 @@ def main(args: argparse.Namespace) -> Path:
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    step_loss, step_start = 0.0, time.perf_counter()
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        model.train()
-        loader = train_dataloader
-        if epoch == first_epoch and resume_batches > 0:
-            loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        loader.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                with torch.no_grad():
-                    class_labels = batch["class_labels"].long()
-                    batch_size = class_labels.shape[0]
-                    # Training randomness (flips, posterior samples, orders, masks, noise) is drawn here, in the
-                    # step, from the global generators that `save_state` records: a resume continues it exactly.
-                    flip = torch.rand(batch_size) < 0.5 if random_flip else torch.zeros(batch_size, dtype=torch.bool)
-                    flip = flip.to(accelerator.device)
-                    if "moments" in batch:
-                        moments = torch.where(
-                            flip[:, None, None, None], batch["moments"][:, 1], batch["moments"][:, 0]
-                        )
-                        latents = DiagonalGaussianDistribution(moments.float()).sample()
-                    else:
-                        pixels = batch["pixel_values"].float()
-                        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-                        latents = vae.encode(pixels).latent_dist.sample() if vae is not None else pixels
-                    if vae is not None:
-                        shift = vae.config.shift_factor or 0.0
-                        latents = (latents - shift) * vae.config.scaling_factor
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate_at(
-                        global_step, base_lr, warmup_steps, max_train_steps, args.lr_scheduler, args.min_lr
-                    )
-                if isinstance(unwrapped, ARTrainingModule):  # the order annealing follows the step: resume is exact
-                    unwrapped.progress = global_step / max_train_steps
-                loss = model(latents, class_labels)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / args.gradient_accumulation_steps
-
-            if not accelerator.sync_gradients:
-                continue
-            if not math.isfinite(step_loss):
-                raise RuntimeError(f"The loss is {step_loss} at step {global_step}; stopping.")
-            for ema, module in zip(emas, (unwrapped.transformer, unwrapped.diffusion_head)):
-                ema.step(module.parameters())
-            global_step += 1
-            elapsed = time.perf_counter() - step_start
-            logs = {
-                "loss": step_loss,
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "images_per_second": global_batch / elapsed,
-                "epoch": global_step / steps_per_epoch,
-            }
-            recent.append(step_loss)
-            accelerator.log(logs, step=global_step)
-            progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
-            step_loss = 0.0
-
-            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
-                card = model_card(args, data, space, models, schedule, global_step, list(recent))
-                state = {
-                    "global_batch": global_batch,
-                    "num_processes": accelerator.num_processes,
-                    "recent_losses": list(recent),
-                }
-                save_checkpoint(
-                    accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
-                )
-            if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
-                log_samples(args, models, emas, output_dir, accelerator, global_step)
-            step_start = time.perf_counter()
+    # Ctrl-C asks the loop to stop at the next step boundary (a second one stops at once).
+    with StopRequest(Path(SCRIPT).name) as stop_request:
+        step_loss, step_start = 0.0, time.perf_counter()
+        for epoch in range(first_epoch, num_epochs):
             if global_step >= max_train_steps:
                 break
+            model.train()
+            loader = train_dataloader
+            if epoch == first_epoch and resume_batches > 0:
+                loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            loader.set_epoch(epoch)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    with torch.no_grad():
+                        class_labels = batch["class_labels"].long()
+                        batch_size = class_labels.shape[0]
+                        # Training randomness (flips, posterior samples, orders, masks, noise) is drawn here, in the
+                        # step, from the global generators that `save_state` records: a resume continues it exactly.
+                        flip = (
+                            torch.rand(batch_size) < 0.5 if random_flip else torch.zeros(batch_size, dtype=torch.bool)
+                        )
+                        flip = flip.to(accelerator.device)
+                        if "moments" in batch:
+                            moments = torch.where(
+                                flip[:, None, None, None], batch["moments"][:, 1], batch["moments"][:, 0]
+                            )
+                            latents = DiagonalGaussianDistribution(moments.float()).sample()
+                        else:
+                            pixels = batch["pixel_values"].float()
+                            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+                            latents = vae.encode(pixels).latent_dist.sample() if vae is not None else pixels
+                        if vae is not None:
+                            shift = vae.config.shift_factor or 0.0
+                            latents = (latents - shift) * vae.config.scaling_factor
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate_at(
+                            global_step, base_lr, warmup_steps, max_train_steps, args.lr_scheduler, args.min_lr
+                        )
+                    # The order annealing follows the step: resume is exact.
+                    if isinstance(unwrapped, ARTrainingModule):
+                        unwrapped.progress = global_step / max_train_steps
+                    loss = model(latents, class_labels)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += (
+                    accelerator.reduce(loss.detach(), reduction="mean").item() / args.gradient_accumulation_steps
+                )
+
+                if not accelerator.sync_gradients:
+                    continue
+                if not math.isfinite(step_loss):
+                    raise RuntimeError(f"The loss is {step_loss} at step {global_step}; stopping.")
+                for ema, module in zip(emas, (unwrapped.transformer, unwrapped.diffusion_head)):
+                    ema.step(module.parameters())
+                global_step += 1
+                elapsed = time.perf_counter() - step_start
+                logs = {
+                    "loss": step_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "images_per_second": global_batch / elapsed,
+                    "epoch": global_step / steps_per_epoch,
+                }
+                recent.append(step_loss)
+                accelerator.log(logs, step=global_step)
+                progress_bar.update(1)
+                progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
+                step_loss = 0.0
+
+                # Ctrl-C: every process saves this step's checkpoint and stops here (a collective left alone hangs).
+                stopping = stop_requested(stop_request, accelerator)
+                if stopping or global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                    card = model_card(args, data, space, models, schedule, global_step, list(recent))
+                    state = {
+                        "global_batch": global_batch,
+                        "num_processes": accelerator.num_processes,
+                        "recent_losses": list(recent),
+                    }
+                    save_checkpoint(
+                        accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
+                    )
+                if stopping:
+                    logger.info(f"Stopped at step {global_step} (Ctrl-C).")
+                    raise KeyboardInterrupt  # `run_script` names the last checkpoint and the command that resumes
+                if accelerator.is_main_process and args.sample_steps and global_step % args.sample_steps == 0:
+                    log_samples(args, models, emas, output_dir, accelerator, global_step)
+                step_start = time.perf_counter()
+                if global_step >= max_train_steps:
+                    break
+        if stop_requested(stop_request, accelerator):  # Ctrl-C during the last step: its checkpoint is saved
+            raise KeyboardInterrupt
     progress_bar.close()
 
     # 7. Final pipeline folder (EMA weights, sampling settings, model card), sample grid, Hub upload

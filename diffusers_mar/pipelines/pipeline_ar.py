@@ -15,6 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging
 
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
@@ -32,6 +33,8 @@ from diffusers_mar.pipelines.schedules import (
 )
 
 ORDERS = ("raster", "random")
+# `--order` of training/train_mar.py, recorded as the pipeline's `training_order` (RAR's "anneal" ends in raster).
+TRAINING_ORDERS = (None, "raster", "random", "anneal")
 # The AR pipeline always makes one token per step: `num_inference_steps` is not one of its settings.
 AR_SAMPLING_KEYS = tuple(key for key in SAMPLING_KEYS if key != "num_inference_steps")
 
@@ -41,10 +44,12 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers_mar import ARPipeline
 
-        >>> pipe = ARPipeline.from_pretrained("path/to/ar-pipeline")
+        >>> pipe = ARPipeline.from_pretrained("path/to/ar-pipeline")  # trained with `--order random`
         >>> images = pipe(class_labels=[3, 7], order="random", generator=torch.manual_seed(0)).images
         ```
 """
+
+logger = logging.get_logger(__name__)
 
 
 def _refuse_num_inference_steps(settings: dict | None, name: str) -> None:
@@ -77,6 +82,10 @@ class ARPipeline(MARPipeline):
             Recommended sampling settings (keys among `AR_SAMPLING_KEYS`), the defaults of `__call__`.
         token_space (`str`, *optional*):
             `"pixel"` or `"latent"`; defaults to `"latent"` with a `vae` and `"pixel"` without one.
+        training_order (`str`, *optional*):
+            The order the model was trained with (`--order` of `training/train_mar.py`): `"raster"`, `"random"` or
+            `"anneal"` (RAR's annealing, which ends in raster); `None` if unknown. Sampling a raster- or
+            anneal-trained model with `order="random"` logs a warning: such models give noise in random order.
     """
 
     _transformer_class = ARTransformer2DModel
@@ -91,9 +100,13 @@ class ARPipeline(MARPipeline):
         id2label: dict[int, str] | dict[str, str] | None = None,
         sampling: dict | None = None,
         token_space: str | None = None,
+        training_order: str | None = None,
     ):
         _refuse_num_inference_steps(sampling, "sampling")
+        if training_order not in TRAINING_ORDERS:
+            raise ValueError(f"`training_order` must be one of {TRAINING_ORDERS}; got {training_order!r}.")
         super().__init__(transformer, diffusion_head, scheduler, vae, id2label, sampling, token_space)
+        self.register_to_config(training_order=training_order)
 
     @property
     def sampling_defaults(self) -> dict:
@@ -249,6 +262,13 @@ class ARPipeline(MARPipeline):
             labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])
 
         # 3. Generation orders
+        training_order = self.config.get("training_order")
+        if isinstance(order, str) and order == "random" and training_order in ("raster", "anneal"):
+            logger.warning(
+                f'Sampling with order="random" a model trained with `--order {training_order}` (`training_order` in '
+                f"its model_index.json{'; RAR annealing ends in raster order' if training_order == 'anneal' else ''}"
+                '): it generates noise in random order. Use order="raster".'
+            )
         orders = self.prepare_ar_orders(order, batch_size, generator, device)  # (B, L)
         orders_in = torch.cat([orders, orders]) if do_guidance else orders
 

@@ -11,8 +11,10 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils.testing_utils import CaptureLogger
 
 from diffusers_mar import ARPipeline, MARPipeline
+from diffusers_mar.pipelines import pipeline_ar
 from diffusers_mar.pipelines.schedules import guidance_schedule_values, mask_schedule
 from tests.testing_utils import make_tiny_pipeline
 
@@ -148,3 +150,31 @@ def test_input_errors_name_the_argument():
         pipe.set_sampling_defaults(num_inference_steps=4)
     with pytest.raises(ValueError, match="num_inference_steps"):
         ARPipeline(**pipe.components, sampling={"num_inference_steps": 4})
+
+
+def test_training_order_round_trips_and_random_sampling_of_a_raster_trained_model_warns(tmp_path):
+    pipe = ARPipeline(**_pipe().components, training_order="anneal")
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["training_order"] == "anneal"
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.training_order == "anneal"
+    assert _pipe().config.training_order is None  # unknown: a folder written before the key loads the same
+    with pytest.raises(ValueError, match=r"`training_order` must be one of \(None, 'raster', 'random', 'anneal'\)"):
+        ARPipeline(**_pipe().components, training_order="zigzag")
+
+    warned = {}
+    for training_order in ("anneal", "raster", "random", None):
+        pipe = ARPipeline(**_pipe().components, training_order=training_order)
+        pipe.set_progress_bar_config(disable=True)
+        for order in ("random", "raster"):
+            with CaptureLogger(pipeline_ar.logger) as captured:
+                _run(pipe, order=order, num_diffusion_steps=2)
+            warned[training_order, order] = captured.out
+    assert warned["raster", "random"].startswith(
+        'Sampling with order="random" a model trained with `--order raster` (`training_order` in its model_index.json): '
+        'it generates noise in random order. Use order="raster".'
+    )
+    assert "`--order anneal`" in warned["anneal", "random"]
+    assert "RAR annealing ends in raster order" in warned["anneal", "random"]
+    assert {key for key, out in warned.items() if out} == {("raster", "random"), ("anneal", "random")}

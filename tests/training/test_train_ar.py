@@ -1,12 +1,15 @@
 """Training the causal AR family (issue 15): the order schedule, the teacher-forced loss, the script's AR flags, a
 two-process run and an exact resume with the order annealing active."""
 
+import json
 import shutil
 import subprocess
 
 import pytest
 import torch
 from accelerate import init_empty_weights
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.testing_utils import CaptureLogger
 from safetensors.torch import load_file
 
 from diffusers_mar import ARPipeline, ARTransformer2DModel, MARDDPMScheduler, MARTransformer2DModel, get_preset_config
@@ -127,6 +130,16 @@ def test_resume_continues_exactly_with_the_order_annealing_active(tmp_path):
     pipe = ARPipeline.from_pretrained(resumed_dir)
     assert isinstance(pipe.transformer, ARTransformer2DModel) and "num_inference_steps" not in pipe.config.sampling
     assert "ARPipeline.from_pretrained" in (resumed_dir / "README.md").read_text()
+
+
+def test_an_ar_run_records_its_order_and_warns_of_no_mar_only_config_key(tmp_path):
+    # diffusers' loggers all propagate to "diffusers": its output during the run is captured whole.
+    with CaptureLogger(diffusers_logging.get_logger("diffusers")) as captured:
+        output_dir = run(tmp_path, "--order=raster", "--max_train_steps=1")
+    assert "were passed to ARTransformer2DModel" not in captured.out, captured.out
+    assert json.loads((output_dir / "model_index.json").read_text())["training_order"] == "raster"
+    assert ARPipeline.from_pretrained(output_dir).config.training_order == "raster"
+    assert "trained with --order raster" in (output_dir / "README.md").read_text()
 
 
 @pytest.mark.slow  # about 20 s: two processes start, import torch and train

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import socket
@@ -513,6 +514,97 @@ def test_learning_rate_schedule_follows_the_original():
         assert learning_rate_at(step, 1e-3, 20, 100, "constant") == pytest.approx(original(step, schedule="constant"))
     assert learning_rate_at(0, 1e-3, 20, 100) == 0.0
     assert learning_rate_at(100, 1e-3, 20, 100, "cosine", 1e-5) == pytest.approx(1e-5)
+
+
+def test_sample_grids_run_on_one_thread_for_a_small_model_and_say_so_first(tmp_path, monkeypatch, caplog):
+    # The command line's `--num-threads auto`: a small model samples on one CPU thread; the training's count is back.
+    threads, call = [], MARPipeline.__call__
+
+    def recording_call(pipe, *args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(MARPipeline, "__call__", recording_call)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO):
+            output_dir = run(tmp_path, "--max_train_steps=1")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert threads == [1]
+    assert f"Sampling 2 images for {output_dir / 'samples' / 'step-0000001.png'} (1 CPU thread(s)) ..." in caplog.text
+    assert (output_dir / "samples" / "step-0000001.png").is_file()
+
+
+def test_learning_rate_schedule_hand_computed_values():
+    # base 1e-3, 4 warm-up steps of 12: linear from 0, then constant, or cosine down to min_lr 1e-4.
+    constant = [0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
+    for step, expected in enumerate(constant):
+        assert learning_rate_at(step, 1e-3, 4, 12) == pytest.approx(expected, abs=1e-15)
+    # progress (step - 4) / 8: 0 -> 1e-3, 1/4 -> 1e-4 + 9e-4 * (1 + cos(pi / 4)) / 2, 1/2 -> 5.5e-4, 1 -> 1e-4
+    cosine = {2: 5e-4, 4: 1e-3, 6: 1e-4 + 4.5e-4 * (1 + 0.5**0.5), 8: 5.5e-4, 12: 1e-4}
+    for step, expected in cosine.items():
+        assert learning_rate_at(step, 1e-3, 4, 12, "cosine", 1e-4) == pytest.approx(expected, rel=1e-12)
+    assert learning_rate_at(3, 1e-3, 0, 12) == 1e-3  # no warm-up
+
+
+def test_the_script_sets_the_learning_rate_of_each_step(tmp_path):
+    # --blr 0.064 at global batch 8: lr 2e-3; 0.4 warm-up epochs of 5 steps: 2 steps; cosine over 4 steps to 1e-4.
+    argv = [arg for arg in FAST if not arg.startswith(("--learning_rate", "--lr_warmup_steps"))]
+    output_dir = tmp_path / "out"
+    extra = ["--blr=0.064", "--lr_warmup_epochs=0.4", "--lr_scheduler=cosine", "--min_lr=1e-4"]
+    train_mar.main(
+        parse_args([*argv, *extra, "--max_train_steps=4", "--checkpointing_steps=1", f"--output_dir={output_dir}"])
+    )
+    expected = [0.0, 1e-3, 2e-3, 1e-4 + 1.9e-3 * 0.5]  # steps 0..3; step 3 is half-way through the cosine
+    for step, lr in enumerate(expected):
+        optimizer = torch.load(output_dir / f"checkpoint-{step + 1}" / "optimizer.bin", weights_only=True)
+        assert [group["lr"] for group in optimizer["param_groups"]] == pytest.approx([lr, lr], abs=1e-15), step
+
+
+class RecordingEMA(train_mar.EMAModel):
+    """The script's EMAModel, built and stepped by `main` as usual; it records the weights and the average."""
+
+    instances = []
+
+    def __init__(self, parameters, **kwargs):
+        self.parameters_ = list(parameters)
+        self.history = [([p.detach().clone() for p in self.parameters_], None)]  # (weights, shadow) per step
+        super().__init__(self.parameters_, **kwargs)
+        RecordingEMA.instances.append(self)
+
+    def step(self, parameters):
+        super().step(parameters)
+        self.history.append(([p.detach().clone() for p in self.parameters_], [s.clone() for s in self.shadow_params]))
+
+
+@pytest.mark.parametrize(
+    "flags, decays",
+    [
+        # The original's constant decay from the first step: shadow = decay * p0 + (1 - decay) * p1.
+        (["--ema_decay=0.5"], [0.5, 0.5]),
+        # diffusers' warm-up (inv_gamma 1, power 1): the first step copies, then 1 - (1 + 1)^-1 = 0.5 (cap 0.9).
+        (["--ema_warmup", "--ema_decay=0.9", "--ema_inv_gamma=1", "--ema_power=1"], [0.0, 0.5]),
+    ],
+)
+def test_the_scripts_ema_update_of_each_step(tmp_path, monkeypatch, flags, decays):
+    RecordingEMA.instances = []
+    monkeypatch.setattr(train_mar, "EMAModel", RecordingEMA)
+    run(tmp_path, *flags, "--lr_warmup_steps=0", "--max_train_steps=2", "--checkpointing_steps=100")
+    assert len(RecordingEMA.instances) == 2  # the transformer's and the head's
+    for ema in RecordingEMA.instances:
+        assert len(ema.history) == 3
+        shadow = ema.history[0][0]  # the average starts at the initial weights
+        for (weights, new_shadow), decay in zip(ema.history[1:], decays):
+            for p, s, new in zip(weights, shadow, new_shadow):
+                torch.testing.assert_close(new, decay * s + (1 - decay) * p, rtol=1e-6, atol=1e-7)
+            shadow = new_shadow
+        # The weights moved at each step: the update is not checked on unchanged weights.
+        assert all(
+            any(not torch.equal(a, b) for a, b in zip(ema.history[i][0], ema.history[i + 1][0])) for i in (0, 1)
+        )
 
 
 def test_center_crop_is_adm_box_halving_then_bicubic_then_center():

@@ -1,12 +1,16 @@
 """What a user meets off the happy path of `train_mar.py`: a used output folder, bad input, Ctrl-C, fine-tuning a
 model of another resolution, a mistyped `--override`, the recorded command and the docs' output folder."""
 
+import json
+import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -127,34 +131,213 @@ def test_b_errors_print_the_message_alone_with_the_exit_code(tmp_path, capsys, m
         assert "Traceback" not in result.stderr and result.stderr.count("train_mar.py: error: ") == 1, result.stderr
 
 
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--pretrained_model", "expected a MARPipeline or ARPipeline folder (with model_index.json"),
+        ("--pretrained_vae", "expected an AutoencoderKL folder (config.json and weights"),
+        ("--resume_from_checkpoint", "not a checkpoint folder of this script (a checkpoint-N folder with training_st"),
+    ],
+)
+def test_b_an_image_given_as_a_model_or_checkpoint_says_what_it_is_and_what_was_expected(tmp_path, flag, expected):
+    image = tmp_path / "sample.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8), "L").save(image)
+    with pytest.raises(ValueError) as error:
+        parse_args(["--dataset_name=digits", f"{flag}={image}", f"--output_dir={tmp_path / 'out'}"])
+    assert str(error.value).startswith(f"{flag} {str(image)!r} is a PNG image, not ")
+    assert expected in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_b_an_unknown_dataset_name_stops_at_once_naming_the_flag_and_the_choices(tmp_path):
+    # Offline (child_env sets HF_HUB_OFFLINE=1) and not cached: exit 2 with one message, no retries.
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--dataset_name=mnistt", f"--output_dir={tmp_path / 'out'}", "--report_to=none"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line.lower() or "retry" in line.lower()]
+    assert line.startswith("train_mar.py: error: --dataset_name 'mnistt' is not a local folder and is not in the")
+    assert "HF_HUB_OFFLINE is set" in line and "'digits'" in line and "local dataset folder" in line
+    assert elapsed < 60, f"{elapsed:.0f} s"  # the Hub client's retries alone took 23 s
+    assert not (tmp_path / "out").exists()
+
+
+def test_b_an_unreachable_hub_fails_after_one_request(monkeypatch):
+    # Online but without network: one request, then the message (load_dataset, which retries, is never called).
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from training import data
+
+    requests = []
+
+    def no_network(name, timeout=None):
+        requests.append(name)
+        raise OSError("[Errno -2] Name or service not known")
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("load_dataset was called")
+
+    monkeypatch.setattr(data.datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(data.huggingface_hub.HfApi, "dataset_info", lambda self, name, timeout=None: no_network(name))
+    monkeypatch.setattr(data.datasets, "load_dataset", not_called)
+    args = parse_args(["--dataset_name=mnistt", "--output_dir=unused"])
+    with pytest.raises(
+        ValueError, match=r"--dataset_name 'mnistt' is not a local folder and the Hugging Face Hub can"
+    ):
+        data.load_image_dataset(args)
+    assert requests == ["mnistt"]
+
+    def not_found(self, name, timeout=None):
+        raise RepositoryNotFoundError("404", response=mock.MagicMock())
+
+    monkeypatch.setattr(data.huggingface_hub.HfApi, "dataset_info", not_found)
+    with pytest.raises(
+        ValueError, match=r"'mnistt' is not a local folder and there is no such dataset on the Hug.*'digits'"
+    ):
+        data.load_image_dataset(args)
+
+
 # (c) Ctrl-C --------------------------------------------------------------------------------------------------------
+
+
+def complete(checkpoint):
+    return (checkpoint / "training_state.json").is_file() and (checkpoint / "pipeline" / "model_index.json").is_file()
+
+
+def start_child(tmp_path, argv):
+    """The script in a child process, its output in files (a full pipe would block it)."""
+    out, err = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
+    return subprocess.Popen([sys.executable, SCRIPT, *argv], env=child_env(), stdout=out, stderr=err)
+
+
+def stop_child(child):
+    if child.poll() is None:
+        child.kill()
+        child.wait(timeout=60)
+
+
+def wait_for_checkpoint(child, output_dir, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not list_checkpoints(output_dir) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.2)
+    assert list_checkpoints(output_dir), f"no checkpoint within {timeout} s (exit code {child.poll()})"
 
 
 def test_c_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes(tmp_path):
     output_dir = tmp_path / "out"
     argv = [*FAST, "--max_train_steps=100000", "--checkpointing_steps=1", f"--output_dir={output_dir}"]
-    child = subprocess.Popen(
-        [sys.executable, SCRIPT, *argv], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 120
-    while not list_checkpoints(output_dir) and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.2)
-    assert list_checkpoints(output_dir), "no checkpoint within 120 s"
-    child.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    _, err = child.communicate(timeout=60)
+    child = start_child(tmp_path, argv)
+    try:
+        wait_for_checkpoint(child, output_dir)
+        child.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        child.wait(timeout=120)
+    finally:
+        stop_child(child)
+    err = (tmp_path / "stderr.txt").read_text()
     assert child.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "Ctrl-C: stopping after this step (Ctrl-C again to stop at once)." in err
     match = re.search(
         r"train_mar.py: interrupted\. The last complete checkpoint is (\S+)\. Resume with:\n  (.+)\n", err
     )
     assert match, err[-3000:]
-    assert match.group(1) == str(list_checkpoints(output_dir)[-1])
+    checkpoints = list_checkpoints(output_dir)
+    assert match.group(1) == str(checkpoints[-1]) and all(complete(c) for c in checkpoints)
+    step = int(checkpoints[-1].name.split("-")[1])
+    assert f"Stopped at step {step} (Ctrl-C)." in err  # at a step boundary, the checkpoint of that step
+    assert not list(output_dir.glob("*.tmp")) and not (output_dir / "model_index.json").exists()
     command = shlex.split(match.group(2))
     # The child ran as `ACCELERATE_USE_CPU=1 python <script>` (child_env): the hint repeats it.
     assert command[:3] == ["ACCELERATE_USE_CPU=1", "python", "training/train_mar.py"]
     resumed = parse_args(command[3:])  # the command parses and continues this run
     assert resumed.resume_from_checkpoint == "latest" and resumed.output_dir == str(output_dir)
     assert resumed.max_train_steps == 100000
+
+
+def test_c_a_second_ctrl_c_stops_at_once_and_leaves_only_complete_checkpoints(tmp_path):
+    # Most of a step's time here is the checkpoint save: the second Ctrl-C mostly lands inside one.
+    output_dir = tmp_path / "out"
+    argv = [*FAST, "--max_train_steps=100000", "--checkpointing_steps=1", f"--output_dir={output_dir}"]
+    child = start_child(tmp_path, argv)
+    try:
+        wait_for_checkpoint(child, output_dir)
+        child.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=120)
+    finally:
+        stop_child(child)
+    err = (tmp_path / "stderr.txt").read_text()
+    # 130, or killed by the signal (what a shell also reports as 130) when it came while the interpreter exits.
+    assert child.returncode in (130, -signal.SIGINT), err[-3000:]
+    assert "train_mar.py: interrupted. The last complete checkpoint is" in err, err[-3000:]
+    checkpoints = list_checkpoints(output_dir)
+    assert checkpoints and all(complete(c) for c in checkpoints)
+
+
+@pytest.fixture
+def own_sigint_handler():
+    """A SIGINT handler of the test's own (it must be back after `main`); signals need the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set in the main thread")
+
+    def handler(signum, frame):
+        raise AssertionError("the test's own SIGINT handler was called")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    yield handler
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_c_ctrl_c_in_process_stops_at_the_step_boundary_with_its_checkpoint(
+    tmp_path, monkeypatch, capfd, own_sigint_handler
+):
+    learning_rate_at, sent = train_mar.learning_rate_at, []
+
+    def ctrl_c_during_step_2(step, *args):  # called once per parameter group
+        if step == 1 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return learning_rate_at(step, *args)
+
+    monkeypatch.setattr(train_mar, "learning_rate_at", ctrl_c_during_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--max_train_steps=5", "--checkpointing_steps=100")
+    output_dir = tmp_path / "out"
+    # Step 2 ran to its end and was saved (not a checkpointing step); nothing after it; the handler is back.
+    assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-2"]
+    assert complete(output_dir / "checkpoint-2")
+    assert json.loads((output_dir / "checkpoint-2" / "training_state.json").read_text())["global_step"] == 2
+    assert not (output_dir / "model_index.json").exists() and not (output_dir / "samples").exists()
+    assert signal.getsignal(signal.SIGINT) is own_sigint_handler
+    assert "train_mar.py: Ctrl-C: stopping after this step" in capfd.readouterr().err
+
+
+def test_c_a_second_ctrl_c_in_process_stops_inside_a_save_and_leaves_no_checkpoint_half_written(
+    tmp_path, monkeypatch, own_sigint_handler
+):
+    save_pipeline, reached = train_mar.save_pipeline, []
+
+    def two_ctrl_c_during_the_second_save(path, *args):
+        if path.parent.name == "checkpoint-2.tmp":
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append(path)  # not reached: the second Ctrl-C raised at once
+        save_pipeline(path, *args)
+
+    monkeypatch.setattr(train_mar, "save_pipeline", two_ctrl_c_during_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "--max_train_steps=5", "--checkpointing_steps=1")
+    output_dir = tmp_path / "out"
+    assert not reached
+    assert (output_dir / "checkpoint-2.tmp").is_dir() and not complete(output_dir / "checkpoint-2.tmp")
+    assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-1"]  # what `latest` resumes
+    assert signal.getsignal(signal.SIGINT) is own_sigint_handler
 
 
 # (d) Fine-tuning a model of another resolution ---------------------------------------------------------------------
