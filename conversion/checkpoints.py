@@ -13,31 +13,31 @@ from pathlib import Path
 
 import torch
 
+from diffusers_mar.file_kinds import PYTORCH, describe_file
+
 IMAGENET_ID2LABEL_PATH = Path(__file__).resolve().parent / "imagenet_id2label.json"
 # Keys every MAR state dict has (the class embedding, the token projection, the diffusion MLP's input).
 MAR_KEYS = ("class_emb.weight", "z_proj.weight", "diffloss.net.input_proj.weight")
-IMAGE_SIGNATURES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image"}
 
 
 def _unreadable(path: Path, argument: str, detail: str = "") -> ValueError:
     """The error for a file `torch.load` cannot read, saying what the file looks like instead."""
-    head = path.read_bytes()[:512] if path.stat().st_size else b""
-    if not head:
-        kind = "is empty"
-    elif head.startswith(b"PK"):
-        kind = "is a zip archive that torch cannot read (truncated or corrupted?)"
-    elif head[:1] == b"\x80":
-        kind = "is a pickle that torch cannot read (truncated or corrupted?)"
-    elif image := next((name for magic, name in IMAGE_SIGNATURES.items() if head.startswith(magic)), None):
-        kind = f"is {image}, not a checkpoint (expected the `.pth` file of an LTH14/mar training run, e.g. "
-        kind += "`checkpoint-last.pth`)"
-    elif all(byte in b"\t\n\r" or 32 <= byte < 127 for byte in head):
-        kind = "is a text file (a torch checkpoint is the binary file `torch.save` writes, e.g. `checkpoint-last.pth`)"
+    kind = describe_file(path)
+    expected = "a checkpoint (expected the `.pth` file of an LTH14/mar training run, e.g. `checkpoint-last.pth`)"
+    if kind is None:
+        text = "has an unknown format (truncated or corrupted?)"
+    elif kind == "an empty file":
+        text = "is empty"
+    elif kind == PYTORCH or "zip archive" in kind:
+        container = "a zip archive" if "zip archive" in kind else kind
+        text = f"is {container} that torch cannot read (truncated or corrupted?)"
+    elif kind == "a text file":
+        text = "is a text file (a torch checkpoint is the binary file `torch.save` writes, e.g. `checkpoint-last.pth`)"
     else:
-        kind = "has an unknown format (truncated or corrupted?)"
+        text = f"is {kind}, not {expected}"
     # Drop bare codes such as "101", and torch's advice to retry with `weights_only=False` (a file it cannot parse).
     detail = f": {detail}" if re.search(r"[A-Za-z]{3}", detail) and "weights_only" not in detail else ""
-    return ValueError(f"`--{argument}` {str(path)!r} is not a readable torch checkpoint: it {kind}{detail}.")
+    return ValueError(f"`--{argument}` {str(path)!r} is not a readable torch checkpoint: it {text}{detail}.")
 
 
 def load_checkpoint(

@@ -23,6 +23,7 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError, Repository
 from PIL import Image
 
 from diffusers_mar.evaluation.reference import center_crop_arr  # the ADM crop, shared with evaluation
+from diffusers_mar.file_kinds import describe_file
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -42,23 +43,6 @@ EXPECTED_FOLDERS = {
     "train_mar.py write; convert an original checkpoint with conversion/convert_mar_to_diffusers.py)",
     "--pretrained_vae": "an AutoencoderKL folder (config.json and weights, as `save_pretrained` writes)",
 }
-# The first bytes of files that are mistaken for checkpoints.
-FILE_SIGNATURES = {
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"GIF8": "a GIF image",
-    b"PK": "a zip archive (a torch checkpoint, written by `torch.save`?)",
-    b"\x80": "a pickle (a torch checkpoint, written by `torch.save`?)",
-}
-
-
-def describe_file(path: Path) -> str:
-    """What a file looks like from its first bytes, e.g. "a PNG image"."""
-    with path.open("rb") as file:
-        head = file.read(8)
-    if not head:
-        return "an empty file"
-    return next((kind for magic, kind in FILE_SIGNATURES.items() if head.startswith(magic)), "a file")
 
 
 def check_local_path(flag: str, path: str | None) -> None:
@@ -68,7 +52,7 @@ def check_local_path(flag: str, path: str | None) -> None:
     local = Path(path).expanduser()
     if local.is_file():
         raise ValueError(
-            f"{flag} {path!r} is {describe_file(local)}, not a folder; expected {EXPECTED_FOLDERS[flag]}, or a Hub "
+            f"{flag} {path!r} is {describe_file(local) or 'a file'}, not a folder; expected {EXPECTED_FOLDERS[flag]}, or a Hub "
             "id 'owner/name'."
         )
     if local.exists():

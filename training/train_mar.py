@@ -63,6 +63,7 @@ from diffusers_mar import (
 from diffusers_mar.cli.commands import cpu_threads, resolve_num_threads
 from diffusers_mar.cli.outputs import GRID_MIN_CELL, make_grid
 from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
+from diffusers_mar.file_kinds import describe_file
 from diffusers_mar.pipelines.model_card import make_model_card
 from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
@@ -76,7 +77,6 @@ from training.data import (
     check_latent_cache,
     check_local_path,
     dataset_class_names,
-    describe_file,
     image_transform,
     load_image_dataset,
 )
@@ -268,7 +268,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.resume_from_checkpoint not in (None, "latest"):
         resume = Path(args.resume_from_checkpoint)
         if not (resume / "training_state.json").is_file():
-            what = f"is {describe_file(resume)}, not" if resume.is_file() else "is not"
+            what = f"is {describe_file(resume) or 'a file'}, not" if resume.is_file() else "is not"
             raise ValueError(
                 f"--resume_from_checkpoint {args.resume_from_checkpoint!r} {what} a checkpoint folder of this script "
                 "(a checkpoint-N folder with training_state.json); give 'latest' or an existing checkpoint-N folder."

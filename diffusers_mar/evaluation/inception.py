@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusers_mar.evaluation.file_kinds import PYTORCH, SAFETENSORS, describe_file
+from diffusers_mar.file_kinds import PYTORCH, SAFETENSORS, describe_file
 
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffusers_mar.evaluation.file_kinds import NPZ, describe_file
+from diffusers_mar.file_kinds import NPZ, describe_file
 
 
 @dataclass
