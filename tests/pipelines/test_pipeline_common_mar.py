@@ -326,6 +326,7 @@ def test_model_cpu_offload_gives_the_same_images(case):
     offloaded = [n for n in offloaded if n not in pipe._exclude_from_cpu_offload]
     assert "transformer" in offloaded and "diffusion_head" not in offloaded
     assert all(isinstance(pipe.components[n]._hf_hook, accelerate.hooks.CpuOffload) for n in offloaded)
+    assert not hasattr(pipe.diffusion_head, "_hf_hook")
     assert torch.equal(_images(pipe, case), expected)
     pipe.enable_model_cpu_offload(device="cpu")  # twice, as diffusers checks
     assert torch.equal(_images(pipe, case), expected)
@@ -400,6 +401,36 @@ def test_layerwise_casting_inference_is_close_to_the_plain_run(case):
     assert torch.isfinite(images).all()
     # float8 weights move the images a little; another seed gives other images.
     assert (images - expected).abs().mean() < 0.2 * (other_seed - expected).abs().mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compilation
+
+
+def _counting_backend(graphs: list):
+    """A `torch.compile` backend that records each graph dynamo hands it and runs it as traced (no inductor)."""
+
+    def backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("name", ["pixel", "ar", "inpaint"])
+def test_compiling_each_model_compiles_what_the_pipeline_calls(name):
+    # Issue 29: the pipelines call the head's sampler methods, not its `forward`, so `nn.Module.compile` alone left
+    # the head eager (0 graphs). `MARDiffusionHead.compile` compiles those methods too.
+    case = CASES[name]
+    expected = _images(case.make(), case)
+    pipe = case.make()
+    graphs = {"transformer": [], "diffusion_head": []}
+    pipe.transformer.compile(backend=_counting_backend(graphs["transformer"]))
+    pipe.diffusion_head.compile(backend=_counting_backend(graphs["diffusion_head"]), fullgraph=True)
+    images = _images(pipe, case)
+    assert len(graphs["transformer"]) >= 1 and len(graphs["diffusion_head"]) >= 1
+    assert any("proj_in" in str(graph.code) for graph in graphs["diffusion_head"])  # the denoiser MLP, traced
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
