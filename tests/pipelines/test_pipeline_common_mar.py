@@ -135,6 +135,57 @@ def test_to_dtype_casts_every_model(case):
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("name", ["pixel", "ar"])
+def test_guidance_halves_and_guided_noise_with_a_stub_head(name, monkeypatch):
+    # Issue 29: swapping the halves (unconditional first) passed every test of ARPipeline. A stub head whose output
+    # is the condition itself, [eps, v] = [condition[:, :C], tanh(condition[:, C:2C])], makes the guided noise given to
+    # the scheduler a hand computation: eps = u + scale * (c - u) from the rows of the null class (u) and the others
+    # (c), the variance value the conditional rows'.
+    case = CASES[name]
+    pipe = case.make()
+    num_classes, channels = pipe.transformer.config.num_classes, pipe.transformer.token_dim
+    transformer_labels, conditions, model_outputs = [], [], []
+
+    def record_labels(module, args, kwargs):
+        transformer_labels.append((args[1] if case.ar else args[2]).tolist())
+
+    def record_condition(pipeline, step, timestep, callback_kwargs):
+        conditions.append(callback_kwargs["condition"].reshape(-1, callback_kwargs["condition"].shape[-1]))
+        return {}
+
+    def stub_head(sample, timestep, condition_embedding):
+        eps, v = condition_embedding[:, :channels], condition_embedding[:, channels : 2 * channels].tanh()
+        return torch.cat([eps, v], dim=1)
+
+    def record_step(model_output, timestep, sample, **kwargs):
+        model_outputs.append((len(conditions), model_output.clone()))
+        return step(model_output, timestep, sample, **kwargs)
+
+    step = pipe.scheduler.step
+    pipe.transformer.register_forward_pre_hook(record_labels, with_kwargs=True)
+    monkeypatch.setattr(pipe.diffusion_head, "embed_condition", lambda condition: condition)
+    monkeypatch.setattr(pipe.diffusion_head, "forward_with_condition_embedding", stub_head)
+    monkeypatch.setattr(pipe, "modulation_rows", 1)  # one head call per diffusion step: the stub's method
+    monkeypatch.setattr(pipe.scheduler, "step", record_step)
+    scale = 3.0
+    pipe(
+        **case.inputs(guidance_scale=scale, guidance_schedule="constant", output_type="latent"),
+        callback_on_step_end=record_condition,
+        callback_on_step_end_tensor_inputs=["condition"],
+    )
+    assert transformer_labels and all(labels == [1, 2, num_classes, num_classes] for labels in transformer_labels)
+    assert len(model_outputs) == case.num_steps * case.fast["num_diffusion_steps"]
+    for step_index, model_output in model_outputs:
+        condition = conditions[step_index]  # (B' * n, D): n rows per transformer batch row
+        labels = torch.tensor(transformer_labels[0])
+        row_labels = labels.repeat_interleave(len(condition) // len(labels))
+        cond, uncond = condition[row_labels != num_classes], condition[row_labels == num_classes]
+        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+        expected = torch.cat([eps, cond[:, channels : 2 * channels].tanh()], dim=1)
+        assert (cond - uncond).abs().amax() > 0.01  # the halves differ, so a swap would show
+        torch.testing.assert_close(model_output, expected, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Saving and loading
 
