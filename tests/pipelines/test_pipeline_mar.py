@@ -368,10 +368,28 @@ def test_bad_starting_canvas_raises(kwargs, match):
 
 
 def test_num_inference_steps_equal_to_token_count_predicts_one_token_per_step():
+    # On the pipeline, not on mask_schedule: after step k one more position is known, the one the order gives
+    # (the first `num_unknown` of an order stay unknown, so the order is made from its end), and only it changed.
     pipe = make_tiny_pipeline()
-    images = pipe([1], num_inference_steps=16, num_diffusion_steps=2, generator=_seeded(0), output_type="latent")
-    assert torch.isfinite(images.images).all()
-    assert mask_schedule(16, 16)[:-1] == list(range(15, 0, -1))
+    orders = torch.randperm(16, generator=_seeded(3)).unsqueeze(0)
+    steps = []
+
+    def record(pipeline, step, timestep, callback_kwargs):
+        steps.append((timestep, callback_kwargs["mask"].clone(), callback_kwargs["tokens"].clone()))
+        return {}
+
+    pipe([1], num_inference_steps=16, num_diffusion_steps=2, generator=_seeded(0), orders=orders,
+         output_type="latent", callback_on_step_end=record, callback_on_step_end_tensor_inputs=["mask", "tokens"])  # fmt: skip
+    assert len(steps) == 16
+    mask, tokens = torch.ones(1, 16), torch.zeros(1, 16, 4)
+    for k, (num_unknown, new_mask, new_tokens) in enumerate(steps):
+        made = int(orders[0, 15 - k])
+        expected_mask = mask.clone()
+        expected_mask[0, made] = 0
+        assert num_unknown == 15 - k and torch.equal(new_mask, expected_mask)
+        changed = (new_tokens != tokens).any(dim=-1)[0]  # (L,)
+        assert changed.nonzero().flatten().tolist() == [made]
+        mask, tokens = new_mask, new_tokens
 
 
 def test_bfloat16_weights_give_finite_images_close_to_float32():
