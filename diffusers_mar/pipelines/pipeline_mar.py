@@ -116,9 +116,14 @@ class MARPipeline(DiffusionPipeline):
     ):
         super().__init__()
         if not isinstance(transformer, self._transformer_class):
+            # The pipeline a folder with this transformer holds: the first of this family whose transformer it is.
+            family = [MARPipeline, *MARPipeline.__subclasses__()]
+            owner = next((c.__name__ for c in family if c._transformer_class is type(transformer)), "another pipeline")
             raise ValueError(
                 f"`transformer` of a {type(self).__name__} must be a {self._transformer_class.__name__}, got a "
-                f"{type(transformer).__name__}: load the folder with `DiffusionPipeline.from_pretrained(folder)`."
+                f"{type(transformer).__name__}: the folder holds a {owner}. Load it with "
+                f"`{owner}.from_pretrained(folder)` or `DiffusionPipeline.from_pretrained(folder)` (the class its "
+                "model_index.json names)."
             )
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
@@ -402,7 +407,7 @@ class MARPipeline(DiffusionPipeline):
         arguments = apply_sampling_preset(sampling_preset, locals(), self.transformer.num_tokens)
         settings = self.resolve_sampling_settings(*(arguments[key] for key in SAMPLING_KEYS))
         fast = {key: arguments[key] for key in FAST_SAMPLING_KEYS}
-        class_labels = prepare_class_labels(class_labels, num_images_per_label)
+        class_labels = prepare_class_labels(class_labels, num_images_per_label, self.transformer.config.num_classes)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]

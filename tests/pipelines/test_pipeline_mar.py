@@ -149,6 +149,19 @@ def test_label_names():
         pipe.get_label_ids(["two", "three"])
 
 
+@pytest.mark.parametrize("class_labels", [["deux"], "deux", [1, "deux"]])
+def test_label_names_as_class_labels_point_to_get_label_ids(class_labels):
+    # Issue 23: the refusal names the argument, the allowed ids and the call that maps the names.
+    tiny = make_tiny_pipeline()
+    pipe = MARPipeline(tiny.transformer, tiny.diffusion_head, tiny.scheduler, id2label={"2": "two, deux"})
+    with pytest.raises(ValueError) as error:
+        pipe(class_labels=class_labels, **FAST)
+    message = str(error.value)
+    assert message.startswith("`class_labels` takes class ids, ints in [0, 10] (10 = unconditional), not names")
+    assert "`pipe.get_label_ids(['deux'])`" in message
+    assert pipe.get_label_ids(["deux"]) == [2]  # the suggested call works
+
+
 def _point_mass_head(pipe, value):
     """Replace the head by the exact denoiser of a point mass at `value`: every sampler must land on it."""
     alphas_cumprod = torch.from_numpy(MARDDPMScheduler().alphas_cumprod_float64)
