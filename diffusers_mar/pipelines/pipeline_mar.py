@@ -17,7 +17,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import logging
 
 from diffusers_mar.models.cpu_inference import cpu_inference
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
@@ -42,8 +41,6 @@ from diffusers_mar.pipelines.schedules import (
     prepare_class_labels,
     prepare_step_noise,
 )
-
-logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TOKEN_SPACES = ("pixel", "latent")
@@ -116,14 +113,13 @@ class MARPipeline(DiffusionPipeline):
     ):
         super().__init__()
         if not isinstance(transformer, self._transformer_class):
-            # The pipeline a folder with this transformer holds: the first of this family whose transformer it is.
+            # The pipeline a folder with this transformer holds: the first of the family whose transformer it is.
             family = [MARPipeline, *MARPipeline.__subclasses__()]
-            owner = next((c.__name__ for c in family if c._transformer_class is type(transformer)), "another pipeline")
+            owner = next((c.__name__ for c in family if c._transformer_class is type(transformer)), "other pipeline")
             raise ValueError(
                 f"`transformer` of a {type(self).__name__} must be a {self._transformer_class.__name__}, got a "
-                f"{type(transformer).__name__}: the folder holds a {owner}. Load it with "
-                f"`{owner}.from_pretrained(folder)` or `DiffusionPipeline.from_pretrained(folder)` (the class its "
-                "model_index.json names)."
+                f"{type(transformer).__name__}: the folder holds a {owner}. Load it with `{owner}.from_pretrained("
+                "folder)` or `DiffusionPipeline.from_pretrained(folder)`."
             )
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
