@@ -59,8 +59,8 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
     offline_reason = None if path.is_dir() else hub_unreachable_reason()
     verbosity = diffusers_logging.get_verbosity()
     if verbosity == diffusers_logging.WARNING:
-        # Loading logs a progress bar and notes a CLI user cannot act on: the str keys of id2label in JSON, and a
-        # "modules to keep in float32: []" warning whenever a model is cast with `.to(dtype)`.
+        # Loading logs a progress bar and notes a CLI user cannot act on, such as the str keys of id2label in JSON (our
+        # models no longer warn about an empty list of float32 modules on `.to(dtype)`: models/loading.py).
         diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:

@@ -81,10 +81,13 @@ def _eligible_blocks(model: nn.Module) -> list[MARTransformerBlock]:
 def cpu_inference(*models: nn.Module):
     """Run the eligible blocks of the given transformers with shared buffers (see the module docstring).
 
-    Applies only with gradients off, to eval-mode float32 CPU models that no hook or compilation has wrapped; any other
-    model (a diffusion head, a CUDA model) passes through unchanged. Yields the number of blocks switched.
+    Applies only with gradients and CPU autocast off, to eval-mode float32 CPU models that no hook or compilation has
+    wrapped; any other model (a diffusion head, a CUDA model) passes through unchanged. Yields the number of blocks
+    switched.
     """
-    blocks = [] if torch.is_grad_enabled() else [block for model in models for block in _eligible_blocks(model)]
+    # Under CPU autocast the in-place residual sums would keep the stream in bfloat16 (the plain `x + y` promotes it).
+    plain = torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+    blocks = [] if plain else [block for model in models for block in _eligible_blocks(model)]
     buffers: dict = {}
     for block in blocks:
         block.forward = functools.partial(_buffered_block_forward, block, buffers)

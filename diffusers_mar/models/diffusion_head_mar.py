@@ -104,6 +104,13 @@ class MARDiffusionHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
     # `forward_with_condition_embedding`, not `forward`: block-level group offloading must onload these layers when
     # they run, not when `forward` is entered (as AutoencoderKL).
     _group_offload_block_modules = ["time_embedding", "cond_proj", "proj_in", "adaln_modulation", "proj_out"]
+    # What `compile` compiles besides the module call (`forward`): the entry points samplers call.
+    _sampler_methods = (
+        "embed_condition",
+        "compute_modulation",
+        "forward_with_modulation",
+        "forward_with_condition_embedding",
+    )
 
     @register_to_config
     def __init__(
@@ -144,6 +151,18 @@ class MARDiffusionHead(StrictLoadingMixin, ModelMixin, ConfigMixin):
         for layer in (self.adaln_modulation, self.proj_out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def compile(self, *args, **kwargs) -> None:
+        r"""
+        Compile the head with `torch.compile`: its module call (`forward`, as `nn.Module.compile`) and the entry points
+        samplers call instead of `forward` (`embed_condition`, `compute_modulation`, `forward_with_modulation`,
+        `forward_with_condition_embedding`), each with the same arguments. Without the latter, `MARPipeline` and
+        `ARPipeline` would run the head eagerly. The compiled methods are attributes of this instance; calling
+        `compile` again compiles the class's methods anew.
+        """
+        super().compile(*args, **kwargs)
+        for name in self._sampler_methods:
+            setattr(self, name, torch.compile(getattr(type(self), name).__get__(self), *args, **kwargs))
 
     def embed_condition(self, condition: torch.Tensor) -> torch.Tensor:
         """Project the transformer condition (N, D) to (N, model_channels); fixed across the diffusion steps."""

@@ -4,10 +4,15 @@ diffusers' `ModelMixin.from_pretrained` only warns about missing and unexpected 
 parameter on the `meta` device (or randomly initialised with `low_cpu_mem_usage=False`), and the model fails later
 with "Tensor on device meta ..." or, worse, runs with random weights. `StrictLoadingMixin.from_pretrained` asks
 diffusers for its loading info and raises a `ValueError` that names the keys instead.
+
+The mixin also keeps diffusers 0.42's `ModelMixin.to(dtype)` from warning that there are "modules that should be kept
+in float32: []" on every cast (it tests `(self._keep_in_fp32_modules or []) is not None`, always true): our models
+keep none in float32, and `DiffusionPipeline.from_pipe` casts every model, so each `from_pipe` printed it per model.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 SHOWN_GROUPS = 8  # key groups quoted per kind in the error; the count covers the rest
@@ -54,8 +59,22 @@ def check_loading_info(model_name: str, source: str, loading_info: dict) -> None
     )
 
 
+class _NoEmptyFloat32ListWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "that should be kept in float32: []." not in record.getMessage()
+
+
 class StrictLoadingMixin:
-    """Put before `ModelMixin` in the bases: `from_pretrained` fails on missing or unexpected weight keys."""
+    """Put before `ModelMixin` in the bases: `from_pretrained` fails on missing or unexpected weight keys, and `to`
+    casts without diffusers' warning about an empty list of float32 modules (see the module docstring)."""
+
+    def to(self, *args, **kwargs):
+        logger, quiet = logging.getLogger("diffusers.models.modeling_utils"), _NoEmptyFloat32ListWarning()
+        logger.addFilter(quiet)
+        try:
+            return super().to(*args, **kwargs)
+        finally:
+            logger.removeFilter(quiet)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):

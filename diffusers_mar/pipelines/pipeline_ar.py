@@ -102,10 +102,10 @@ class ARPipeline(MARPipeline):
         token_space: str | None = None,
         training_order: str | None = None,
     ):
-        _refuse_num_inference_steps(sampling, "sampling")
         if training_order not in TRAINING_ORDERS:
             raise ValueError(f"`training_order` must be one of {TRAINING_ORDERS}; got {training_order!r}.")
         super().__init__(transformer, diffusion_head, scheduler, vae, id2label, sampling, token_space)
+        _refuse_num_inference_steps(sampling, "sampling")  # after the transformer's check: a MAR folder says so
         self.register_to_config(training_order=training_order)
 
     @property
@@ -233,7 +233,7 @@ class ARPipeline(MARPipeline):
         """
         # 1. Check inputs
         settings = self.resolve_sampling_settings(num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
-        class_labels = prepare_class_labels(class_labels, num_images_per_label)
+        class_labels = prepare_class_labels(class_labels, num_images_per_label, self.transformer.config.num_classes)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]

@@ -17,7 +17,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import logging
 
 from diffusers_mar.models.cpu_inference import cpu_inference
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
@@ -42,8 +41,6 @@ from diffusers_mar.pipelines.schedules import (
     prepare_class_labels,
     prepare_step_noise,
 )
-
-logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TOKEN_SPACES = ("pixel", "latent")
@@ -116,9 +113,13 @@ class MARPipeline(DiffusionPipeline):
     ):
         super().__init__()
         if not isinstance(transformer, self._transformer_class):
+            # The pipeline a folder with this transformer holds: the first of the family whose transformer it is.
+            family = [MARPipeline, *MARPipeline.__subclasses__()]
+            owner = next((c.__name__ for c in family if c._transformer_class is type(transformer)), "other pipeline")
             raise ValueError(
                 f"`transformer` of a {type(self).__name__} must be a {self._transformer_class.__name__}, got a "
-                f"{type(transformer).__name__}: load the folder with `DiffusionPipeline.from_pretrained(folder)`."
+                f"{type(transformer).__name__}: the folder holds a {owner}. Load it with `{owner}.from_pretrained("
+                "folder)` or `DiffusionPipeline.from_pretrained(folder)`."
             )
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
@@ -402,7 +403,7 @@ class MARPipeline(DiffusionPipeline):
         arguments = apply_sampling_preset(sampling_preset, locals(), self.transformer.num_tokens)
         settings = self.resolve_sampling_settings(*(arguments[key] for key in SAMPLING_KEYS))
         fast = {key: arguments[key] for key in FAST_SAMPLING_KEYS}
-        class_labels = prepare_class_labels(class_labels, num_images_per_label)
+        class_labels = prepare_class_labels(class_labels, num_images_per_label, self.transformer.config.num_classes)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]

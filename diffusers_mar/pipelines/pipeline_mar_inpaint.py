@@ -333,7 +333,7 @@ class MARInpaintPipeline(MARPipeline):
         """
         # 1. Check inputs
         arguments = apply_sampling_preset(sampling_preset, locals(), self.transformer.num_tokens)
-        class_labels = prepare_class_labels(class_labels)
+        class_labels = prepare_class_labels(class_labels, num_classes=self.transformer.config.num_classes)
         check_num_images_per_label(num_images_per_label)
         settings = self.resolve_sampling_settings(*(arguments[key] for key in SAMPLING_KEYS))
         if not isinstance(resize, bool):

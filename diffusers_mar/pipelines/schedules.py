@@ -74,9 +74,19 @@ def check_num_images_per_label(num_images_per_label: int) -> None:
         raise ValueError(f"`num_images_per_label` must be an int >= 1; got {num_images_per_label!r}.")
 
 
-def prepare_class_labels(class_labels: int | list[int] | torch.Tensor, num_images_per_label: int = 1) -> list[int]:
-    """Class labels as a list, each repeated `num_images_per_label` times (next to each other)."""
+def prepare_class_labels(
+    class_labels: int | list[int] | torch.Tensor, num_images_per_label: int = 1, num_classes: int | None = None
+) -> list[int]:
+    """Class labels as a list, each repeated `num_images_per_label` times (next to each other). Names are refused
+    with the ids allowed (`[0, num_classes]`) and the `get_label_ids` call that maps them."""
     check_num_images_per_label(num_images_per_label)
+    names = [class_labels] if isinstance(class_labels, str) else class_labels
+    if isinstance(names, (list, tuple)) and names and any(isinstance(label, str) for label in names):
+        allowed = "ints" if num_classes is None else f"ints in [0, {num_classes}] ({num_classes} = unconditional)"
+        raise ValueError(
+            f"`class_labels` takes class ids, {allowed}, not names; got {class_labels!r}. Map names to ids with "
+            f"`pipe.get_label_ids({[label for label in names if isinstance(label, str)]!r})` and pass those."
+        )
     if isinstance(class_labels, torch.Tensor):
         if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool or class_labels.ndim > 1:
             raise ValueError(

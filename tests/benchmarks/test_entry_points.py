@@ -19,6 +19,7 @@ SCRIPTS = [
     "bench_evaluation_cost.py",
     "check_cuda.py",
     "bench_ar_cache.py",
+    "bench_compile.py",
     "bench_sampling_flops.py",
     "table1_digits.py",
     "make_table1_figure.py",

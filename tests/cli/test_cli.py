@@ -163,12 +163,32 @@ def test_options_override_the_card_and_scale(tiny_model, tmp_path, capsys):
     assert grid.format == "JPEG" and grid.height == 6 + 2 * (16 + 4) - 4 + 6
 
 
-# The random tiny model's tokens grow past float16's range (a trained model's stay in [-1, 1]): NaN pixels are cast.
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
+@pytest.fixture(scope="module")
+def clipped_model(tmp_path_factory):
+    """The tiny model with `clip_sample=True`: its images are not saturated, so a change of dtype shows in pixels."""
+    pipe = make_tiny_pipeline(clip_sample=True)
+    pipe = MARPipeline(**pipe.components, sampling=CARD_SAMPLING)
+    folder = tmp_path_factory.mktemp("clipped_model")
+    pipe.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_dtype(tiny_model, tmp_path, dtype):
-    assert generate(tiny_model, tmp_path / "grid.png", "--dtype", dtype) == 0
-    assert Image.open(tmp_path / "grid.png").size[1] == 6 + 2 * (64 + 4) - 4 + 6
+def test_dtype(clipped_model, tmp_path, dtype):
+    # Issue 29: the grid's size alone would pass with --dtype ignored. Each image must be the pipeline's in that dtype
+    # (image i: seed i) and differ from the float32 one.
+    for name in (dtype, "float32"):
+        argv = ["--num-images-per-label", "1", "--output-dir", str(tmp_path / name), "--dtype", name]
+        assert generate(clipped_model, tmp_path / f"{name}.png", *argv) == 0
+    assert Image.open(tmp_path / f"{dtype}.png").size[1] == 6 + 2 * (64 + 4) - 4 + 6
+    pipe = MARPipeline.from_pretrained(clipped_model).to(dtype=getattr(torch, dtype))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    expected = [np.asarray(image) for image in pipe([0, 1], generator=generators, output_type="pil").images]
+    actual = [np.asarray(Image.open(tmp_path / dtype / f"label-{label}-0.png")) for label in (0, 1)]
+    in_float32 = [np.asarray(Image.open(tmp_path / "float32" / f"label-{label}-0.png")) for label in (0, 1)]
+    assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
+    assert not all(np.array_equal(a, f) for a, f in zip(actual, in_float32))
 
 
 BAD_INPUTS = [

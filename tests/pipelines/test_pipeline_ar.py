@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.testing_utils import CaptureLogger
 
-from diffusers_mar import ARPipeline, MARPipeline
+from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARPipeline
 from diffusers_mar.pipelines import pipeline_ar
 from diffusers_mar.pipelines.schedules import guidance_schedule_values, mask_schedule
 from tests.testing_utils import make_tiny_pipeline
@@ -122,8 +122,22 @@ def test_folder_names_the_ar_classes_and_sampling_defaults_round_trip(tmp_path):
     images = [p([3], generator=_generators(0), output_type="pt").images for p in (pipe, loaded)]
     assert torch.equal(images[0], images[1])
     # The MAR class refuses the AR folder (diffusers would build it from the class it is called on) and says how.
-    with pytest.raises(ValueError, match="must be a MARTransformer2DModel.*DiffusionPipeline.from_pretrained"):
+    with pytest.raises(
+        ValueError, match="must be a MARTransformer2DModel.*DiffusionPipeline.from_pretrained"
+    ) as error:
         MARPipeline.from_pretrained(tmp_path)
+    assert "the folder holds a ARPipeline. Load it with `ARPipeline.from_pretrained(folder)`" in str(error.value)
+
+
+def test_ar_pipeline_on_a_mar_folder_says_it_holds_a_mar_pipeline():
+    # Issue 23: the shipped MAR folder's `sampling` has `num_inference_steps`; the transformer's class speaks first.
+    with pytest.raises(ValueError) as error:
+        ARPipeline.from_pretrained(DEFAULT_MODEL)
+    message = str(error.value)
+    assert "must be a ARTransformer2DModel, got a MARTransformer2DModel: the folder holds a MARPipeline" in message
+    assert "`MARPipeline.from_pretrained(folder)` or `DiffusionPipeline.from_pretrained(folder)`" in message
+    assert "num_inference_steps" not in message
+    assert type(DiffusionPipeline.from_pretrained(DEFAULT_MODEL)) is MARPipeline  # as the message says
 
 
 def test_input_errors_name_the_argument():

@@ -253,6 +253,27 @@ def test_from_pipe_shares_components_and_from_pretrained_loads(tmp_path):
     assert type(MARPipeline.from_pipe(inpaint)) is MARPipeline
 
 
+def test_from_pipe_and_casts_do_not_warn_about_an_empty_float32_module_list():
+    # Issue 23: diffusers 0.42's ModelMixin.to(dtype) warned "modules that should be kept in float32: []" for every
+    # model on every cast, so from_pipe (which casts) printed it once per model.
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")
+    diffusers_logger.addHandler(handler)
+    try:
+        plain = make_tiny_pipeline()
+        MARInpaintPipeline.from_pipe(plain)
+        plain.to(dtype=torch.bfloat16)
+        assert plain.transformer.dtype == torch.bfloat16 and plain.diffusion_head.dtype == torch.bfloat16
+        assert [r.getMessage() for r in records if "float32" in r.getMessage()] == []
+        plain.transformer._keep_in_fp32_modules = ["proj_in"]  # a real list is still reported
+        plain.transformer.to(torch.float32)
+        assert any("kept in float32: ['proj_in']" in r.getMessage() for r in records)
+    finally:
+        diffusers_logger.removeHandler(handler)
+
+
 def test_outpainting_shrink_puts_the_image_inside_the_border():
     pipe = _inpaint_pipeline()
     images = torch.rand(2, 1, 8, 8)

@@ -126,6 +126,7 @@ def test_guided_sampling_loop_matches_original():
 @requires_fixtures
 @pytest.mark.parity
 def test_add_noise_matches_original_q_sample():
+    # The noising of training/mar_loss.py (it calls `add_noise`); its whole loss is compared in tests/training.
     io = fixture_io()
     scheduler = MARDDPMScheduler()
     noisy = scheduler.add_noise(io["loss.target"], io["loss.noise"], io["loss.t"])

@@ -59,14 +59,6 @@ def test_diffusion_loss_matches_original_fixture():
 
 @requires_fixtures
 @pytest.mark.parity
-def test_noised_tokens_equal_original_q_sample():
-    io = fixture_io()
-    x_t = MARDDPMScheduler().add_noise(io["loss.target"], io["loss.noise"], io["loss.t"])
-    torch.testing.assert_close(x_t, io["loss.x_t"], rtol=0, atol=1e-6)
-
-
-@requires_fixtures
-@pytest.mark.parity
 def test_full_training_loss_matches_original_fixture():
     # MAR.forward in eval mode (no dropout, no label drop) with the recorded orders, mask ratio, timesteps and noise.
     io = fixture_io()

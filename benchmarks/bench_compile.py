@@ -1,0 +1,169 @@
+"""`torch.compile` of both networks (`pipe.transformer.compile()`, `pipe.diffusion_head.compile()`) against eager.
+
+One pipeline, one process: after an eager warm-up call, both models are compiled in place (inductor unless
+`--backend`) and a first compiled call pays the compilation (reported apart). Then `--repeats` rounds alternate an
+eager call (`torch.compiler.set_stance("force_eager")`, the same modules) and a compiled call, each timed alone.
+Reported: median (min-max) seconds per call, the per-round speed-up, the graphs dynamo compiled for each model (0 for
+the head meant the compile had no effect, issue 29) and the largest difference between the compiled and eager images.
+
+    python benchmarks/bench_compile.py --model shipped --batch-size 10 --repeats 5 [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_fast_sampling import PRESET_MODELS, load_pipeline
+from benchmarks.bench_sampling import Timer, public_argv, spread, update_docs_section
+
+
+def counting(backend: str | object, graphs: list) -> object:
+    """`backend` (a name or a callable) that also counts the graphs dynamo hands it."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    compiler = lookup_backend(backend) if isinstance(backend, str) else backend
+
+    def count(graph_module: torch.fx.GraphModule, example_inputs: list):
+        graphs.append(len(graph_module.graph.nodes))
+        return compiler(graph_module, example_inputs)
+
+    return count
+
+
+def make_call(pipe, args: argparse.Namespace):
+    labels = [i % pipe.transformer.config.num_classes for i in range(args.batch_size)]
+    steps = {"num_inference_steps": args.num_inference_steps, "num_diffusion_steps": args.num_diffusion_steps}
+    steps = {key: value for key, value in steps.items() if value is not None}
+    if args.guidance_scale is not None:
+        steps["guidance_scale"] = args.guidance_scale
+
+    def call() -> torch.Tensor:
+        return pipe(labels, generator=torch.Generator().manual_seed(0), output_type="latent", **steps).images
+
+    return call
+
+
+def timed(timer: Timer, call) -> tuple[float, torch.Tensor]:
+    timer.totals.clear()
+    timer.start("total")
+    images = call()
+    timer.stop("total")
+    return timer.totals["total"], images
+
+
+def run(args: argparse.Namespace, pipe) -> dict:
+    """Warm-up, compilation, then `args.repeats` rounds of (eager, compiled); seconds per call."""
+    timer, call = Timer("cpu"), make_call(pipe, args)
+    with torch.no_grad():
+        timed(timer, call)  # eager warm-up: oneDNN's per-shape kernels, allocator growth
+        graphs = {"transformer": [], "diffusion_head": []}
+        options = {"mode": args.mode} if args.mode else {}
+        pipe.transformer.compile(backend=counting(args.backend, graphs["transformer"]), **options)
+        pipe.diffusion_head.compile(backend=counting(args.backend, graphs["diffusion_head"]), **options)
+        first_compiled, _ = timed(timer, call)
+        rounds = []
+        for repeat in range(args.repeats):
+            with torch.compiler.set_stance("force_eager"):
+                eager, eager_images = timed(timer, call)
+            compiled, compiled_images = timed(timer, call)
+            difference = float((compiled_images - eager_images).abs().max())
+            rounds.append({"eager": eager, "compiled": compiled, "max_abs_diff": difference})
+            print(json.dumps({"round": repeat, **rounds[-1]}), flush=True)
+    return {
+        "first_compiled_seconds": first_compiled,
+        "graphs": {name: len(counts) for name, counts in graphs.items()},
+        "eager": spread([r["eager"] for r in rounds]),
+        "compiled": spread([r["compiled"] for r in rounds]),
+        "speedup": spread([r["eager"] / r["compiled"] for r in rounds]),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rounds),
+    }
+
+
+def _range(stats: dict, digits: int = 3) -> str:
+    return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
+
+
+def table(result: dict) -> str:
+    graphs = result["graphs"]
+    return "\n".join(
+        [
+            "| eager s/call | compiled s/call | speed-up | first compiled call s | graphs (transformer / head) | "
+            "max abs diff |",
+            "|---:|---:|---:|---:|---|---:|",
+            f"| {_range(result['eager'])} | {_range(result['compiled'])} | {_range(result['speedup'], 2)}x | "
+            f"{result['first_compiled_seconds']:.0f} | {graphs['transformer']} / {graphs['diffusion_head']} | "
+            f"{result['max_abs_diff']:.1e} |",
+        ]
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shipped", help=f"one of {PRESET_MODELS}, `shipped` or a folder")
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--num-inference-steps", type=int, help="default: the folder's (16 for a preset)")
+    parser.add_argument("--num-diffusion-steps", type=int, help="default: the folder's (25 for a preset)")
+    parser.add_argument("--guidance-scale", type=float, help="default: 3.0 for a preset, the folder's otherwise")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (eager, compiled), at least 3")
+    parser.add_argument("--backend", default="inductor", help="a torch.compile backend name")
+    parser.add_argument("--mode", help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--output-json", type=Path)
+    parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
+    args = parser.parse_args(argv)
+    if args.repeats < 3 or args.batch_size < 1:
+        parser.error("--repeats must be >= 3 and --batch-size >= 1")
+    if args.model not in PRESET_MODELS and args.model != "shipped" and not Path(args.model).is_dir():
+        parser.error(f"--model must be one of {PRESET_MODELS}, `shipped` or a pipeline folder; got {args.model!r}")
+    if args.model in PRESET_MODELS:
+        args.guidance_scale = 3.0 if args.guidance_scale is None else args.guidance_scale
+        args.num_inference_steps = args.num_inference_steps or 16
+        args.num_diffusion_steps = args.num_diffusion_steps or 25
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    pipe = load_pipeline(args)
+    result = run(args, pipe)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, "
+        "float32, CPU"
+    )
+    command = shlex.join(
+        ["python", "benchmarks/bench_compile.py", *public_argv(sys.argv[1:] if argv is None else argv)]
+    )
+    section = (
+        f"## `torch.compile` on the CPU: {args.model}, batch {args.batch_size} (benchmarks/bench_compile.py)\n\n"
+        f"Machine: {machine}; run on {time.strftime('%Y-%m-%d', time.gmtime())}. {args.repeats} rounds of an eager "
+        f"and a compiled call in one process (backend `{args.backend}`), median (min-max) seconds per call and the "
+        f"per-round speed-up. Command: `{command}` ({time.perf_counter() - start:.0f} s in all).\n\n{table(result)}\n"
+    )
+    print(section)
+    if args.output_json:
+        args.output_json.write_text(json.dumps({**result, "machine": machine}, indent=2))
+    if args.write_docs:
+        markers = tuple(
+            f"<!-- bench_compile {args.model} batch {args.batch_size}:{end} -->" for end in ("begin", "end")
+        )
+        update_docs_section(section, markers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
