@@ -31,6 +31,7 @@ def test_check_mutations_reports_a_stale_list():
         Mutation("gone", SCHEDULER, "a line that is not there", "x", SCHEDULER_TESTS),
         Mutation("twice", SCHEDULER, "channels", "x", ("tests/no_such_test.py",)),
         Mutation("twice", SCHEDULER, "def add_noise(", "def add_noise(", SCHEDULER_TESTS),
+        Mutation("no-test", SCHEDULER, "def add_noise(", "def q_sample(", (f"{SCHEDULER_TESTS[0]}::test_nothing",)),
     ]
     assert check_mutations(stale) == [
         f"gone: {SCHEDULER} holds the line 0 times, not once",
@@ -38,6 +39,7 @@ def test_check_mutations_reports_a_stale_list():
         "twice: no test path tests/no_such_test.py",
         "twice: the name is used twice",
         "twice: the mutation changes nothing",
+        f"no-test: {SCHEDULER_TESTS[0]} has no test test_nothing",
     ]
 
 
