@@ -39,7 +39,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.bench_sampling import public_argv  # noqa: E402
 from diffusers_mar import DEFAULT_MODEL, MARPipeline  # noqa: E402
+from diffusers_mar.atomic_files import atomic_write  # noqa: E402
 from diffusers_mar.evaluation.metrics import (
     frechet_distance_of_features,
     mean_pairwise_distance,
@@ -287,10 +287,7 @@ def update_docs_section(path: Path, title: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(temporary, path)
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers_mar import ARPipeline, MARPipeline  # noqa: E402
-from diffusers_mar.cli.outputs import make_grid  # noqa: E402
+from diffusers_mar.image_grid import make_grid  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
