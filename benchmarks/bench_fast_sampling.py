@@ -1,6 +1,6 @@
 """Speed of `MARPipeline`'s sampling presets against its exact default, on a full-size MAR or a pipeline folder.
 
-Quality is measured on the digits models (`benchmarks/fast_orders_digits.py`); this script measures what the presets
+Quality is measured on the digits models (`benchmarks/eval_fast_orders_digits.py`); this script measures what the presets
 buy on a model of the paper's size: images/s of each setting, and where the time goes (transformer, head and the
 rest), in one process with the same weights. The settings alternate (exact, preset, exact, preset, ...) for
 `--repeats` rounds, each call timed alone; a first call of every non-exact setting warms up PyTorch's per-shape

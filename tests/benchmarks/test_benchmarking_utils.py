@@ -24,6 +24,7 @@ from benchmarks.benchmarking_utils import (
 from tests.testing_utils import REPO_ROOT
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
+PREFIXES = ("bench_", "eval_", "figure_")  # speed, quality, pictures
 
 
 def test_a_timed_call_gives_its_sections_and_result():
@@ -94,6 +95,11 @@ def _scripts() -> list:
     return sorted(
         path for path in BENCHMARKS.glob("*.py") if path.name not in ("__init__.py", "benchmarking_utils.py")
     )
+
+
+def test_scripts_follow_the_naming_scheme():
+    assert _scripts()
+    assert [path.name for path in _scripts() if not path.name.startswith(PREFIXES)] == []
 
 
 @pytest.mark.parametrize("path", _scripts(), ids=lambda path: path.name)

@@ -15,7 +15,7 @@ model (`DEFAULT_MODEL`, no download) and a random-weight MAR of `--model` size:
 
 Usage (from the repository root, on the GPU machine):
 
-    python benchmarks/check_cuda.py --output-json cuda_checks.json
+    python benchmarks/bench_cuda.py --output-json cuda_checks.json
 
 The speed of ours against the official code on the GPU is `benchmarks/bench_sampling.py --device cuda`.
 """
@@ -78,7 +78,7 @@ def distance(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 @check("cuda_vs_cpu")
-def check_cuda_vs_cpu(reference: dict) -> dict:
+def bench_cuda_vs_cpu(reference: dict) -> dict:
     cpu = digits_call(load_digits("cpu"))
     reference["cuda"] = digits_call(load_digits("cuda"))
     result = distance(reference["cuda"], cpu)
@@ -231,7 +231,7 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     reference: dict = {}
     checks = {
-        "cuda_vs_cpu": lambda: check_cuda_vs_cpu(reference),
+        "cuda_vs_cpu": lambda: bench_cuda_vs_cpu(reference),
         "bfloat16": lambda: check_bfloat16(reference),
         "model_cpu_offload": lambda: check_model_offload(reference),
         "sequential_cpu_offload": lambda: check_sequential_offload(reference),

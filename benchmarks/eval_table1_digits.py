@@ -17,7 +17,7 @@ The AR transformer (`training/configs/ar-digits.json`: 4 causal blocks) and MAR'
 decoder blocks) have the same width and head, so about the same parameters. Each model is evaluated with
 `eval_digits.py`'s metrics (accuracy, Fréchet distance to the real digits, diversity), without and with guidance.
 
-    python benchmarks/table1_digits.py --output-root /tmp/table1 --write-docs
+    python benchmarks/eval_table1_digits.py --output-root /tmp/table1 --write-docs
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
 )
 from diffusers_mar import ARPipeline, MARPipeline  # noqa: E402
 
-SECTION = "Table 1 in miniature: causal AR vs MAR on digits (benchmarks/table1_digits.py)"
+SECTION = "Table 1 in miniature: causal AR vs MAR on digits (benchmarks/eval_table1_digits.py)"
 TRAININGS = {
     "ar-raster": ["--model_family=ar", "--order=raster"],
     "ar-random": ["--model_family=ar", "--order=random"],

@@ -9,7 +9,7 @@ PNGs (pixels enlarged with nearest-neighbour) into docs/images/:
 - outpaint.png: rows = real, shrunk into the centre with a one-token border regenerated ("shrink"), panned one token
   to the right ("shift").
 
-    python benchmarks/make_inpaint_figures.py [--model PATH] [--output-dir docs/images]
+    python benchmarks/figure_inpaint.py [--model PATH] [--output-dir docs/images]
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ its Fréchet distance at most `--max-frechet-increase` (10%) above it; with `--m
 least X times the reference's img/s (median), and the table calls it a *fast setting*. For example, the first
 search for a fast setting of the shipped model (docs/benchmarks.md, "Fast setting (the first search)"):
 
-    python benchmarks/fast_orders_digits.py --min-speedup 3 --batch-size 1000 \
+    python benchmarks/eval_fast_orders_digits.py --min-speedup 3 --batch-size 1000 \
         --candidates scheduler=dpm-leading,diffusion=15,steps=8 scheduler=ddim-leading,diffusion=25,steps=16
 
-    python benchmarks/fast_orders_digits.py --model path/to/digits64 --write-docs --grid docs/images/grid.png
+    python benchmarks/eval_fast_orders_digits.py --model path/to/digits64 --write-docs --grid docs/images/grid.png
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
 )
 from diffusers_mar import DEFAULT_MODEL  # noqa: E402
 
-DEFAULT_SECTION = "Orders, step schedules and caches (benchmarks/fast_orders_digits.py)"
+DEFAULT_SECTION = "Orders, step schedules and caches (benchmarks/eval_fast_orders_digits.py)"
 KEYS = {
     "steps": "num_inference_steps",
     "diffusion": "num_diffusion_steps",
@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@reports_cli_errors("fast_orders_digits")
+@reports_cli_errors("eval_fast_orders_digits")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 runs[setting["name"]].append(run_setting(pipe, base_config, timer, setting, seed, args))
             except ValueError as error:  # the pipeline's check of the arguments (e.g. more steps than tokens)
-                print(f"fast_orders_digits: error: {setting['name']}: {error}", file=sys.stderr)
+                print(f"eval_fast_orders_digits: error: {setting['name']}: {error}", file=sys.stderr)
                 return 2
             print(f"seed {seed} {setting['name']}: {runs[setting['name']][-1]['seconds']:.1f} s", file=sys.stderr)
     results = [summarize(setting, runs[setting["name"]], evaluator) for setting in settings]
