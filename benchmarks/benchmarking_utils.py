@@ -586,7 +586,8 @@ def write_outputs(
     docs: between `markers` of docs/benchmarks.md, or (None) as the section `--docs-section` of `--docs-path`."""
     print(report)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=2, default=str))
+        text = json.dumps(results, indent=2, default=str)
+        atomic_write(Path(args.output_json), lambda file: file.write(text.encode()))
     if args.write_docs:
         if markers is None:
             update_titled_section(args.docs_path, args.docs_section, report)
