@@ -2,8 +2,8 @@
 once complete, so a failure or a killed process leaves no partial file and replaces nothing. The file gets the
 permissions a plain `open(path, "w")` would give (0666 less the umask), not `mkstemp`'s private 0600.
 
-Used by the command line (images, model cards), evaluation (samples, statistics, results) and the benchmarks
-(docs sections, results)."""
+Used by the command line (images, model cards), evaluation (samples, statistics, results), training (sample grids)
+and the benchmarks (docs sections, results); the converter gives its folder the same permissions (`current_umask`)."""
 
 from __future__ import annotations
 
