@@ -18,16 +18,21 @@ each repeat; the table gives the median and the min-max over the repeats.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.eval_digits import DOCS_PATH, machine_description, update_docs_section  # noqa: E402
+from benchmarks.benchmarking_utils import (  # noqa: E402
+    DOCS_PATH,
+    interleaved,
+    machine_description,
+    recorded_command,
+    spread,
+    update_titled_section,
+)
 from diffusers_mar import (  # noqa: E402
     ARPipeline,
     ARTransformer2DModel,
@@ -56,15 +61,14 @@ def make_pipelines(side: int) -> dict:
     return pipes
 
 
-def time_call(name: str, pipe, num_tokens: int, batch_size: int, diffusion_steps: int) -> float:
+def sampling_call(name: str, pipe, num_tokens: int, batch_size: int, diffusion_steps: int):
+    """The call of sampler `name`: one token per step, no guidance."""
     kwargs = {"num_diffusion_steps": diffusion_steps, "guidance_scale": 1.0, "output_type": "latent"}
     if name.startswith("AR"):
         kwargs["use_cache"] = name == "AR, cache"
     else:
         kwargs["num_inference_steps"] = num_tokens
-    start = time.perf_counter()
-    pipe(list(range(batch_size)), generator=torch.Generator().manual_seed(0), **kwargs)
-    return (time.perf_counter() - start) / batch_size
+    return lambda: pipe(list(range(batch_size)), generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,20 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         num_tokens = side * side
         pipes = make_pipelines(side)
         for name, pipe in pipes.items():  # warm-up
-            time_call(name, pipe, num_tokens, 2, 1)
-        times = {name: [] for name in pipes}
-        for _ in range(args.repeats):  # interleaved
-            for name, pipe in pipes.items():
-                times[name].append(time_call(name, pipe, num_tokens, args.batch_size, args.num_diffusion_steps))
-        for name, values in times.items():
-            ms = [1000 * v for v in values]
-            rows.append((num_tokens, name, statistics.median(ms), min(ms), max(ms)))
-            print(f"L={num_tokens:4d} {name:26s} {statistics.median(ms):9.1f} ms/image ({min(ms):.1f}-{max(ms):.1f})")
+            sampling_call(name, pipe, num_tokens, 2, 1)()
+        calls = {
+            name: sampling_call(name, pipe, num_tokens, args.batch_size, args.num_diffusion_steps)
+            for name, pipe in pipes.items()
+        }
+        rounds = list(interleaved(calls, args.repeats))
+        for name in pipes:
+            ms = spread([1000 * timed[name][0]["total"] / args.batch_size for timed in rounds])
+            rows.append((num_tokens, name, ms["median"], ms["min"], ms["max"]))
+            print(f"L={num_tokens:4d} {name:26s} {ms['median']:9.1f} ms/image ({ms['min']:.1f}-{ms['max']:.1f})")
 
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python benchmarks/bench_ar_cache.py", *given])
+    command = recorded_command(__file__, argv)
     lines = [
-        f"Machine: {machine_description(args.threads)}. Batch {args.batch_size}, {args.num_diffusion_steps} diffusion "
+        f"Machine: {machine_description(threads=args.threads)}. Batch {args.batch_size}, {args.num_diffusion_steps} diffusion "
         f"steps per token, no guidance, float32, {args.repeats} interleaved repeats (median, min-max).",
         "",
         f"Command: `{command}`",
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.write_docs:
-        update_docs_section(DOCS_PATH, SECTION, report)
+        update_titled_section(DOCS_PATH, SECTION, report)
     return 0
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import select
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.eval_digits import update_docs_section  # noqa: E402
+from benchmarks.benchmarking_utils import DOCS_PATH, machine_description, spread, update_titled_section  # noqa: E402
 
 SECTION = "CPU threads of the command line"
 LABELS = [str(label) for label in range(10)]
@@ -133,12 +131,12 @@ def measure(repeats: int, timeout: float) -> dict:
 def report(results: dict, args: argparse.Namespace, load_average: tuple[float, float, float]) -> str:
     def cell(values: list[float]) -> str:
         mark = lambda value: f">{value:.0f}" if value >= args.timeout else f"{value:.1f}"  # noqa: E731
-        return f"{mark(statistics.median(values))} ({mark(min(values))} to {mark(max(values))})"
+        stats = spread(values)
+        return f"{mark(stats['median'])} ({mark(stats['min'])} to {mark(stats['max'])})"
 
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"(default {torch.get_num_threads()} threads); 1-minute load average {load_average[0]:.1f} when the run "
-        "started (other people's work on the shared machine).",
+        f"Machine: {machine_description()} (torch's default threads); 1-minute load average {load_average[0]:.1f} "
+        "when the run started (other people's work on the shared machine).",
         f"Command: `python benchmarks/bench_cli_threads.py --repeats {args.repeats} --timeout {args.timeout:g}` "
         "(80 digits of the shipped model: `diffusers-mar generate --class-labels 0 ... 9 --num-images-per-label 8`).",
         "",
@@ -159,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds after which a run is stopped")
     parser.add_argument("--output-json", help="write the raw timings here")
     parser.add_argument("--write-docs", action="store_true", help=f"write the section '{SECTION}' of --docs-path")
-    parser.add_argument("--docs-path", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--docs-path", default=str(DOCS_PATH))
     return parser.parse_args(argv)
 
 
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
     if args.write_docs:
-        update_docs_section(Path(args.docs_path), SECTION, text)
+        update_titled_section(args.docs_path, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,8 +21,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_fast_sampling import PRESET_MODELS, load_pipeline
-from benchmarks.bench_sampling import Timer, public_argv, spread, update_docs_section
+from benchmarks.benchmarking_utils import (  # noqa: E402
+    PRESET_MODELS,
+    Timer,
+    format_spread,
+    interleaved,
+    load_preset_or_folder,
+    machine_description,
+    recorded_command,
+    section_markers,
+    spread,
+    write_outputs,
+)
 
 
 def counting(backend: str | object, graphs: list) -> object:
@@ -54,31 +61,27 @@ def make_call(pipe, args: argparse.Namespace):
     return call
 
 
-def timed(timer: Timer, call) -> tuple[float, torch.Tensor]:
-    timer.totals.clear()
-    timer.start("total")
-    images = call()
-    timer.stop("total")
-    return timer.totals["total"], images
-
-
 def run(args: argparse.Namespace, pipe) -> dict:
     """Warm-up, compilation, then `args.repeats` rounds of (eager, compiled); seconds per call."""
     timer, call = Timer("cpu"), make_call(pipe, args)
+
+    def eager() -> torch.Tensor:
+        with torch.compiler.set_stance("force_eager"):
+            return call()
+
     with torch.no_grad():
-        timed(timer, call)  # eager warm-up: oneDNN's per-shape kernels, allocator growth
+        call()  # eager warm-up: oneDNN's per-shape kernels, allocator growth
         graphs = {"transformer": [], "diffusion_head": []}
         options = {"mode": args.mode} if args.mode else {}
         pipe.transformer.compile(backend=counting(args.backend, graphs["transformer"]), **options)
         pipe.diffusion_head.compile(backend=counting(args.backend, graphs["diffusion_head"]), **options)
-        first_compiled, _ = timed(timer, call)
+        first_compiled = timer.time(call)[0]["total"]
         rounds = []
-        for repeat in range(args.repeats):
-            with torch.compiler.set_stance("force_eager"):
-                eager, eager_images = timed(timer, call)
-            compiled, compiled_images = timed(timer, call)
+        for repeat, timed in enumerate(interleaved({"eager": eager, "compiled": call}, args.repeats, timer)):
+            (eager_totals, eager_images), (compiled_totals, compiled_images) = timed["eager"], timed["compiled"]
             difference = float((compiled_images - eager_images).abs().max())
-            rounds.append({"eager": eager, "compiled": compiled, "max_abs_diff": difference})
+            seconds = {"eager": eager_totals["total"], "compiled": compiled_totals["total"]}
+            rounds.append({**seconds, "max_abs_diff": difference})
             print(json.dumps({"round": repeat, **rounds[-1]}), flush=True)
     return {
         "first_compiled_seconds": first_compiled,
@@ -90,10 +93,6 @@ def run(args: argparse.Namespace, pipe) -> dict:
     }
 
 
-def _range(stats: dict, digits: int = 3) -> str:
-    return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
-
-
 def table(result: dict) -> str:
     graphs = result["graphs"]
     return "\n".join(
@@ -101,7 +100,8 @@ def table(result: dict) -> str:
             "| eager s/call | compiled s/call | speed-up | first compiled call s | graphs (transformer / head) | "
             "max abs diff |",
             "|---:|---:|---:|---:|---|---:|",
-            f"| {_range(result['eager'])} | {_range(result['compiled'])} | {_range(result['speedup'], 2)}x | "
+            f"| {format_spread(result['eager'])} | {format_spread(result['compiled'])} | "
+            f"{format_spread(result['speedup'], 2)}x | "
             f"{result['first_compiled_seconds']:.0f} | {graphs['transformer']} / {graphs['diffusion_head']} | "
             f"{result['max_abs_diff']:.1e} |",
         ]
@@ -138,30 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pipe = load_pipeline(args)
+    pipe = load_preset_or_folder(args.model)
     result = run(args, pipe)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, "
-        "float32, CPU"
-    )
-    command = shlex.join(
-        ["python", "benchmarks/bench_compile.py", *public_argv(sys.argv[1:] if argv is None else argv)]
-    )
+    machine = machine_description()
+    command = recorded_command(__file__, argv)
     section = (
         f"## `torch.compile` on the CPU: {args.model}, batch {args.batch_size} (benchmarks/bench_compile.py)\n\n"
         f"Machine: {machine}; run on {time.strftime('%Y-%m-%d', time.gmtime())}. {args.repeats} rounds of an eager "
         f"and a compiled call in one process (backend `{args.backend}`), median (min-max) seconds per call and the "
         f"per-round speed-up. Command: `{command}` ({time.perf_counter() - start:.0f} s in all).\n\n{table(result)}\n"
     )
-    print(section)
-    if args.output_json:
-        args.output_json.write_text(json.dumps({**result, "machine": machine}, indent=2))
-    if args.write_docs:
-        markers = tuple(
-            f"<!-- bench_compile {args.model} batch {args.batch_size}:{end} -->" for end in ("begin", "end")
-        )
-        update_docs_section(section, markers)
+    markers = section_markers(f"bench_compile {args.model} batch {args.batch_size}")
+    write_outputs(args, section, {**result, "machine": machine}, markers)
     return 0
 
 

@@ -16,10 +16,9 @@ Results and the GPU-hours per 50K: docs/evaluation.md ("What it costs").
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.benchmarking_utils import Timer, interleaved, spread  # noqa: E402
 from diffusers_mar import (  # noqa: E402
     MARDDPMScheduler,
     MARDiffusionHead,
@@ -120,11 +120,6 @@ def count_flops_per_image(
     return parts
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def measure(pipe, batch_size: int, repeats: int, device: str, **settings) -> tuple[float, float, list[float]]:
     """(FLOPs per image, median images/s, all images/s)."""
     labels = [i % 1000 for i in range(batch_size)]
@@ -133,14 +128,10 @@ def measure(pipe, batch_size: int, repeats: int, device: str, **settings) -> tup
         pipe(labels[:flop_batch], generator=torch.manual_seed(0), output_type="np", **settings)
     flops = counter.get_total_flops() / flop_batch
     pipe(labels, generator=torch.manual_seed(0), output_type="np", **settings)  # warm-up
-    rates = []
-    for repeat in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        pipe(labels, generator=torch.manual_seed(repeat + 1), output_type="np", **settings)
-        synchronize(device)
-        rates.append(batch_size / (time.perf_counter() - start))
-    return flops, statistics.median(rates), rates
+    seeds = itertools.count(1)  # a new seed for each timed call
+    call = lambda: pipe(labels, generator=torch.manual_seed(next(seeds)), output_type="np", **settings)  # noqa: E731
+    rates = [batch_size / timed["pipe"][0]["total"] for timed in interleaved({"pipe": call}, repeats, Timer(device))]
+    return flops, spread(rates)["median"], rates
 
 
 def measure_inception(device: str, batch_size: int, repeats: int) -> dict:
@@ -148,16 +139,11 @@ def measure_inception(device: str, batch_size: int, repeats: int) -> dict:
     images = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images[:1])
-    rates = []
     with torch.no_grad():
         model(images)
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            model(images)
-            synchronize(device)
-            rates.append(batch_size / (time.perf_counter() - start))
-    return {"flops_per_image": counter.get_total_flops(), "images_per_second": statistics.median(rates), "all": rates}
+        rounds = interleaved({"inception": lambda: model(images)}, repeats, Timer(device))
+        rates = [batch_size / timed["inception"][0]["total"] for timed in rounds]
+    return {"flops_per_image": counter.get_total_flops(), "images_per_second": spread(rates)["median"], "all": rates}
 
 
 def main(argv: list[str] | None = None) -> int:

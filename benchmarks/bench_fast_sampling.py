@@ -1,6 +1,6 @@
 """Speed of `MARPipeline`'s sampling presets against its exact default, on a full-size MAR or a pipeline folder.
 
-Quality is measured on the digits models (`benchmarks/fast_orders_digits.py`); this script measures what the presets
+Quality is measured on the digits models (`benchmarks/eval_fast_orders_digits.py`); this script measures what the presets
 buy on a model of the paper's size: images/s of each setting, and where the time goes (transformer, head and the
 rest), in one process with the same weights. The settings alternate (exact, preset, exact, preset, ...) for
 `--repeats` rounds, each call timed alone; a first call of every non-exact setting warms up PyTorch's per-shape
@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,18 +27,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_sampling import (
-    Timer,
-    load_ours,
-    make_original_weights,
-    public_argv,
+from benchmarks.benchmarking_utils import (  # noqa: E402
+    PRESET_MODELS,
+    format_spread,
+    interleaved,
+    load_preset_or_folder,
+    machine_description,
+    pipeline_timer,
+    recorded_command,
+    section_markers,
     spread,
-    update_docs_section,
+    write_outputs,
 )
-from diffusers_mar import DEFAULT_MODEL, MARPipeline
-from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
-
-PRESET_MODELS = ("mar-base", "mar-large", "mar-huge")
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS  # noqa: E402
 
 
 def setting_arguments(name: str, sampling_defaults: dict, guidance_scale: float | None) -> dict:
@@ -53,45 +51,34 @@ def setting_arguments(name: str, sampling_defaults: dict, guidance_scale: float 
     return {**guidance, "sampling_preset": name}
 
 
-def timed_call(pipe, labels: list[int], arguments: dict, timer: Timer) -> dict:
-    timer.totals.clear()
-    timer.start("total")
-    pipe(labels, generator=torch.Generator().manual_seed(0), output_type="latent", **arguments)
-    timer.stop("total")
-    totals = dict(timer.totals)
+def split_seconds(totals: dict[str, float], num_images: int) -> dict:
+    """A timed call's `Timer` totals -> its seconds, img/s and the transformer / head / rest split."""
     transformer, head = totals.get("transformer", 0.0), totals.get("head", 0.0)
     return {
         "seconds": totals["total"],
-        "images_per_second": len(labels) / totals["total"],
+        "images_per_second": num_images / totals["total"],
         "transformer_seconds": transformer,
         "head_seconds": head,
         "rest_seconds": totals["total"] - transformer - head,
     }
 
 
-def instrument(pipe, timer: Timer) -> None:
-    """Time the transformer's forwards (hooks) and the head's three entry points of the sampling loop."""
-    pipe.transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
-    pipe.transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
-    head = pipe.diffusion_head
-    head.compute_modulation = timer.wrap("head", head.compute_modulation)
-    head.forward_with_modulation = timer.wrap("head", head.forward_with_modulation)
-    head.forward_with_condition_embedding = timer.wrap("head", head.forward_with_condition_embedding)
-
-
 def run(args: argparse.Namespace, pipe) -> list[dict]:
-    timer = Timer("cpu")
-    instrument(pipe, timer)
+    timer = pipeline_timer(pipe)
     labels = [i % pipe.transformer.config.num_classes for i in range(args.batch_size)]
     for name in args.settings:
         if name != "exact":
             pipe(labels, output_type="latent", **setting_arguments(name, pipe.sampling_defaults, args.guidance_scale))
-    rounds = []  # the warm-up calls above are not timed
-    for repeat in range(args.repeats):
-        result = {}
+    calls = {}  # the warm-up calls above are not timed
+    for name in args.settings:
+        arguments = setting_arguments(name, pipe.sampling_defaults, args.guidance_scale)
+        calls[name] = lambda arguments=arguments: pipe(
+            labels, generator=torch.Generator().manual_seed(0), output_type="latent", **arguments
+        )
+    rounds = []
+    for repeat, timed in enumerate(interleaved(calls, args.repeats, timer)):
+        result = {name: split_seconds(totals, len(labels)) for name, (totals, _) in timed.items()}
         for name in args.settings:
-            arguments = setting_arguments(name, pipe.sampling_defaults, args.guidance_scale)
-            result[name] = timed_call(pipe, labels, arguments, timer)
             print(json.dumps({"round": repeat, name: result[name]}), flush=True)
         rounds.append(result)
     return rounds
@@ -119,8 +106,7 @@ def table(rows: list[dict]) -> str:
         arguments = ", ".join(f"{k}={v!r}" for k, v in row["arguments"].items())
         split = " / ".join(f"{row[k]['median']:.1f}" for k in ("transformer_seconds", "head_seconds", "rest_seconds"))
         lines.append(
-            f"| {row['setting']} | `{arguments}` | {ips['median']:.4f} ({ips['min']:.4f}-{ips['max']:.4f}) | "
-            f"{speedup['median']:.2f} ({speedup['min']:.2f}-{speedup['max']:.2f})x | {split} |"
+            f"| {row['setting']} | `{arguments}` | {format_spread(ips, 4)} | {format_spread(speedup, 2)}x | {split} |"
         )
     return "\n".join(lines)
 
@@ -148,43 +134,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_pipeline(args: argparse.Namespace):
-    """The model to time: a preset with random weights in the original layout, converted, or a pipeline folder."""
-    if args.model not in PRESET_MODELS:
-        pipe = MARPipeline.from_pretrained(DEFAULT_MODEL if args.model == "shipped" else args.model)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.safetensors"
-        make_original_weights(argparse.Namespace(model=args.model, original_repo=None), weights)
-        return load_ours(argparse.Namespace(model=args.model, weights=weights), "cpu", torch.float32)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pipe = load_pipeline(args)
+    pipe = load_preset_or_folder(args.model)
     rows = summarise(args, run(args, pipe), pipe.sampling_defaults)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32"
-    command = shlex.join(
-        ["python", "benchmarks/bench_fast_sampling.py", *public_argv(sys.argv[1:] if argv is None else argv)]
-    )
+    machine = machine_description()
+    command = recorded_command(__file__, argv)
     section = (
         f"## Sampling presets on {args.model}, batch {args.batch_size} (benchmarks/bench_fast_sampling.py)\n\nMachine: {machine}. Batch "
         f"{args.batch_size}, {'random weights' if args.model in PRESET_MODELS else 'trained weights'}, {args.repeats} rounds (settings alternating in one process), median "
         f"(min-max); speed-up against `{args.settings[0]}` per round. Command: `{command}` "
         f"({time.perf_counter() - start:.0f} s in all).\n\n{table(rows)}\n"
     )
-    print(section)
-    if args.output_json:
-        args.output_json.write_text(json.dumps({"rows": rows, "machine": machine}, indent=2, default=str))
-    if args.write_docs:
-        markers = tuple(
-            f"<!-- bench_fast_sampling {args.model} batch {args.batch_size}:{end} -->" for end in ("begin", "end")
-        )
-        update_docs_section(section, markers)
+    markers = section_markers(f"bench_fast_sampling {args.model} batch {args.batch_size}")
+    write_outputs(args, section, {"rows": rows, "machine": machine}, markers)
     return 0
 
 

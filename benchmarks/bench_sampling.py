@@ -18,37 +18,35 @@ official run's random draws through our pipeline and reports the largest relativ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from conversion.convert_mar_to_diffusers import (  # noqa: E402
-    convert_diffusers_to_mar_state_dict,
-    convert_mar_state_dict,
+from benchmarks.benchmarking_utils import (  # noqa: E402
+    ORIGINAL_FACTORIES,
+    Timer,
+    format_spread,
+    load_ours,
+    machine_description,
+    make_original_weights,
+    measure_memory,
+    official_call,
+    original_model,
+    ours_call,
+    recorded_command,
+    section_markers,
+    spawn_worker,
+    spread,
+    write_outputs,
 )
-from diffusers_mar import (  # noqa: E402
-    MARDDPMScheduler,
-    MARDiffusionHead,
-    MARPipeline,
-    MARTransformer2DModel,
-    get_preset_config,
-)
-
-ORIGINAL_FACTORIES = {"mar-base": "mar_base", "mar-large": "mar_large", "mar-huge": "mar_huge"}
-DOCS_MARKERS = ("<!-- bench_sampling:begin -->", "<!-- bench_sampling:end -->")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,125 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Weights: one random initialisation in the original layout, shared by every measurement.
-
-
-def make_original_weights(args: argparse.Namespace, path: Path) -> None:
-    preset = get_preset_config(args.model)
-    torch.manual_seed(0)
-    if args.original_repo is not None:
-        model = original_model(args, args.model, num_sampling_steps=25)
-        state_dict = model.state_dict()
-    else:
-        transformer = MARTransformer2DModel.from_config(preset["transformer"])
-        head = MARDiffusionHead.from_config(preset["diffusion_head"])
-        state_dict = convert_diffusers_to_mar_state_dict(transformer.state_dict(), head.state_dict())
-    # The original zero-initialises the head's AdaLN and output layers; random values keep every path busy.
-    generator = torch.Generator().manual_seed(1)
-    for key, value in state_dict.items():
-        if key.startswith("diffloss."):
-            value.add_(torch.randn(value.shape, generator=generator) * 0.02)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
-
-
-def original_model(
-    args: argparse.Namespace, preset_name: str, num_sampling_steps: int, diffusion_batch_mul: int = 4
-) -> torch.nn.Module:
-    """The official `MAR` of a preset (random init, eval mode), from the checkout in `--original-repo`."""
-    from conversion.original_mar import load_original_mar
-
-    head = get_preset_config(preset_name)["diffusion_head"]
-    factory = getattr(load_original_mar(args.original_repo), ORIGINAL_FACTORIES[preset_name])
-    return factory(
-        buffer_size=64,
-        diffloss_d=head["num_res_blocks"],
-        diffloss_w=head["model_channels"],
-        num_sampling_steps=str(num_sampling_steps),
-        diffusion_batch_mul=diffusion_batch_mul,
-    ).eval()
-
-
-def load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARPipeline:
-    preset = get_preset_config(args.model)
-    transformer_sd, head_sd = convert_mar_state_dict(load_file(str(args.weights)))
-    with torch.device("meta"):
-        transformer = MARTransformer2DModel.from_config(preset["transformer"])
-        head = MARDiffusionHead.from_config(preset["diffusion_head"])
-    # Real (resident) tensors, so that peak memory measures sampling, not pages of a memory-mapped file.
-    transformer, head = transformer.to_empty(device="cpu"), head.to_empty(device="cpu")
-    transformer.load_state_dict(transformer_sd, strict=True)
-    head.load_state_dict(head_sd, strict=True)
-    pipe = MARPipeline(transformer.eval(), head.eval(), MARDDPMScheduler()).to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Timing helpers.
-
-
-class Timer:
-    """Accumulates wall time of named sections; synchronises CUDA at the edges. `clock` replaces the wall clock
-    (e.g. a running count of floating-point operations) to accumulate another quantity over the same sections."""
-
-    def __init__(self, device: str, clock=None):
-        self.device = device
-        self.clock = clock
-        self.totals: dict[str, float] = {}
-        self._starts: dict[str, float] = {}
-
-    def _now(self) -> float:
-        if self.clock is not None:
-            return self.clock()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def start(self, name: str) -> None:
-        self._starts[name] = self._now()
-
-    def stop(self, name: str) -> None:
-        self.totals[name] = self.totals.get(name, 0.0) + self._now() - self._starts.pop(name)
-
-    def wrap(self, name: str, fn):
-        def wrapped(*args, **kwargs):
-            self.start(name)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.stop(name)
-
-        return wrapped
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-@contextlib.contextmanager
-def measure_memory(device: str, result: dict):
-    """Peak memory of the enclosed work above what was held before it (CUDA allocator, or the CPU resident set)."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        yield
-        result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        result["memory_kind"] = "CUDA max_memory_allocated above the weights"
-        return
-    # CPU: reset the kernel's resident-set high-water mark (VmHWM), so that weight loading does not count.
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    base = _status_mb("VmRSS")
-    yield
-    result["peak_memory_mb"] = _status_mb("VmHWM") - base
-    result["memory_kind"] = "peak resident set (VmHWM) above the loaded weights"
-
-
 def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     pipe = load_ours(args, device, dtype)
@@ -229,37 +108,13 @@ def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_st
     return _summarise(totals, batch_size, result)
 
 
-def ours_call(
-    args: argparse.Namespace, pipe: MARPipeline, timer: Timer, batch_size: int, steps: int, diffusion_steps: int
-):
-    """The measured call of ours, with `timer` accumulating the "transformer" and "encoder" sections."""
-    transformer = pipe.transformer
-    transformer.register_forward_pre_hook(lambda *a: timer.start("transformer"))
-    transformer.register_forward_hook(lambda *a: timer.stop("transformer"))
-    transformer.proj_in.register_forward_pre_hook(lambda *a: timer.start("encoder"))
-    transformer.encoder_norm.register_forward_hook(lambda *a: timer.stop("encoder"))
-    labels = [i % 1000 for i in range(batch_size)]
-    call = {
-        "num_inference_steps": steps,
-        "num_diffusion_steps": diffusion_steps,
-        "guidance_scale": args.guidance_scale,
-        "output_type": "latent",
-    }
-    return lambda: pipe(labels, generator=torch.Generator().manual_seed(0), **call)
-
-
 def _timed_calls(args: argparse.Namespace, device: str, timer: Timer, call) -> dict:
     """Peak memory of the first call; wall time of the second one (of the first with `--no-warmup`)."""
     result: dict = {}
     with measure_memory(device, result):
-        timer.start("total")
-        call()
-        timer.stop("total")
+        timer.time(call)
     if args.warmup:
-        timer.totals.clear()
-        timer.start("total")
-        call()
-        timer.stop("total")
+        timer.time(call)
     return result
 
 
@@ -301,25 +156,6 @@ def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusio
     totals = dict(timer.totals)
     totals["transformer"] = totals.get("encoder", 0.0) + totals.get("decoder", 0.0)
     return _summarise(totals, batch_size, result)
-
-
-def official_call(args: argparse.Namespace, model: torch.nn.Module, timer: Timer, batch_size: int, steps: int):
-    """The measured call of the official `sample_tokens`, with `timer` accumulating "encoder" and "decoder"."""
-    device = args.device
-    model.forward_mae_encoder = timer.wrap("encoder", model.forward_mae_encoder)
-    model.forward_mae_decoder = timer.wrap("decoder", model.forward_mae_decoder)
-    labels = torch.tensor([i % 1000 for i in range(batch_size)], device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
-
-    def call():
-        np.random.seed(0)
-        torch.manual_seed(0)
-        with torch.no_grad(), autocast:
-            model.sample_tokens(
-                batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels
-            )
-
-    return call
 
 
 def _summarise(totals: dict[str, float], batch_size: int, result: dict) -> dict:
@@ -392,30 +228,9 @@ def run_check(args: argparse.Namespace) -> dict:
 # Driver: one subprocess per measurement.
 
 
-def spawn_worker(script: str, args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
-    """Run `script --worker WORKER` in a fresh process (so that its peak memory is its own) with the options every
-    measurement shares, plus `extra`; the worker prints its result as JSON on its last line."""
-    command = [sys.executable, script, "--worker", worker, "--weights", str(args.weights), "--model", args.model]
-    command += ["--device", args.device, "--dtype", args.dtype, *extra]
-    if args.original_repo is not None:
-        command += ["--original-repo", str(args.original_repo)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    if worker == "check":  # a float32 CPU replay: the official `.cuda()` calls must stay on the CPU too
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
 def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     shared = ["--guidance-scale", str(args.guidance_scale)] + ([] if args.warmup else ["--no-warmup"])
     return spawn_worker(__file__, args, worker, [*shared, *extra])
-
-
-def spread(values: list[float]) -> dict:
-    """Median, min and max of repeated measurements."""
-    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def summarise_runs(runs: list[dict]) -> dict:
@@ -426,17 +241,6 @@ def summarise_runs(runs: list[dict]) -> dict:
             summary[key] = float(np.median([run[key] for run in runs]))
     summary["spread"] = {key: spread([run[key] for run in runs]) for key in ("images_per_second", "peak_memory_mb")}
     return summary
-
-
-def _range(stats: dict, digits: int) -> str:
-    return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
-
-
-def machine_description(args: argparse.Namespace) -> str:
-    if args.device == "cuda":
-        return f"{torch.cuda.get_device_name()} ({args.dtype}), torch {torch.__version__}"
-    threads = args.threads or torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads, {args.dtype}, torch {torch.__version__}"
 
 
 def _table(rows: list[dict], have_official: bool) -> str:
@@ -455,47 +259,16 @@ def _table(rows: list[dict], have_official: bool) -> str:
     for row in rows:
         ours, official = row["ours"], row.get("official")
         line = f"| {row['batch_size']} | {row['steps']} x {row['diffusion_steps']} | "
-        line += f"{_range(ours['spread']['images_per_second'], 3)} | {_range(ours['spread']['peak_memory_mb'], 0)} |"
+        line += f"{format_spread(ours['spread']['images_per_second'], 3)} | {format_spread(ours['spread']['peak_memory_mb'], 0)} |"
         if official:
-            line += f" {_range(official['spread']['images_per_second'], 3)} |"
-            line += f" {_range(official['spread']['peak_memory_mb'], 0)} |"
-            line += f" {_range(row['speedup'], 2)}x | {_range(row['memory_ratio'], 2)}x |"
+            line += f" {format_spread(official['spread']['images_per_second'], 3)} |"
+            line += f" {format_spread(official['spread']['peak_memory_mb'], 0)} |"
+            line += f" {format_spread(row['speedup'], 2)}x | {format_spread(row['memory_ratio'], 2)}x |"
         line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**ours)
         if official:
             line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**official)
         lines.append(line)
     return "\n".join(lines)
-
-
-def update_docs_section(section: str, markers: tuple[str, str] = DOCS_MARKERS) -> None:
-    """Replace (or append) the block between `markers` in docs/benchmarks.md."""
-    begin, end = markers
-    path = REPO_ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text:
-        before, rest = text.split(begin, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def public_argv(argv: list[str]) -> list[str]:
-    """The command line as the docs show it, without this machine's paths: the checkout becomes `path/to/LTH14-mar`,
-    other absolute paths (output files, model folders) their last component."""
-    shown = []
-    for i, arg in enumerate(argv):
-        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        if arg.startswith("--") and not equals:
-            shown.append(arg)  # an option name alone; its value is the next argument
-            continue
-        if option == "--original-repo" or (not option and i > 0 and argv[i - 1] == "--original-repo"):
-            value = "path/to/LTH14-mar"
-        elif os.path.isabs(value):
-            value = os.path.basename(value.rstrip("/"))
-        shown.append(f"{option}={value}" if equals else value)
-    return shown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,9 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
         check = _spawn(args, "check", []) if args.check_equal else None
 
-    command = "python benchmarks/bench_sampling.py " + " ".join(
-        public_argv(argv if argv is not None else sys.argv[1:])
-    )
+    machine = machine_description(args.device, args.dtype, args.threads)
+    command = recorded_command(__file__, argv)
     timing = (
         "Each run (a fresh process) makes the same call twice: peak memory is that of the first call, time that of "
         "the second (one-off costs such as oneDNN's per-shape kernel generation excluded)"
@@ -550,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         else "Time and peak memory of the first call in a fresh process (`--no-warmup`)"
     )
     section = (
-        f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. Guidance "
+        f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine}. Guidance "
         f"{args.guidance_scale} (linear). {timing}. {args.repeats} runs of each implementation per setting, "
         "interleaved; median (min-max), ratios per interleaved pair.\n"
     )
@@ -564,13 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if check:
         section += f"\nEquality: replaying the official draws ({check['setting']}), max |ours - official| / max |official| = {check['max_relative_difference']:.1e}.\n"
-    print(section)
-    if args.output_json:
-        args.output_json.write_text(
-            json.dumps({"rows": rows, "check": check, "machine": machine_description(args)}, indent=2)
-        )
-    if args.write_docs:
-        update_docs_section(section)
+    write_outputs(args, section, {"rows": rows, "check": check, "machine": machine}, section_markers("bench_sampling"))
     return 0
 
 

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.bench_sampling import (  # noqa: E402
+from benchmarks.benchmarking_utils import (  # noqa: E402
     ORIGINAL_FACTORIES,
     Timer,
     load_ours,
@@ -39,11 +39,11 @@ from benchmarks.bench_sampling import (  # noqa: E402
     official_call,
     original_model,
     ours_call,
-    public_argv,
-    update_docs_section,
+    recorded_command,
+    section_markers,
+    write_outputs,
 )
 
-DOCS_MARKERS = ("<!-- bench_sampling_flops:begin -->", "<!-- bench_sampling_flops:end -->")
 PARTS = ("encoder", "decoder", "head")
 
 # PyTorch's counter knows the generic flash-attention operator but not the CPU one that
@@ -142,21 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in args.batch_sizes:
         rows.append(count_setting(args, pipe, official, batch_size))
         print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/bench_sampling_flops.py " + " ".join(
-        public_argv(argv if argv is not None else sys.argv[1:])
-    )
+    machine = machine_description(args.device, args.dtype, args.threads)
+    command = recorded_command(__file__, argv)
     section = (
         f"## Sampling work: ours vs official ({args.model})\n\n"
-        f"Machine: {machine_description(args)}. Guidance {args.guidance_scale} (linear). FLOPs of the matrix "
+        f"Machine: {machine}. Guidance {args.guidance_scale} (linear). FLOPs of the matrix "
         "products and attention of one call (`torch.utils.flop_counter`), by part; the last column is the speed-up "
         "ours would have if both ran their products at the same rate.\n"
         f"Command: `{command}`\n\n{table(rows)}\n"
     )
-    print(section)
-    if args.output_json:
-        args.output_json.write_text(json.dumps({"rows": rows, "machine": machine_description(args)}, indent=2))
-    if args.write_docs:
-        update_docs_section(section, DOCS_MARKERS)
+    write_outputs(args, section, {"rows": rows, "machine": machine}, section_markers("bench_sampling_flops"))
     return 0
 
 

@@ -17,7 +17,6 @@ import contextlib
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,20 +25,21 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.bench_sampling import (  # noqa: E402
+from benchmarks.benchmarking_utils import (  # noqa: E402
     ORIGINAL_FACTORIES,
+    Timer,
     load_ours,
     machine_description,
     make_original_weights,
     measure_memory,
     original_model,
+    recorded_command,
+    section_markers,
     spawn_worker,
     update_docs_section,
 )
 from diffusers_mar import get_preset_config  # noqa: E402
 from training.mar_loss import MARTrainingModule, weight_decay_param_groups  # noqa: E402
-
-DOCS_MARKERS = ("<!-- bench_training:begin -->", "<!-- bench_training:end -->")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,14 +83,8 @@ def _timed_steps(args: argparse.Namespace, param_groups: list[dict], step_loss, 
     step()  # warm-up: allocates gradients and optimizer state
     result: dict = {}
     with measure_memory(device, result):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.steps
+        totals, _ = Timer(device).time(lambda: [step() for _ in range(args.steps)])
+    seconds = totals["total"] / args.steps
     result.update(seconds_per_step=seconds, images_per_second=batch_size / seconds)
     return result
 
@@ -155,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             ratio = ours["images_per_second"] / official["images_per_second"]
             line += f" {official['images_per_second']:.2f} | {official['peak_memory_mb']:.0f} | {ratio:.2f}x |"
         lines.append(line)
-    command = "python benchmarks/bench_training.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = recorded_command(__file__, argv)
     section = (
-        f"## Training step: ours vs official ({args.model})\n\nMachine: {machine_description(args)}. One step = loss "
+        f"## Training step: ours vs official ({args.model})\n\nMachine: {machine_description(args.device, args.dtype, args.threads)}. One step = loss "
         f"(diffusion_batch_mul {args.diffusion_batch_mul}) + backward + AdamW, train mode; mean of {args.steps} steps "
         f"after a warm-up step. Peak memory: {rows[0]['ours']['memory_kind']}.\nCommand: `{command}`\n\n"
         + "\n".join(lines)
@@ -165,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(section)
     if args.write_docs:
-        update_docs_section(section, DOCS_MARKERS)
+        update_docs_section(section, section_markers("bench_training"))
     return 0
 
 

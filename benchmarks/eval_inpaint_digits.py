@@ -8,7 +8,7 @@ Hides the bottom half, and separately the left half, of held-out real digits and
 - references: the real digits, the digits with the half blanked (what the visible half alone tells the classifier),
   and unconditional completions (label `num_classes`).
 
-The classifier is the one of `benchmarks/eval_digits.py` (`DigitsEvaluator`: an MLP on the pixels, trained on the
+The classifier is the one of `benchmarks/eval_digits.py` (`benchmarking_utils.DigitsEvaluator`: an MLP on the pixels, trained on the
 fixed stratified half A of the digits, seed 0), so both digits benchmarks judge with one classifier. The test
 digits are its held-out half B. They are held out from the classifier, not from the MAR model (a model trained on
 all 1,797 digits has seen them).
@@ -33,50 +33,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the repository root imports `benchmarks`
 
 import diffusers_mar  # noqa: E402
-from benchmarks.eval_digits import DIGIT_MAX, DIGIT_SIZE, DigitsEvaluator, to_digit_scale  # noqa: E402
+from benchmarks.benchmarking_utils import (  # noqa: E402
+    HALVES,
+    DigitsEvaluator,
+    digit_splits,
+    half_mask,
+    load_inpaint_pipeline,
+    to_digit_scale,
+)
 from diffusers_mar import MARInpaintPipeline  # noqa: E402
-
-HALVES = ("bottom", "left")
-
-
-def digit_splits(evaluator: DigitsEvaluator) -> tuple[np.ndarray, np.ndarray]:
-    """The classifier's held-out half B of the digits: images (N, 8, 8) in [0, 1] and labels (N,)."""
-    images = evaluator.images[evaluator.half_b].reshape(-1, DIGIT_SIZE, DIGIT_SIZE) / DIGIT_MAX
-    return images.astype(np.float32), evaluator.labels[evaluator.half_b]
 
 
 def predict(evaluator: DigitsEvaluator, images: np.ndarray) -> np.ndarray:
     """The evaluator's classifier on (N, H, W) images in [0, 1] (a multiple of 8x8 is block-averaged to 8x8)."""
     return evaluator.predict(to_digit_scale(np.asarray(images)[..., None]))
-
-
-def half_mask(half: str, size: int) -> np.ndarray:
-    """White (regenerate) on the hidden half of a size x size image."""
-    mask = np.zeros((size, size), dtype=np.uint8)
-    if half == "bottom":
-        mask[size // 2 :] = 255
-    elif half == "left":
-        mask[:, : size // 2] = 255
-    else:
-        raise ValueError(f"`half` must be one of {HALVES}; got {half!r}.")
-    return mask
-
-
-def load_pipeline(model: str | None, device: str) -> MARInpaintPipeline:
-    """The inpainting pipeline of `model`, or of the shipped digits model (`diffusers_mar.DEFAULT_MODEL`)."""
-    if model is None:
-        model = getattr(diffusers_mar, "DEFAULT_MODEL", None)
-        if model is None:
-            raise SystemExit(
-                "error: no --model given and this diffusers_mar has no DEFAULT_MODEL (the shipped digits model). "
-                "Pass --model with a pipeline folder trained on the digits (training/train_mar.py --dataset_name "
-                "digits)."
-            )
-    if not (Path(model) / "model_index.json").is_file():
-        raise SystemExit(f"error: --model {model!r} is not a pipeline folder (no model_index.json).")
-    pipe = MARInpaintPipeline.from_pretrained(model).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def complete(
@@ -134,7 +104,7 @@ def pick(value, default):
 @torch.no_grad()  # not torch.set_grad_enabled(False): tests call main() in-process
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_inpaint_pipeline(args.model, args.device)
     card = pipe.sampling_defaults
     sampling = {
         "num_inference_steps": pick(args.num_inference_steps, card.get("num_inference_steps", 64)),

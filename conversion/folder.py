@@ -11,7 +11,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from diffusers_mar import MARPipeline
-from diffusers_mar.cli.outputs import current_umask
+from diffusers_mar.atomic_files import current_umask
 
 
 def check_output_dir(

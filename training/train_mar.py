@@ -60,13 +60,14 @@ from diffusers_mar import (
     MARTransformer2DModel,
     get_preset_config,
 )
-from diffusers_mar.cli.commands import cpu_threads, resolve_num_threads
-from diffusers_mar.cli.outputs import GRID_MIN_CELL, make_grid
+from diffusers_mar.atomic_files import atomic_write
 from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
 from diffusers_mar.file_kinds import describe_file
+from diffusers_mar.image_grid import auto_scale, make_grid
 from diffusers_mar.pipelines.model_card import make_model_card
 from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
+from diffusers_mar.threads import cpu_threads, resolve_num_threads
 from training.ar_loss import AR_ORDERS, ARTrainingModule
 from training.data import (
     DIGITS,
@@ -998,7 +999,8 @@ def log_samples(
     rows = {label: [image for image, row in zip(pil, class_labels) if row == label] for label in class_labels}
     names = [(models.id2label or {}).get(label, str(label)) for label in rows]
     path.parent.mkdir(exist_ok=True)
-    make_grid(list(rows.values()), names, scale=max(1, math.ceil(GRID_MIN_CELL / images.shape[1]))).save(path)
+    grid = make_grid(list(rows.values()), names, scale=auto_scale(images.shape[1]))
+    atomic_write(path, lambda file: grid.save(file, format="PNG"))  # a stopped run leaves no partial PNG
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"samples": images}, step=step, dataformats="NHWC")

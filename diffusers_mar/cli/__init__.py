@@ -7,7 +7,7 @@ Every check that does not need the model (output paths, device, dtype, numbers) 
 all checks run before anything is generated, so a failing command leaves no output file behind and replaces none.
 
 Modules: `parser` (options and their types), `model` (loading, labels, settings, the summary of `info`), `outputs`
-(paths, atomic saving, the grid), `commands` (the subcommands), `evaluate` (evaluation), `errors` (exit codes,
+(paths, atomic saving), `commands` (the subcommands), `evaluate` (evaluation), `errors` (exit codes,
 `CLIError`).
 """
 
@@ -16,11 +16,11 @@ from __future__ import annotations
 import sys
 import traceback
 
-from diffusers_mar.cli.commands import cmd_generate, cmd_info, resolve_num_threads
+from diffusers_mar.cli.commands import cmd_generate, cmd_info
 from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 from diffusers_mar.cli.evaluate import cmd_evaluate
 from diffusers_mar.cli.model import label_text, load_pipeline, model_summary, parse_class_labels, recommended_sampling
-from diffusers_mar.cli.outputs import auto_scale, make_grid, save_image
+from diffusers_mar.cli.outputs import save_image
 from diffusers_mar.cli.parser import build_parser
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info, "evaluate": cmd_evaluate}
@@ -30,16 +30,13 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "CLIError",
-    "auto_scale",
     "build_parser",
     "label_text",
     "load_pipeline",
     "main",
-    "make_grid",
     "model_summary",
     "parse_class_labels",
     "recommended_sampling",
-    "resolve_num_threads",
     "save_image",
 ]
 

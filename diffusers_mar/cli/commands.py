@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
 
 import torch
 from PIL import Image
 
-from diffusers_mar import MARPipeline
 from diffusers_mar.cli.errors import EXIT_OK, CLIError
 from diffusers_mar.cli.model import (
     call_settings,
@@ -24,41 +21,9 @@ from diffusers_mar.cli.model import (
     parse_class_labels,
     sampling_settings,
 )
-from diffusers_mar.cli.outputs import (
-    auto_scale,
-    check_not_replacing,
-    check_output_paths,
-    make_grid,
-    save_image,
-    single_file_paths,
-)
-
-# `--num-threads auto` runs models with fewer parameters (transformer + head) than this on one CPU thread: their
-# matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine threads
-# waiting for each other cost 10x and more (the digits model on 2 cores: 4 s on one thread, over 45 s on two;
-# docs/benchmarks.md, "CPU threads of the command line").
-SMALL_MODEL_PARAMETERS = 10_000_000
-
-
-def resolve_num_threads(num_threads: int | str, pipe: MARPipeline, device: str) -> int:
-    """The intra-op thread count for `--num-threads`: a number as given; `auto`: 1 for a small model on the CPU,
-    else PyTorch's default."""
-    if num_threads != "auto":
-        return num_threads
-    parameters = sum(p.numel() for module in (pipe.transformer, pipe.diffusion_head) for p in module.parameters())
-    return 1 if device == "cpu" and parameters < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
-
-
-@contextlib.contextmanager
-def cpu_threads(num_threads: int) -> Iterator[None]:
-    """`torch.set_num_threads(num_threads)` inside, the previous count restored after (main() may run in a process
-    that goes on, such as a test or a notebook)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+from diffusers_mar.cli.outputs import check_not_replacing, check_output_paths, save_image, single_file_paths
+from diffusers_mar.image_grid import auto_scale, make_grid
+from diffusers_mar.threads import cpu_threads, resolve_num_threads
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from diffusers_mar.cli.commands import cpu_threads, resolve_num_threads
+from diffusers_mar.atomic_files import atomic_write
 from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
 from diffusers_mar.cli.model import call_settings, check_can_decode, load_pipeline, sampling_settings
+from diffusers_mar.threads import cpu_threads, resolve_num_threads
 
 RESULTS_FILE, NPZ_FILE = "results.json", "samples.npz"
 
@@ -124,8 +125,6 @@ def _card_line(results: dict) -> str:
 
 def update_model_card(folder: str, line: str) -> Path:
     """Append `line` under an `## Evaluation results` heading of the folder's README.md (created if missing)."""
-    from diffusers_mar.evaluation.sampling import atomic_write
-
     path = Path(folder).expanduser() / "README.md"
     text = path.read_text() if path.is_file() else ""
     heading = "## Evaluation results"

@@ -1,18 +1,15 @@
 """Output paths and images of `diffusers-mar generate`: checked before the model loads, never replaced unless
-`--overwrite` is given, written atomically (a temporary file renamed into place), and the labelled grid."""
+`--overwrite` is given, written atomically (`diffusers_mar.atomic_files`)."""
 
 from __future__ import annotations
 
-import math
-import os
 import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from diffusers_mar.atomic_files import atomic_write
 from diffusers_mar.cli.errors import CLIError
-
-GRID_MIN_CELL = 64  # the automatic `--scale` upscales images smaller than this (pixels) to at least this size
 
 
 def _check_writable_folder(path: Path, argument: str) -> None:
@@ -84,13 +81,6 @@ def check_not_replacing(paths: list[Path], argument: str) -> None:
         )
 
 
-def current_umask() -> int:
-    """The process's file-creation mask (files and folders that commands write get the permissions it allows)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Save `image` to `path` (format from the extension), creating folders; no partial file on failure."""
     path = Path(path).expanduser()
@@ -98,43 +88,5 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     image_format = _image_format(path, "--output")
     if image_format == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format=image_format)
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes the file private (0600); a PNG is not
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: image.save(file, format=image_format))
     return path
-
-
-def auto_scale(image_size: int) -> int:
-    """Integer NEAREST upscaling so that a cell is at least `GRID_MIN_CELL` pixels (1 for big images)."""
-    return max(1, math.ceil(GRID_MIN_CELL / max(1, image_size)))
-
-
-def make_grid(images: list[list[Image.Image]], row_labels: list[str], scale: int = 1) -> Image.Image:
-    """Rows of images with a text label left of each row, upscaled `scale` times with NEAREST, on white."""
-    width, height = images[0][0].size
-    cell_w, cell_h = width * scale, height * scale
-    gap, margin = 4, 6
-    font = ImageFont.load_default(size=min(20, max(10, cell_h // 4)))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_boxes = [measure.textbbox((0, 0), text, font=font) for text in row_labels]
-    label_w = max(box[2] - box[0] for box in text_boxes) + 2 * margin
-    columns = max(len(row) for row in images)
-    grid = Image.new(
-        "RGB",
-        (label_w + columns * (cell_w + gap) - gap + margin, margin + len(images) * (cell_h + gap) - gap + margin),
-        "white",
-    )
-    draw = ImageDraw.Draw(grid)
-    for r, (row, text, box) in enumerate(zip(images, row_labels, text_boxes)):
-        top = margin + r * (cell_h + gap)
-        draw.text((margin - box[0], top + (cell_h - (box[3] - box[1])) // 2 - box[1]), text, fill="black", font=font)
-        for c, image in enumerate(row):
-            cell = image.convert("RGB").resize((cell_w, cell_h), Image.Resampling.NEAREST)
-            grid.paste(cell, (label_w + c * (cell_w + gap), top))
-    return grid

@@ -11,7 +11,7 @@ import torch
 from diffusers_mar import DEFAULT_MODEL
 from diffusers_mar.cli.errors import EXIT_USAGE
 from diffusers_mar.cli.model import DTYPES
-from diffusers_mar.cli.outputs import GRID_MIN_CELL
+from diffusers_mar.image_grid import GRID_MIN_CELL
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 
 EPILOG = """\

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusers_mar.atomic_files import atomic_write
 from diffusers_mar.evaluation.features import extract
 from diffusers_mar.evaluation.metrics import frechet_distance, gaussian_statistics, inception_score, precision_recall
 from diffusers_mar.evaluation.reference import ReferenceStatistics, iter_reference_images
-from diffusers_mar.evaluation.sampling import NpzWriter, atomic_write, read_images
+from diffusers_mar.evaluation.sampling import NpzWriter, read_images
 
 
 def _check_positive(**values) -> None:

@@ -37,8 +37,8 @@ class InceptionExtractor:
 
 def _import_like_python_m(module_name: str):
     """Import `module_name`; if it (or its package) is not found, try again from the current directory, which
-    `python -m` puts on `sys.path` but the `diffusers-mar` script does not (so `benchmarks.eval_digits` imports from
-    the repository root as documented). The directory stays on `sys.path` for the module's later imports."""
+    `python -m` puts on `sys.path` but the `diffusers-mar` script does not (so `benchmarks.benchmarking_utils` imports
+    from the repository root as documented). The directory stays on `sys.path` for the module's later imports."""
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:

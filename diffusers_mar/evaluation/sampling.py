@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from diffusers_mar.atomic_files import atomic_write, publish, temporary_beside
 
 RUN_FILE = "run.json"
 IMAGE_PATTERN = "{index:06d}.png"
@@ -49,19 +49,6 @@ def process_batches(num_images: int, batch_size: int, process_index: int, num_pr
 
 def image_path(folder: str | Path, index: int) -> Path:
     return Path(folder) / IMAGE_PATTERN.format(index=index)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then rename it into place (no partial file)."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def folder_hash(folder: str | Path) -> str:
@@ -195,8 +182,7 @@ class NpzWriter:
         self.path = Path(path)
         self.shape = tuple(shape)
         self.written = 0
-        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(handle)
+        self.temporary = temporary_beside(self.path)
         self.zip = zipfile.ZipFile(self.temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self.entry = self.zip.open("arr_0.npy", "w", force_zip64=True)
         header = {"descr": "|u1", "fortran_order": False, "shape": self.shape}
@@ -214,11 +200,10 @@ class NpzWriter:
         if self.written != self.shape[0]:
             self.abort()
             raise ValueError(f"wrote {self.written} images into {self.path.name}, expected {self.shape[0]}.")
-        os.chmod(self.temporary, 0o644)
-        os.replace(self.temporary, self.path)
+        publish(self.temporary, self.path)
 
     def abort(self) -> None:
         if self.zip.fp is not None:
             self.entry.close()
             self.zip.close()
-        Path(self.temporary).unlink(missing_ok=True)
+        self.temporary.unlink(missing_ok=True)

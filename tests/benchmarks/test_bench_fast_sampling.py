@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import bench_fast_sampling
+from benchmarks.benchmarking_utils import load_preset_or_folder
 from diffusers_mar.pipelines.sampling_settings import PAPER_SAMPLING
 from tests.testing_utils import make_tiny_pipeline
 
@@ -47,7 +48,7 @@ def test_models_are_presets_or_pipeline_folders(tmp_path, capsys):
     args = bench_fast_sampling.parse_args(["--model", "shipped", "--settings", "exact", "fast", "fast-ddpm"])
     assert args.guidance_scale is None  # the folder's
     assert bench_fast_sampling.setting_arguments("fast", PAPER_SAMPLING, None) == {"sampling_preset": "fast"}
-    pipe = bench_fast_sampling.load_pipeline(args)
+    pipe = load_preset_or_folder(args.model)
     assert pipe.transformer.num_tokens == 16 and pipe.sampling_defaults["num_inference_steps"] == 16
     with pytest.raises(SystemExit):
         bench_fast_sampling.parse_args(["--model", str(tmp_path / "missing")])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_sampling_flops
-from benchmarks.bench_sampling import ours_call
+from benchmarks.benchmarking_utils import ours_call
 from tests.testing_utils import make_tiny_pipeline
 
 

@@ -1,4 +1,4 @@
-"""`benchmarks/eval_digits.py` on real and synthetic digits, and its command line on a tiny model (the metric
+"""The digits evaluator (`benchmarks/benchmarking_utils.py`) on real and synthetic digits, `eval_digits.py`'s command line on a tiny model (the metric
 functions it calls, `diffusers_mar.evaluation.metrics`, are tested in tests/evaluation/test_metrics.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import eval_digits
-from benchmarks.eval_digits import DigitsEvaluator, digits_feature_extractor, to_digit_scale
+from benchmarks.benchmarking_utils import DigitsEvaluator, digits_feature_extractor, head_scheduler, to_digit_scale
 from tests.testing_utils import make_tiny_pipeline
 
 
@@ -64,19 +64,6 @@ def test_noise_scores_badly(evaluator):
     assert set(metrics["diversity_ratio_per_class"]) == set(range(10))
 
 
-def test_update_docs_section_keeps_other_sections(tmp_path):
-    path = tmp_path / "benchmarks.md"
-    path.write_text("# Benchmarks\n\n## Speed\n\nfast\n")
-    eval_digits.update_docs_section(path, "Digits quality", "table v1")
-    eval_digits.update_docs_section(path, "Other model", "other table")
-    eval_digits.update_docs_section(path, "Digits quality", "table v2")
-    text = path.read_text()
-    assert text.startswith("# Benchmarks\n\n## Speed\n\nfast\n")
-    assert "table v2" in text and "table v1" not in text and "other table" in text
-    assert text.count("## Digits quality") == 1
-    assert text.index("Digits quality") < text.index("Other model")  # replaced in place
-
-
 def test_command_line_on_a_tiny_random_model(tmp_path, capsys):
     folder = tmp_path / "model"
     make_tiny_pipeline().save_pretrained(folder)
@@ -103,18 +90,18 @@ def test_head_scheduler_builds_each_scheduler_from_the_model_config():
     from diffusers_mar import MARDDPMScheduler
 
     config = MARDDPMScheduler(clip_sample=True).config
-    ddpm = eval_digits.head_scheduler(config, "ddpm")
+    ddpm = head_scheduler(config, "ddpm")
     assert type(ddpm) is MARDDPMScheduler and ddpm.config.clip_sample
-    dpm = eval_digits.head_scheduler(config, "dpm", "leading")
+    dpm = head_scheduler(config, "dpm", "leading")
     assert type(dpm) is DPMSolverMultistepScheduler and dpm.config.timestep_spacing == "leading"
     dpm.set_timesteps(20)
     # `leading` starts at t = 1000 // 21 * 20 = 940, not at t = 999 where x0_hat is x_t divided by ~5e-5.
     assert dpm.timesteps[0] == 940
-    assert type(eval_digits.head_scheduler(config, "ddim")) is DDIMScheduler
+    assert type(head_scheduler(config, "ddim")) is DDIMScheduler
     with pytest.raises(ValueError, match="`scheduler` must be one of"):
-        eval_digits.head_scheduler(config, "euler")
+        head_scheduler(config, "euler")
     with pytest.raises(ValueError, match="`timestep_spacing` must be one of"):
-        eval_digits.head_scheduler(config, "dpm", "sideways")
+        head_scheduler(config, "dpm", "sideways")
 
 
 def test_digits_feature_extractor_gives_the_evaluators_features_and_logits(evaluator):

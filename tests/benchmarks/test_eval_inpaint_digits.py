@@ -5,13 +5,13 @@ import json
 import numpy as np
 
 from benchmarks import eval_inpaint_digits
-from benchmarks.eval_digits import DigitsEvaluator
+from benchmarks.benchmarking_utils import DigitsEvaluator, digit_splits
 from tests.testing_utils import make_tiny_pipeline
 
 
 def test_test_digits_are_the_held_out_half_of_the_eval_digits_classifier():
     evaluator = DigitsEvaluator()
-    images, labels = eval_inpaint_digits.digit_splits(evaluator)
+    images, labels = digit_splits(evaluator)
     assert images.shape == (899, 8, 8) and images.dtype == np.float32 and 0 <= images.min() < images.max() <= 1
     np.testing.assert_array_equal(labels, evaluator.labels[evaluator.half_b])
     # The same classifier: its accuracy on the held-out half is the one eval_digits.py reports.

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, cli
+from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, cli, threads
+from diffusers_mar.threads import resolve_num_threads
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -297,24 +298,6 @@ def test_parse_class_labels_ids_and_names():
     assert cli.label_text(pipe, 1) == "1 golden retriever" and cli.label_text(pipe, 10) == "uncond."
 
 
-def test_auto_scale():
-    assert [cli.auto_scale(size) for size in (8, 28, 32, 64, 256)] == [8, 3, 2, 1, 1]
-
-
-def test_make_grid_layout():
-    red, blue = Image.new("RGB", (2, 3), "red"), Image.new("L", (2, 3), 0)
-    grid = cli.make_grid([[red, red, red], [blue]], ["a", "b"], scale=4)
-    cells = np.asarray(grid)
-    label_width = grid.width - (3 * (8 + 4) - 4 + 6)
-    assert grid.height == 6 + 2 * (12 + 4) - 4 + 6
-    np.testing.assert_array_equal(
-        cells[6 : 6 + 12, label_width + 24 : label_width + 32], np.full((12, 8, 3), [255, 0, 0])
-    )
-    np.testing.assert_array_equal(cells[22 : 22 + 12, label_width : label_width + 8], 0)
-    assert (cells[22 : 22 + 12, label_width + 12 :] == 255).all()  # the short row leaves white space
-    assert (cells[:, :label_width] < 128).any()  # the labels are drawn
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Nothing replaced without --overwrite (issue 14), checked before generating.
 
@@ -496,10 +479,10 @@ def test_bad_num_threads(tiny_model, tmp_path, capsys, value):
 def test_auto_threads_keep_the_default_for_large_models(monkeypatch, restore_threads):
     pipe = make_tiny_pipeline()
     torch.set_num_threads(2)
-    assert cli.resolve_num_threads("auto", pipe, "cpu") == 1
-    assert cli.resolve_num_threads(4, pipe, "cpu") == 4
-    monkeypatch.setattr(cli.commands, "SMALL_MODEL_PARAMETERS", 1000)  # the tiny model counts as large
-    assert cli.resolve_num_threads("auto", pipe, "cpu") == 2
+    assert resolve_num_threads("auto", pipe, "cpu") == 1
+    assert resolve_num_threads(4, pipe, "cpu") == 4
+    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 1000)  # the tiny model counts as large
+    assert resolve_num_threads("auto", pipe, "cpu") == 2
 
 
 def test_a_model_whose_config_does_not_match_its_weights_fails_with_the_key_names(tiny_model, tmp_path, capsys):

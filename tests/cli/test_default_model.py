@@ -69,7 +69,7 @@ def test_same_seed_same_grid(tmp_path):
 
 
 def test_samples_are_mostly_classified_as_the_requested_digit(pipe, settings):
-    from benchmarks.eval_digits import DigitsEvaluator, generate_digits
+    from benchmarks.benchmarking_utils import DigitsEvaluator, generate_digits
 
     assert settings["guidance_scale"] > 1.0  # the folder recommends guidance
     images, labels, _ = generate_digits(pipe, num_per_class=5, seed=0, **settings)
@@ -121,7 +121,7 @@ def test_documented_fast_setting_keeps_samples_recognisable(settings):
     """docs/usage.md's fast setting (DPM-Solver++ `leading`, 15 head steps, 8 outer steps) on the shipped model."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from benchmarks.eval_digits import DigitsEvaluator, generate_digits
+    from benchmarks.benchmarking_utils import DigitsEvaluator, generate_digits
 
     fast = MARPipeline.from_pretrained(DEFAULT_MODEL)
     fast.set_progress_bar_config(disable=True)

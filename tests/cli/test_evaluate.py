@@ -202,9 +202,9 @@ def test_a_png_given_for_the_weights_or_the_reference_is_named_as_such(tiny_mode
 
 
 def test_the_documented_digits_feature_extractor_imports_from_the_repository_root(tmp_path):
-    """docs/benchmarks.md's `--feature-extractor benchmarks.eval_digits:...` with the `diffusers-mar` script, run from
-    the repository root with no PYTHONPATH to it (issue 23b): the module is found in the current directory."""
-    option = "--feature-extractor benchmarks.eval_digits:digits_feature_extractor"
+    """docs/benchmarks.md's `--feature-extractor benchmarks.benchmarking_utils:...` with the `diffusers-mar` script, run
+    from the repository root with no PYTHONPATH to it (issue 23b): the module is found in the current directory."""
+    option = "--feature-extractor benchmarks.benchmarking_utils:digits_feature_extractor"
     assert option in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
     site = tmp_path / "site"  # the package alone, as an installation provides it; `benchmarks` is not in it
     site.mkdir()
@@ -232,7 +232,7 @@ def test_the_documented_digits_feature_extractor_imports_from_the_repository_roo
         assert data["features"].shape == (4, 64)
     # From another folder the module is not found: only the current directory made the difference.
     result = run(tmp_path, "other.npz")
-    assert result.returncode == 2 and "cannot import 'benchmarks.eval_digits'" in result.stderr
+    assert result.returncode == 2 and "cannot import 'benchmarks.benchmarking_utils'" in result.stderr
     assert not (tmp_path / "other.npz").exists()
 
 

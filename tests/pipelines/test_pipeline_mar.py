@@ -547,7 +547,7 @@ COMPATIBLE_SCHEDULERS = [
 
 @pytest.fixture(scope="module")
 def digits():
-    from benchmarks.eval_digits import DigitsEvaluator
+    from benchmarks.benchmarking_utils import DigitsEvaluator
 
     pipe = MARPipeline.from_pretrained(DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
@@ -559,7 +559,7 @@ def digits():
 
 @pytest.mark.parametrize("scheduler_class", COMPATIBLE_SCHEDULERS)
 def test_every_compatible_scheduler_samples_digits_or_is_refused(digits, scheduler_class):
-    from benchmarks.eval_digits import to_digit_scale
+    from benchmarks.benchmarking_utils import to_digit_scale
 
     pipe, shipped_scheduler, evaluator = digits
     name = scheduler_class.__name__

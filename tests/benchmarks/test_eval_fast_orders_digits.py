@@ -1,11 +1,11 @@
-"""`benchmarks/fast_orders_digits.py`: its candidate grammar, and its command line on a tiny random model."""
+"""`benchmarks/eval_fast_orders_digits.py`: its candidate grammar, and its command line on a tiny random model."""
 
 import json
 
 import pytest
 
-from benchmarks import eval_digits, fast_orders_digits
-from benchmarks.fast_orders_digits import parse_candidate
+from benchmarks import eval_digits, eval_fast_orders_digits
+from benchmarks.eval_fast_orders_digits import parse_candidate
 from diffusers_mar import MARTransformer2DModel
 from tests.testing_utils import make_tiny_pipeline
 
@@ -41,7 +41,7 @@ def test_bad_arguments_exit_with_the_argument_name(capsys):
         (["--candidates", "steps=2", "--threads", "0"], "--threads"),
     ):
         with pytest.raises(SystemExit) as error:
-            fast_orders_digits.parse_args(argv)
+            eval_fast_orders_digits.parse_args(argv)
         assert error.value.code == 2 and name in capsys.readouterr().err
 
 
@@ -53,7 +53,7 @@ def test_command_line_on_a_tiny_random_model(tmp_path, capsys):
         "--candidates", "scheduler=dpm-leading,diffusion=3,steps=2", "scheduler=ddim-leading,diffusion=2,steps=1",
         "--output-json", str(tmp_path / "results.json"), "--write-docs", "--docs-path", str(tmp_path / "bench.md"),
     ]  # fmt: skip
-    assert fast_orders_digits.main(argv) == 0
+    assert eval_fast_orders_digits.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["name"] for r in results] == [
         "default",
@@ -74,16 +74,18 @@ def test_arguments_the_pipeline_refuses_exit_2_naming_the_setting(tmp_path, caps
     folder = tmp_path / "model"
     make_tiny_pipeline().save_pretrained(folder)
     argv = ["--model", str(folder), "--num-per-class", "2", "--seeds", "0", "--candidates", "steps=17"]  # 16 tokens
-    assert fast_orders_digits.main(argv) == 2
-    assert "fast_orders_digits: error: steps=17:" in capsys.readouterr().err
+    assert eval_fast_orders_digits.main(argv) == 2
+    assert "eval_fast_orders_digits: error: steps=17:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", [fast_orders_digits, eval_digits])
+@pytest.mark.parametrize("script", [eval_fast_orders_digits, eval_digits])
 def test_a_model_without_ten_classes_is_refused(script, tmp_path, capsys):
     pipe = make_tiny_pipeline()
     config = {**pipe.transformer.config, "num_classes": 5}
     pipe.transformer = MARTransformer2DModel.from_config(config)
     pipe.save_pretrained(tmp_path / "model")
-    argv = ["--model", str(tmp_path / "model")] + (["--candidates", "steps=2"] if script is fast_orders_digits else [])
+    argv = ["--model", str(tmp_path / "model")] + (
+        ["--candidates", "steps=2"] if script is eval_fast_orders_digits else []
+    )
     assert script.main(argv) == 2
     assert "argument --model: the model has 5 classes, not 10" in capsys.readouterr().err

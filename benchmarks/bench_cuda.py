@@ -15,7 +15,7 @@ model (`DEFAULT_MODEL`, no download) and a random-weight MAR of `--model` size:
 
 Usage (from the repository root, on the GPU machine):
 
-    python benchmarks/check_cuda.py --output-json cuda_checks.json
+    python benchmarks/bench_cuda.py --output-json cuda_checks.json
 
 The speed of ours against the official code on the GPU is `benchmarks/bench_sampling.py --device cuda`.
 """
@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.benchmarking_utils import Timer, interleaved, spread  # noqa: E402
 from diffusers_mar import DEFAULT_MODEL, MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel
 from diffusers_mar.configs import get_preset_config
 
@@ -77,7 +78,7 @@ def distance(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 @check("cuda_vs_cpu")
-def check_cuda_vs_cpu(reference: dict) -> dict:
+def bench_cuda_vs_cpu(reference: dict) -> dict:
     cpu = digits_call(load_digits("cpu"))
     reference["cuda"] = digits_call(load_digits("cuda"))
     result = distance(reference["cuda"], cpu)
@@ -137,28 +138,22 @@ def check_layerwise_casting(reference: dict) -> dict:
     return distance(images, reference["cuda"])
 
 
-def timed(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def median_seconds(fn, repeats: int = 3) -> float:
+    """Median seconds of `repeats` calls of `fn`, each timed alone (CUDA synchronised)."""
+    rounds = interleaved({"call": fn}, repeats, Timer("cuda"))
+    return spread([timed_round["call"][0]["total"] for timed_round in rounds])["median"]
 
 
 @check("compile")
 def check_compile(reference: dict) -> dict:
     pipe = load_digits("cuda")
-    eager = timed(lambda: digits_call(pipe))
+    eager = median_seconds(lambda: digits_call(pipe))
     pipe.transformer.compile()
     pipe.diffusion_head.compile()  # its sampler methods too (a `torch.compile(head)` wrapper reaches only forward)
-    start = time.perf_counter()
-    images = digits_call(pipe)
-    first = time.perf_counter() - start
+    totals, images = Timer("cuda").time(lambda: digits_call(pipe))
+    first = totals["total"]
     result = {**distance(images, reference["cuda"]), "eager_s": eager, "first_compiled_s": first}
-    result["compiled_s"] = timed(lambda: digits_call(pipe))
+    result["compiled_s"] = median_seconds(lambda: digits_call(pipe))
     assert result["max_abs_diff"] < 1e-4, result
     return result
 
@@ -182,7 +177,7 @@ def _throughput(args: argparse.Namespace, dtype: torch.dtype, call: dict) -> dic
         return pipe(labels, generator=torch.Generator("cpu").manual_seed(0), **call)
 
     run()
-    result = {f"{dtype}_eager_images_per_s": args.batch_size / timed(run, repeats=2)}
+    result = {f"{dtype}_eager_images_per_s": args.batch_size / median_seconds(run, repeats=2)}
     torch.cuda.reset_peak_memory_stats()
     run()
     result[f"{dtype}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -190,7 +185,7 @@ def _throughput(args: argparse.Namespace, dtype: torch.dtype, call: dict) -> dic
         pipe.transformer.compile(dynamic=True)
         pipe.diffusion_head.compile(dynamic=True)
         run()
-        result[f"{dtype}_compiled_images_per_s"] = args.batch_size / timed(run, repeats=2)
+        result[f"{dtype}_compiled_images_per_s"] = args.batch_size / median_seconds(run, repeats=2)
     return result
 
 
@@ -236,7 +231,7 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     reference: dict = {}
     checks = {
-        "cuda_vs_cpu": lambda: check_cuda_vs_cpu(reference),
+        "cuda_vs_cpu": lambda: bench_cuda_vs_cpu(reference),
         "bfloat16": lambda: check_bfloat16(reference),
         "model_cpu_offload": lambda: check_model_offload(reference),
         "sequential_cpu_offload": lambda: check_sequential_offload(reference),

@@ -1,6 +1,6 @@
-"""Sample grids of the models that `benchmarks/table1_digits.py` trained: one row per variant, digits 0-9.
+"""Sample grids of the models that `benchmarks/eval_table1_digits.py` trained: one row per variant, digits 0-9.
 
-    python benchmarks/make_table1_figure.py --output-root table1-digits --output docs/images/table1_digits_p1.png
+    python benchmarks/figure_table1.py --output-root table1-digits --output docs/images/table1_digits_p1.png
 
 Each row samples the digits 0 to 9 once with guidance 1.5, 50 diffusion steps and seed 0, with the variant's sampler
 (AR raster and AR anneal in raster order, AR random in random orders; MAR at one token per step and at L / 4 steps).
@@ -17,12 +17,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers_mar import ARPipeline, MARPipeline  # noqa: E402
-from diffusers_mar.cli.outputs import make_grid  # noqa: E402
+from diffusers_mar.image_grid import make_grid  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-root", required=True, help="the --output-root of table1_digits.py")
+    parser.add_argument("--output-root", required=True, help="the --output-root of eval_table1_digits.py")
     parser.add_argument("--patch-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="the training seed of the folders")
     parser.add_argument("--output", required=True, help="the PNG to write")

@@ -17,7 +17,7 @@ The AR transformer (`training/configs/ar-digits.json`: 4 causal blocks) and MAR'
 decoder blocks) have the same width and head, so about the same parameters. Each model is evaluated with
 `eval_digits.py`'s metrics (accuracy, Fréchet distance to the real digits, diversity), without and with guidance.
 
-    python benchmarks/table1_digits.py --output-root /tmp/table1 --write-docs
+    python benchmarks/eval_table1_digits.py --output-root /tmp/table1 --write-docs
 """
 
 from __future__ import annotations
@@ -35,16 +35,17 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.eval_digits import (  # noqa: E402
+from benchmarks.benchmarking_utils import (  # noqa: E402
     DOCS_PATH,
     DigitsEvaluator,
     generate_digits,
     machine_description,
-    update_docs_section,
+    recorded_command,
+    update_titled_section,
 )
 from diffusers_mar import ARPipeline, MARPipeline  # noqa: E402
 
-SECTION = "Table 1 in miniature: causal AR vs MAR on digits (benchmarks/table1_digits.py)"
+SECTION = "Table 1 in miniature: causal AR vs MAR on digits (benchmarks/eval_table1_digits.py)"
 TRAININGS = {
     "ar-raster": ["--model_family=ar", "--order=raster"],
     "ar-random": ["--model_family=ar", "--order=random"],
@@ -140,14 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                 for result in evaluate(folder, name, evaluator, args):
                     rows.append({"tokens": (8 // patch_size) ** 2, "seed": seed, "train_seconds": seconds, **result})
 
-    given = sys.argv[1:] if argv is None else argv
     lines = [
-        f"Machine: {machine_description(args.threads)}. Each model: {args.steps} steps, batch {args.batch_size}, "
+        f"Machine: {machine_description(threads=args.threads)}. Each model: {args.steps} steps, batch {args.batch_size}, "
         f"`diffusion_batch_mul` {args.diffusion_batch_mul}, lr 1e-3, EMA 0.999 with warm-up, seeds {args.seeds}. "
         f"Sampling: {args.num_per_class} images per digit, {args.num_diffusion_steps} diffusion steps, DDPM. "
         f"Fréchet floor (real vs real) {evaluator.frechet_floor:.3f}.",
         "",
-        f"Command: `{' '.join(['python benchmarks/table1_digits.py', *given])}`",
+        f"Command: `{recorded_command(__file__, argv)}`",
         "",
         "| tokens | variant | seed | parameters | guidance | accuracy | Fréchet | diversity | train s | sampling s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     (Path(args.output_root) / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     if args.write_docs:
-        update_docs_section(DOCS_PATH, SECTION, report)
+        update_titled_section(DOCS_PATH, SECTION, report)
     return 0
 
 

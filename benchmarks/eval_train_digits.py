@@ -1,6 +1,6 @@
 """Digits learning check: a short CPU run of `training/train_mar.py`, then its loss curve and sample quality.
 
-    python benchmarks/train_digits.py --output_dir /tmp/mar-digits-bench
+    python benchmarks/eval_train_digits.py --output_dir /tmp/mar-digits-bench
 
 Trains on scikit-learn's bundled 8x8 digits (no download) with the recipe of `training/README.md`, reads the
 logged losses, then samples 10 images per class with the EMA pipeline and the folder's recommended sampling settings
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,6 +22,9 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.benchmarking_utils import machine_description  # noqa: E402
 
 
 def main() -> None:
@@ -87,7 +89,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}",
+                "machine": machine_description(),
                 "steps": len(losses),
                 "global_batch": args.train_batch_size,
                 "first_loss": round(float(np.mean(losses[: args.window])), 4),

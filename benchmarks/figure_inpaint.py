@@ -9,7 +9,7 @@ PNGs (pixels enlarged with nearest-neighbour) into docs/images/:
 - outpaint.png: rows = real, shrunk into the centre with a one-token border regenerated ("shrink"), panned one token
   to the right ("shift").
 
-    python benchmarks/make_inpaint_figures.py [--model PATH] [--output-dir docs/images]
+    python benchmarks/figure_inpaint.py [--model PATH] [--output-dir docs/images]
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the repository root imports `benchmarks`
 
-from benchmarks.eval_digits import DigitsEvaluator  # noqa: E402
-from benchmarks.eval_inpaint_digits import digit_splits, half_mask, load_pipeline  # noqa: E402
+from benchmarks.benchmarking_utils import DigitsEvaluator, digit_splits, half_mask, load_inpaint_pipeline  # noqa: E402
 
 SCALE = 8  # each pixel of an 8x8 digit becomes 8x8 screen pixels
 GAP = 2
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's recommended one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    pipe = load_pipeline(args.model, "cpu")
+    pipe = load_inpaint_pipeline(args.model, "cpu")
     card = pipe.sampling_defaults
     sampling = {
         "num_inference_steps": card.get("num_inference_steps", 64),

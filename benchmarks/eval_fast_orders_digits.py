@@ -21,18 +21,16 @@ its Fréchet distance at most `--max-frechet-increase` (10%) above it; with `--m
 least X times the reference's img/s (median), and the table calls it a *fast setting*. For example, the first
 search for a fast setting of the shipped model (docs/benchmarks.md, "Fast setting (the first search)"):
 
-    python benchmarks/fast_orders_digits.py --min-speedup 3 --batch-size 1000 \
+    python benchmarks/eval_fast_orders_digits.py --min-speedup 3 --batch-size 1000 \
         --candidates scheduler=dpm-leading,diffusion=15,steps=8 scheduler=ddim-leading,diffusion=25,steps=16
 
-    python benchmarks/fast_orders_digits.py --model path/to/digits64 --write-docs --grid docs/images/grid.png
+    python benchmarks/eval_fast_orders_digits.py --model path/to/digits64 --write-docs --grid docs/images/grid.png
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,23 +40,27 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python benchmarks/<script>.py` from the repository root imports `benchmarks`
 
-from benchmarks.bench_sampling import public_argv  # noqa: E402
-from benchmarks.eval_digits import (  # noqa: E402
+from benchmarks.benchmarking_utils import (  # noqa: E402
+    NUM_CLASSES,
     SCHEDULERS,
     TIMESTEP_SPACINGS,
     DigitsEvaluator,
+    Timer,
     add_common_arguments,
     check_common_arguments,
     head_scheduler,
     load_digits_pipeline,
     machine_description,
+    pipeline_timer,
+    public_argv,
+    recorded_command,
     reports_cli_errors,
     to_digit_scale,
     write_outputs,
 )
 from diffusers_mar import DEFAULT_MODEL  # noqa: E402
 
-DEFAULT_SECTION = "Orders, step schedules and caches (benchmarks/fast_orders_digits.py)"
+DEFAULT_SECTION = "Orders, step schedules and caches (benchmarks/eval_fast_orders_digits.py)"
 KEYS = {
     "steps": "num_inference_steps",
     "diffusion": "num_diffusion_steps",
@@ -72,7 +74,6 @@ KEYS = {
 }
 INT_KEYS = ("steps", "gcache", "fcache")
 METRICS = ("accuracy", "frechet_distance", "frechet_ratio", "diversity_ratio", "near_copy_fraction")
-NUM_CLASSES = 10
 
 
 def parse_candidate(text: str) -> dict:
@@ -99,47 +100,22 @@ def parse_candidate(text: str) -> dict:
     return {"name": text or "default", "arguments": arguments, "scheduler": scheduler}
 
 
-class Timers:
-    """Wall time inside the transformer's forward and the diffusion head's calls (instance-level wrappers)."""
-
-    def __init__(self, pipe):
-        self.seconds = {"transformer": 0.0, "head": 0.0}
-        self._wrap(pipe.transformer, "forward", "transformer")
-        self._wrap(pipe.diffusion_head, "forward_with_modulation", "head")
-        self._wrap(pipe.diffusion_head, "compute_modulation", "head")
-        self._wrap(pipe.diffusion_head, "forward_with_condition_embedding", "head")
-
-    def _wrap(self, module, method: str, key: str) -> None:
-        original = getattr(module, method)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = original(*args, **kwargs)
-            self.seconds[key] += time.perf_counter() - start
-            return out
-
-        setattr(module, method, timed)
-
-    def reset(self) -> dict:
-        seconds, self.seconds = self.seconds, {"transformer": 0.0, "head": 0.0}
-        return seconds
-
-
-def run_setting(pipe, base_config, timers: Timers, setting: dict, seed: int, args) -> dict:
+def run_setting(pipe, base_config, timer: Timer, setting: dict, seed: int, args) -> dict:
     pipe.scheduler = head_scheduler(base_config, *setting["scheduler"])
     labels = np.repeat(np.arange(NUM_CLASSES), args.num_per_class)
     generator = torch.Generator().manual_seed(seed)
     images, batch_rates, total = [], [], 0.0
-    timers.reset()
+    split = {"transformer": 0.0, "head": 0.0}
     for first in range(0, len(labels), args.batch_size):
         batch = labels[first : first + args.batch_size].tolist()
-        start = time.perf_counter()
-        out = pipe(batch, generator=generator, output_type="np", **setting["arguments"]).images  # folder defaults
-        seconds = time.perf_counter() - start
+        totals, out = timer.time(  # the folder's defaults where the setting says nothing
+            lambda batch=batch: pipe(batch, generator=generator, output_type="np", **setting["arguments"]).images
+        )
         images.append(out)
-        batch_rates.append(len(batch) / seconds)
-        total += seconds
-    split = timers.reset()
+        batch_rates.append(len(batch) / totals["total"])
+        total += totals["total"]
+        for key in split:
+            split[key] += totals.get(key, 0.0)
     split["other"] = total - split["transformer"] - split["head"]
     return {"images": np.concatenate(images), "labels": labels, "rates": batch_rates, "seconds": total, "split": split}
 
@@ -232,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@reports_cli_errors("fast_orders_digits")
+@reports_cli_errors("eval_fast_orders_digits")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -241,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     sampling = pipe.sampling_defaults
     reference = {"name": "default", "arguments": {}, "scheduler": ("ddpm", None)}
     settings = [reference, *args.settings]
-    evaluator, timers = DigitsEvaluator(), Timers(pipe)
+    evaluator, timer = DigitsEvaluator(), pipeline_timer(pipe)
     runs = {setting["name"]: [] for setting in settings}
     for seed in args.seeds:  # interleaved: each seed runs every setting in turn
         for setting in settings:
             try:
-                runs[setting["name"]].append(run_setting(pipe, base_config, timers, setting, seed, args))
+                runs[setting["name"]].append(run_setting(pipe, base_config, timer, setting, seed, args))
             except ValueError as error:  # the pipeline's check of the arguments (e.g. more steps than tokens)
-                print(f"fast_orders_digits: error: {setting['name']}: {error}", file=sys.stderr)
+                print(f"eval_fast_orders_digits: error: {setting['name']}: {error}", file=sys.stderr)
                 return 2
             print(f"seed {seed} {setting['name']}: {runs[setting['name']][-1]['seconds']:.1f} s", file=sys.stderr)
     results = [summarize(setting, runs[setting["name"]], evaluator) for setting in settings]
@@ -265,10 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     context = {
         "model": public_argv([args.model])[0] if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
         "num_tokens": pipe.transformer.num_tokens,
-        "machine": machine_description(args.threads),
-        "command": shlex.join(
-            ["python", "benchmarks/fast_orders_digits.py", *public_argv(sys.argv[1:] if argv is None else argv)]
-        ),
+        "machine": machine_description(threads=args.threads),
+        "command": recorded_command(__file__, argv),
         "reference": (
             f"MARDDPMScheduler, {sampling.get('num_inference_steps', 'one token per')} outer x "
             f"{sampling['num_diffusion_steps']} head steps, guidance {sampling['guidance_scale']:g} ({sampling['guidance_schedule']}), temperature "
