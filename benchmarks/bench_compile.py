@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.benchmarking_utils import (  # noqa: E402
     PRESET_MODELS,
     Timer,
+    check_preset_or_folder,
     format_spread,
     interleaved,
     load_preset_or_folder,
@@ -124,8 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 3 or args.batch_size < 1:
         parser.error("--repeats must be >= 3 and --batch-size >= 1")
-    if args.model not in PRESET_MODELS and args.model != "shipped" and not Path(args.model).is_dir():
-        parser.error(f"--model must be one of {PRESET_MODELS}, `shipped` or a pipeline folder; got {args.model!r}")
+    check_preset_or_folder(parser, args.model)
     if args.model in PRESET_MODELS:
         args.guidance_scale = 3.0 if args.guidance_scale is None else args.guidance_scale
         args.num_inference_steps = args.num_inference_steps or 16

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.benchmarking_utils import (  # noqa: E402
     PRESET_MODELS,
+    check_preset_or_folder,
     format_spread,
     interleaved,
     load_preset_or_folder,
@@ -127,8 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--settings must be `exact` or among {sorted(SAMPLING_PRESETS)}; got {unknown}")
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats must be >= 1")
-    if args.model not in PRESET_MODELS and args.model != "shipped" and not Path(args.model).is_dir():
-        parser.error(f"--model must be one of {PRESET_MODELS}, `shipped` or a pipeline folder; got {args.model!r}")
+    check_preset_or_folder(parser, args.model)
     if args.guidance_scale is None and args.model in PRESET_MODELS:
         args.guidance_scale = 3.0
     return args

@@ -313,6 +313,12 @@ def load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARP
     return pipe
 
 
+def check_preset_or_folder(parser: argparse.ArgumentParser, model: str) -> None:
+    """Refuse (argparse's exit 2) a `--model` that `load_preset_or_folder` cannot load."""
+    if model not in PRESET_MODELS and model != "shipped" and not Path(model).is_dir():
+        parser.error(f"--model must be one of {PRESET_MODELS}, `shipped` or a pipeline folder; got {model!r}")
+
+
 def load_preset_or_folder(model: str) -> MARPipeline:
     """The model to time: a preset with random weights in the original layout, converted, or a pipeline folder
     (`shipped`: the digits model inside the package)."""

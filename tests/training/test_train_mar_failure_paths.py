@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -228,17 +229,25 @@ def wait_for_checkpoint(child, output_dir, timeout=120):
     assert list_checkpoints(output_dir), f"no checkpoint within {timeout} s (exit code {child.poll()})"
 
 
-def test_c_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes(tmp_path):
+def interrupt_training_child(tmp_path, presses: int) -> tuple[subprocess.Popen, Path, str]:
+    """Start a long training run in a child, press Ctrl-C `presses` times (50 ms apart) once its first checkpoint is
+    saved, and wait for it to end; the child is killed in any case. Returns it, its output folder and its stderr."""
     output_dir = tmp_path / "out"
     argv = [*FAST, "--max_train_steps=100000", "--checkpointing_steps=1", f"--output_dir={output_dir}"]
     child = start_child(tmp_path, argv)
     try:
         wait_for_checkpoint(child, output_dir)
-        child.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        for press in range(presses):
+            time.sleep(0.05 if press else 0.0)
+            child.send_signal(signal.SIGINT)  # what Ctrl-C sends
         child.wait(timeout=120)
     finally:
         stop_child(child)
-    err = (tmp_path / "stderr.txt").read_text()
+    return child, output_dir, (tmp_path / "stderr.txt").read_text()
+
+
+def test_c_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes(tmp_path):
+    child, output_dir, err = interrupt_training_child(tmp_path, presses=1)
     assert child.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert "Ctrl-C: stopping after this step (Ctrl-C again to stop at once)." in err
@@ -261,18 +270,7 @@ def test_c_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes(tmp_pat
 
 def test_c_a_second_ctrl_c_stops_at_once_and_leaves_only_complete_checkpoints(tmp_path):
     # Most of a step's time here is the checkpoint save: the second Ctrl-C mostly lands inside one.
-    output_dir = tmp_path / "out"
-    argv = [*FAST, "--max_train_steps=100000", "--checkpointing_steps=1", f"--output_dir={output_dir}"]
-    child = start_child(tmp_path, argv)
-    try:
-        wait_for_checkpoint(child, output_dir)
-        child.send_signal(signal.SIGINT)
-        time.sleep(0.05)
-        child.send_signal(signal.SIGINT)
-        child.wait(timeout=120)
-    finally:
-        stop_child(child)
-    err = (tmp_path / "stderr.txt").read_text()
+    child, output_dir, err = interrupt_training_child(tmp_path, presses=2)
     # 130, or killed by the signal (what a shell also reports as 130) when it came while the interpreter exits.
     assert child.returncode in (130, -signal.SIGINT), err[-3000:]
     assert "train_mar.py: interrupted. The last complete checkpoint is" in err, err[-3000:]
