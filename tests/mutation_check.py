@@ -65,11 +65,11 @@ MUTATIONS = [
         ("tests/pipelines/test_pipeline_mar.py",),
     ),
     Mutation(
-        "ar-guidance-halves",
-        "diffusers_mar/pipelines/pipeline_ar.py",
+        "ar-guidance-halves",  # the doubling of every family, in the shared base (issue 24)
+        "diffusers_mar/pipelines/pipeline_autoregressive.py",
         "labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])",
         "labels = torch.cat([torch.full_like(labels, self.transformer.config.num_classes), labels])",
-        ("tests/pipelines/test_pipeline_ar.py",),
+        ("tests/pipelines/test_pipeline_ar.py", "tests/pipelines/test_pipeline_mar.py"),
     ),
     # The mask and outer schedules, orders
     Mutation(

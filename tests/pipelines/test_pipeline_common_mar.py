@@ -300,6 +300,8 @@ def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
     _images(pipe, case, callback_on_step_end=check(all_inputs), callback_on_step_end_tensor_inputs=all_inputs)
     step, _, shapes = seen[0]
     assert shapes["tokens"] == (2, 16, 4) and shapes["mask"] == (2, 16) and shapes["condition"][0] == 4  # guided
+    config = pipe.transformer.config
+    assert shapes["latents"] == (2, config.in_channels, config.sample_size, config.sample_size)  # (B, C, H, W)
 
     def zero_last_step(pipeline, step, timestep, callback_kwargs):
         if step == pipeline.num_timesteps - 1:
@@ -309,7 +311,7 @@ def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
     latents = _images(pipe, case, callback_on_step_end=zero_last_step, output_type="latent")
     assert latents.abs().sum() == 0
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        _images(pipe, case, callback_on_step_end=zero_last_step, callback_on_step_end_tensor_inputs=["latents"])
+        _images(pipe, case, callback_on_step_end=zero_last_step, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
 
 def test_callback_interrupts_and_pipeline_callback_classes(callback_case):
@@ -364,6 +366,119 @@ def test_num_images_per_label(case):
         _images(pipe, case, class_labels=[3, 4], num_images_per_label=2)  # 2 generators for 4 images
     with pytest.raises(ValueError, match="num_images_per_label"):
         _images(pipe, case, num_images_per_label=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers' callback checks (`PipelineTesterMixin.test_callback_inputs`, `test_callback_cfg`), as diffusers writes
+# them: `get_dummy_components` / `get_dummy_inputs` are `case.make()` / `case.inputs()`.
+
+
+def test_callback_inputs(callback_case):
+    pipe = callback_case.make()
+    assert hasattr(pipe, "_callback_tensor_inputs")
+    assert "latents" in pipe._callback_tensor_inputs  # what generic diffusers callbacks read
+
+    def callback_inputs_subset(pipe, i, t, callback_kwargs):
+        # iterate over callback args
+        for tensor_name in callback_kwargs:
+            # check that we're only passing in allowed tensor inputs
+            assert tensor_name in pipe._callback_tensor_inputs
+        return callback_kwargs
+
+    def callback_inputs_all(pipe, i, t, callback_kwargs):
+        for tensor_name in pipe._callback_tensor_inputs:
+            assert tensor_name in callback_kwargs
+
+        # iterate over callback args
+        for tensor_name in callback_kwargs:
+            # check that we're only passing in allowed tensor inputs
+            assert tensor_name in pipe._callback_tensor_inputs
+        return callback_kwargs
+
+    inputs = callback_case.inputs()
+
+    # Test passing in a subset
+    inputs["callback_on_step_end"] = callback_inputs_subset
+    inputs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    inputs["output_type"] = "latent"
+    output = pipe(**inputs)[0]
+
+    # Test passing in everything
+    inputs["callback_on_step_end"] = callback_inputs_all
+    inputs["callback_on_step_end_tensor_inputs"] = pipe._callback_tensor_inputs
+    inputs["output_type"] = "latent"
+    output = pipe(**inputs)[0]
+
+    def callback_inputs_change_tensor(pipe, i, t, callback_kwargs):
+        is_last = i == (pipe.num_timesteps - 1)
+        if is_last:
+            callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+        return callback_kwargs
+
+    inputs["callback_on_step_end"] = callback_inputs_change_tensor
+    inputs["callback_on_step_end_tensor_inputs"] = pipe._callback_tensor_inputs
+    inputs["output_type"] = "latent"
+    output = pipe(**inputs)[0]
+    assert output.abs().sum() == 0
+
+
+def test_callback_cfg(callback_case):
+    pipe = callback_case.make()
+    assert hasattr(pipe, "_callback_tensor_inputs")
+
+    def callback_increase_guidance(pipe, i, t, callback_kwargs):
+        pipe._guidance_scale += 1.0
+        return callback_kwargs
+
+    inputs = callback_case.inputs()
+
+    # use cfg guidance because some pipelines modify the shape of the latents outside of the denoising loop
+    inputs["guidance_scale"] = 2.0
+    inputs["callback_on_step_end"] = callback_increase_guidance
+    inputs["callback_on_step_end_tensor_inputs"] = pipe._callback_tensor_inputs
+    _ = pipe(**inputs)[0]
+
+    # we increase the guidance scale by 1.0 at every step
+    # check that the guidance scale is increased by the number of scheduler timesteps
+    # accounts for models that modify the number of inference steps based on strength
+    assert pipe.guidance_scale == (inputs["guidance_scale"] + pipe.num_timesteps)
+
+
+class GuidanceCutoffCallback(PipelineCallback):
+    """A diffusers callback class in the way of `SDCFGCutoffCallback`: guidance off (scale 1) after the cutoff step."""
+
+    tensor_inputs = ["latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        cutoff_step_index, cutoff_step_ratio = self.config.cutoff_step_index, self.config.cutoff_step_ratio
+        cutoff_step = (
+            cutoff_step_index if cutoff_step_index is not None else int(pipeline.num_timesteps * cutoff_step_ratio)
+        )
+        if step_index == cutoff_step:
+            pipeline._guidance_scale = 1.0
+        return callback_kwargs
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_a_callback_class_that_changes_guidance_takes_effect_at_the_next_step(callback_case, schedule, monkeypatch):
+    case, pipe = callback_case, callback_case.make()
+    scales = []
+    sample_tokens = pipe.sample_tokens
+
+    def record(condition, head, num_diffusion_steps, guidance_scale, *args):
+        scales.append(guidance_scale)
+        return sample_tokens(condition, head, num_diffusion_steps, guidance_scale, *args)
+
+    monkeypatch.setattr(pipe, "sample_tokens", record)
+    inputs = case.inputs(guidance_scale=3.0, guidance_schedule=schedule, output_type="latent")
+    plain = pipe(**inputs).images
+    planned, scales = scales, []
+    cut = pipe(**case.inputs(guidance_scale=3.0, guidance_schedule=schedule, output_type="latent"),
+               callback_on_step_end=GuidanceCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)).images  # fmt: skip
+    assert scales[:2] == planned[:2] and pipe.guidance_scale == 1.0 and pipe.do_classifier_free_guidance is False
+    # From the step after the cutoff, the schedule of scale 1: guidance 1 at every step (the batch stays doubled).
+    assert scales[2:] == [1.0] * (len(planned) - 2) and planned[2] != 1.0
+    assert not torch.equal(cut, plain)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

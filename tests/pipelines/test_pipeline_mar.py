@@ -13,7 +13,7 @@ from diffusers import (
 )
 
 from diffusers_mar import DEFAULT_MODEL, MARDDPMScheduler, MARPipeline, mask_by_order, mask_schedule
-from diffusers_mar.pipelines.pipeline_mar import guidance_schedule_values
+from diffusers_mar.pipelines.schedules import guidance_schedule_values
 from tests.testing_utils import (
     fixture_io,
     fixture_pipeline,
