@@ -73,7 +73,8 @@ class MARPipeline(AutoregressivePipeline):
         token_space (`str`, *optional*):
             What the tokens are: `"pixel"` (patchified pixels in `[-1, 1]`) or `"latent"` (latents of a VAE).
             Defaults to `"latent"` with a `vae` and `"pixel"` without one. A latent-space pipeline without a VAE
-            can only return `output_type="latent"`.
+            can only return `output_type="latent"`. Pixel tokens need a scheduler that clips (`clip_sample=True`);
+            a DDPM or DDIM scheduler that does not logs a warning with the fix.
     """
 
     _transformer_class = MARTransformer2DModel
