@@ -306,7 +306,8 @@ class MARInpaintPipeline(MARPipeline):
                 callback_kwargs)`, `timestep` being the number of tokens still unknown. Each group of images with the
                 same number of unknown tokens runs its own steps (`step` starts at 0 for each group), and the tensors
                 are that group's. Setting `pipe._interrupt = True` stops the group and skips the groups after it;
-                tokens not generated yet keep their values from `image`.
+                tokens not generated yet keep their values from `image`. A `pipe._guidance_scale` set by a callback
+                lasts until the end of its group (each group starts from `guidance_scale`).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
                 Among `"latents"`, `"tokens"`, `"mask"` and `"condition"` (see [`MARPipeline`]). Defaults to
                 `["tokens"]`.
