@@ -84,7 +84,7 @@ from diffusers_mar import (  # noqa: E402
     MARPipeline,
     MARTransformer2DModel,
 )
-from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor  # noqa: E402
+from diffusers_mar.pipelines.pipeline_autoregressive import vae_scale_factor  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROG = "convert_mar_to_diffusers.py"  # errors start with it, as argparse's and `diffusers-mar`'s do

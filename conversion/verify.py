@@ -25,7 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 from diffusers_mar import MARPipeline
-from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
+from diffusers_mar.pipelines.pipeline_autoregressive import vae_scale_factor
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Top-level packages of a LTH14/mar checkout, dropped from `sys.modules` so that another checkout can be loaded.

@@ -71,11 +71,11 @@ MUTATIONS = [
         ("tests/pipelines/test_pipeline_mar.py",),
     ),
     Mutation(
-        "ar-guidance-halves",
-        "diffusers_mar/pipelines/pipeline_ar.py",
+        "ar-guidance-halves",  # the doubling of every family, in the shared base (issue 24)
+        "diffusers_mar/pipelines/pipeline_autoregressive.py",
         "labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])",
         "labels = torch.cat([torch.full_like(labels, self.transformer.config.num_classes), labels])",
-        (STUB_GUIDANCE_TEST, "tests/pipelines/test_pipeline_ar.py"),
+        (STUB_GUIDANCE_TEST, "tests/pipelines/test_pipeline_ar.py", "tests/pipelines/test_pipeline_mar.py"),
     ),
     Mutation(
         "guidance-constant-schedule",
@@ -265,6 +265,28 @@ MUTATIONS = [
         '("diffloss.net.res_blocks.{i}.mlp.0.", "res_blocks.{i}.linear_1."),',
         '("diffloss.net.res_blocks.{i}.mlp.0.", "res_blocks.{i}.linear_2."),',
         ("tests/conversion",),
+    ),
+    # The shared base (issue 24): a callback's guidance, the head scheduler's adaptation
+    Mutation(
+        "callback-guidance-ignored",
+        "diffusers_mar/pipelines/pipeline_autoregressive.py",
+        "if self._guidance_values[0] != self._guidance_scale:",
+        "if False:",
+        ("tests/pipelines/test_pipeline_common_mar.py",),
+    ),
+    Mutation(
+        "callback-latents-written-back",
+        "diffusers_mar/pipelines/pipeline_autoregressive.py",
+        'new_tokens = self.transformer.patchify(callback_outputs["latents"].to(tokens))',
+        "new_tokens = tokens",
+        ("tests/pipelines/test_pipeline_common_mar.py",),
+    ),
+    Mutation(
+        "karras-leading-adaptation",
+        "diffusers_mar/pipelines/head_scheduler.py",
+        'scheduler = scheduler.__class__.from_config(scheduler.config, timestep_spacing="leading")',
+        "scheduler = scheduler.__class__.from_config(scheduler.config)",
+        ("tests/pipelines/test_pipeline_mar.py",),
     ),
     # Inpainting: which tokens are kept
     Mutation(

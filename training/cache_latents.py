@@ -31,7 +31,7 @@ from diffusers.models import AutoencoderKL
 from tqdm.auto import tqdm
 
 from diffusers_mar import MARPipeline
-from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
+from diffusers_mar.pipelines.pipeline_autoregressive import vae_scale_factor
 from training.data import (
     CACHE_INFO,
     DIGITS,

@@ -65,7 +65,7 @@ from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
 from diffusers_mar.file_kinds import describe_file
 from diffusers_mar.image_grid import auto_scale, make_grid
 from diffusers_mar.pipelines.model_card import make_model_card
-from diffusers_mar.pipelines.pipeline_mar import vae_scale_factor
+from diffusers_mar.pipelines.pipeline_autoregressive import vae_scale_factor
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
 from diffusers_mar.threads import cpu_threads, resolve_num_threads
 from training.ar_loss import AR_ORDERS, ARTrainingModule
@@ -751,8 +751,7 @@ def load_pretrained(args: argparse.Namespace) -> MARPipeline | None:
     if args.pretrained_model is None:
         return None
     pretrained = DiffusionPipeline.from_pretrained(args.pretrained_model)
-    family = "ar" if isinstance(getattr(pretrained, "transformer", None), ARTransformer2DModel) else "mar"
-    if not isinstance(pretrained, MARPipeline) or family != args.model_family:
+    if not isinstance(pretrained, PIPELINES[args.model_family]):  # the families are siblings: one check
         raise ValueError(
             f"--pretrained_model {args.pretrained_model!r} holds a {type(pretrained).__name__}; --model_family "
             f"{args.model_family} fine-tunes a {PIPELINES[args.model_family].__name__}."

@@ -15,6 +15,7 @@ from diffusers.utils import logging as diffusers_logging
 from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARPipeline
 from diffusers_mar.cli.errors import EXIT_FAILURE, CLIError
 from diffusers_mar.hub import hub_unreachable_reason
+from diffusers_mar.pipelines.pipeline_autoregressive import AutoregressivePipeline
 from diffusers_mar.pipelines.sampling_settings import _CALL_DEFAULTS, apply_sampling_preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -71,8 +72,8 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
             config = MARPipeline.load_config(source, local_files_only=local_only)
             pipeline_class = ARPipeline if config.get("_class_name") == "ARPipeline" else MARPipeline
             pipe = pipeline_class.from_pretrained(source, local_files_only=local_only)
-        if not isinstance(pipe, MARPipeline):
-            raise CLIError(f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline", "--model")
+        if not isinstance(pipe, AutoregressivePipeline):
+            raise CLIError(f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline or an ARPipeline", "--model")
         pipe.to(device=device, dtype=DTYPES[dtype])
     except CLIError:
         raise

@@ -1,4 +1,6 @@
+from diffusers_mar.pipelines.pipeline_ar import ARPipeline
+from diffusers_mar.pipelines.pipeline_autoregressive import AutoregressivePipeline
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.pipeline_mar_inpaint import MARInpaintPipeline
 
-__all__ = ["MARInpaintPipeline", "MARPipeline"]
+__all__ = ["ARPipeline", "AutoregressivePipeline", "MARInpaintPipeline", "MARPipeline"]

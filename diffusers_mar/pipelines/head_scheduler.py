@@ -5,7 +5,9 @@ built from that config (`X.from_config(pipe.scheduler.config)`) discretises the 
 cosine schedule caps its last beta, so at t = 999 `sqrt(alpha_bar)` is 4.9e-5 and `x0_hat` multiplies the head's
 error by 20,000. DDPM's posterior (the original's sampler) and DDIM with `clip_sample` survive a start there; every
 other solver samples noise, so it must start lower: DPM-Solver reads the config's `lambda_min_clipped` (t = 995), the
-others need `timestep_spacing="leading"`. `prepare_head_scheduler` refuses what cannot work, with what to set.
+others need `timestep_spacing="leading"`. `prepare_head_scheduler` adapts a scheduler that starts there (it builds it
+with `timestep_spacing="leading"` for the call and logs one warning that says so, as diffusers adapts what a config
+cannot run) and refuses what cannot work at all, with what to set.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from collections.abc import Callable
 import torch
 from diffusers.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import logging
 
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 from diffusers_mar.schedulers.scheduling_ddpm_mar import LAMBDA_MIN_CLIPPED, MARDDPMScheduler, mar_alphas_cumprod
+
+logger = logging.get_logger(__name__)
 
 # The head schedulers a sampling preset may name: a class and the config overrides it is built with from the
 # pipeline's scheduler config. DPM-Solver++ (2M) with `leading` spacing keeps the quality at 8-10 head steps
@@ -67,17 +72,29 @@ def prepare_head_scheduler(
         # DPM-Solver and friends would slice a learned-variance output to 3 channels; give them eps only.
         scheduler = scheduler.__class__.from_config(scheduler.config, variance_type=None)
 
-    # 2. It must not start at the degenerate end of the schedule unless it survives it (see the module docstring).
-    scheduler.set_timesteps(num_diffusion_steps)
-    first = min(int(scheduler.timesteps[0]), len(reference) - 1)
-    half_log_snr = 0.5 * math.log(reference[first] / (1 - reference[first]))
+    # 2. It must not start at the degenerate end of the schedule unless it survives it (see the module docstring):
+    # one that would is built with `leading` spacing for the call, which starts it below t = 996.
+    first = _first_timestep(scheduler, num_diffusion_steps)
     clips = isinstance(scheduler, DDIMScheduler) and scheduler.config.clip_sample
-    if half_log_snr < LAMBDA_MIN_CLIPPED and not (isinstance(scheduler, DDPMScheduler) or clips):
+    survives = isinstance(scheduler, DDPMScheduler) or clips
+    spacing = scheduler.config.get("timestep_spacing")
+    if _degenerate(reference, first) and not survives and spacing not in (None, "leading"):
+        scheduler = scheduler.__class__.from_config(scheduler.config, timestep_spacing="leading")
+        adapted = _first_timestep(scheduler, num_diffusion_steps)
+        logger.warning(
+            f'{name} with timestep_spacing="{spacing}" starts at t = {first}, where MAR\'s cosine schedule is '
+            f"degenerate (sqrt(alpha_bar) = {math.sqrt(reference[first]):.1e}) and it would sample noise; this "
+            f'call runs it with timestep_spacing="leading" (from t = {adapted}). To silence this, set it: '
+            f'`pipe.scheduler = {name}.from_config(pipe.scheduler.config, timestep_spacing="leading")`.'
+        )
+        first = adapted
+    if _degenerate(reference, first) and not survives:
         raise ValueError(
-            f"{name} starts at t = {first}, where sqrt(alpha_bar) = {math.sqrt(reference[first]):.1e} (MAR's cosine "
-            "schedule caps its last step); it does not clip `x0_hat` there and would sample noise. Make it start "
-            f'below t = 996: `pipe.scheduler = {name}.from_config(pipe.scheduler.config, timestep_spacing="leading")`'
-            f" (DPM-Solver reads `lambda_min_clipped` instead: keep the config's {LAMBDA_MIN_CLIPPED})."
+            f"{name} starts at t = {first}, where sqrt(alpha_bar) = {math.sqrt(reference[first]):.1e} (MAR's "
+            "cosine schedule caps its last step); it does not clip `x0_hat` there and would sample noise. Make it "
+            f'start below t = 996: `timestep_spacing="leading"` with fewer `num_diffusion_steps` (fewer than '
+            f"{len(reference) // 4} always do; DPM-Solver reads `lambda_min_clipped` instead: keep the config's "
+            f"{LAMBDA_MIN_CLIPPED})."
         )
 
     # 3. Noise: the pipeline's own draws (one generator per image) where `step` takes them, else the scheduler's.
@@ -107,6 +124,17 @@ def prepare_head_scheduler(
     return scheduler, keep_variance, lambda noise, i: kwargs
 
 
+def _first_timestep(scheduler: SchedulerMixin, num_diffusion_steps: int) -> int:
+    scheduler.set_timesteps(num_diffusion_steps)
+    return min(int(scheduler.timesteps[0]), scheduler.config.num_train_timesteps - 1)
+
+
+def _degenerate(alphas_cumprod: torch.Tensor, t: int) -> bool:
+    """Whether MAR's cosine schedule at `t` is past DPM-Solver's `lambda_min_clipped` (t >= 996 of 1000)."""
+    alpha_bar = float(alphas_cumprod[t])
+    return 0.5 * math.log(alpha_bar / (1 - alpha_bar)) < LAMBDA_MIN_CLIPPED
+
+
 def prepare_call_scheduler(
     scheduler: SchedulerMixin,
     preset: str | None,
@@ -119,6 +147,7 @@ def prepare_call_scheduler(
     scheduler = preset_head_scheduler(scheduler, preset, temperature)
     for num_diffusion_steps in dict.fromkeys(diffusion_steps):
         prepared = prepare_head_scheduler(scheduler, num_diffusion_steps, temperature, generator)
+        scheduler = prepared[0]  # as adapted for the first count: one warning per call
     return prepared
 
 

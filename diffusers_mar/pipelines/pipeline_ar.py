@@ -8,6 +8,7 @@ of the diffusion head. With `use_cache=True` (the default) the transformer keeps
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,22 +16,14 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
-from diffusers_mar.pipelines.head_scheduler import guide, prepare_head_scheduler
 from diffusers_mar.pipelines.orders import are_permutations, make_orders
-from diffusers_mar.pipelines.pipeline_mar import MARPipeline
-from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS
-from diffusers_mar.pipelines.schedules import (
-    guidance_schedule_values,
-    head_calls,
-    mask_by_order,
-    mask_schedule,
-    prepare_class_labels,
-    prepare_step_noise,
-)
+from diffusers_mar.pipelines.pipeline_autoregressive import AutoregressivePipeline
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_KEYS, check_sampling_settings
+from diffusers_mar.pipelines.schedules import mask_by_order, mask_schedule, prepare_class_labels
 
 ORDERS = ("raster", "random")
 # `--order` of training/train_mar.py, recorded as the pipeline's `training_order` (RAR's "anneal" ends in raster).
@@ -52,20 +45,12 @@ EXAMPLE_DOC_STRING = """
 logger = logging.get_logger(__name__)
 
 
-def _refuse_num_inference_steps(settings: dict | None, name: str) -> None:
-    if settings and "num_inference_steps" in settings:
-        raise ValueError(
-            f"`{name}` has `num_inference_steps`, which an ARPipeline does not take (it makes one token per step); "
-            f"allowed keys are {AR_SAMPLING_KEYS}."
-        )
-
-
-class ARPipeline(MARPipeline):
+class ARPipeline(AutoregressivePipeline):
     r"""
     Pipeline for class-conditional image generation with a causal autoregressive transformer (the paper's "AR").
 
-    It shares `MARPipeline`'s components (but an [`ARTransformer2DModel`]), label names, recommended settings,
-    decoding, saving and model card; only the sampling loop differs.
+    A sibling of [`MARPipeline`] on [`AutoregressivePipeline`] (components, labels, guidance, the head's sampling,
+    callbacks, decoding, saving and model card); its outer loop makes one token per step.
 
     Parameters:
         transformer ([`ARTransformer2DModel`]):
@@ -105,33 +90,26 @@ class ARPipeline(MARPipeline):
         if training_order not in TRAINING_ORDERS:
             raise ValueError(f"`training_order` must be one of {TRAINING_ORDERS}; got {training_order!r}.")
         super().__init__(transformer, diffusion_head, scheduler, vae, id2label, sampling, token_space)
-        _refuse_num_inference_steps(sampling, "sampling")  # after the transformer's check: a MAR folder says so
         self.register_to_config(training_order=training_order)
 
-    @property
-    def sampling_defaults(self) -> dict:
-        """The defaults of `__call__`'s sampling arguments: the folder's `sampling`, else the paper's."""
-        settings = super().sampling_defaults
-        return {key: settings[key] for key in AR_SAMPLING_KEYS}
-
-    def set_sampling_defaults(self, **settings) -> None:
-        """Store recommended sampling settings (keys among `AR_SAMPLING_KEYS`) in the config."""
-        _refuse_num_inference_steps(settings, "settings")
-        super().set_sampling_defaults(**settings)
-
-    def resolve_sampling_settings(
+    def check_inputs(
         self,
-        num_diffusion_steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_schedule: str | None = None,
-        temperature: float | None = None,
-    ) -> dict:
-        """The four sampling arguments of a call: those given, else `sampling_defaults` (not yet checked)."""
-        given = (num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
-        return {
-            **self.sampling_defaults,
-            **{key: value for key, value in zip(AR_SAMPLING_KEYS, given) if value is not None},
-        }
+        class_labels: list[int],
+        settings: dict,
+        generator: torch.Generator | list[torch.Generator] | None,
+        output_type: str,
+        use_cache: bool,
+        noise: list[torch.Tensor] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> None:
+        """Validate the arguments of `__call__` (`order` is checked by `prepare_ar_orders`)."""
+        num_tokens = self.transformer.num_tokens
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"`use_cache` must be True or False; got {use_cache!r}.")
+        if noise is not None and len(noise) != num_tokens:
+            raise ValueError(f"`noise` must hold one tensor per step ({num_tokens}); got {len(noise)}.")
+        self.check_common_inputs(class_labels, generator, output_type, callback_on_step_end_tensor_inputs)
+        check_sampling_settings(settings, num_tokens, self.scheduler.config.num_train_timesteps, keys=AR_SAMPLING_KEYS)
 
     def prepare_ar_orders(
         self,
@@ -161,6 +139,7 @@ class ARPipeline(MARPipeline):
         return orders.to(device=device, dtype=torch.long)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         class_labels: int | list[int] | torch.Tensor,
@@ -209,13 +188,14 @@ class ARPipeline(MARPipeline):
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after each step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, with
                 `timestep` the number of tokens still unknown after the step. It may return a dict with a new
-                `"tokens"` canvas, and set `pipe._interrupt = True` to stop early (unknown tokens stay zero). With
+                `"tokens"` or `"latents"` canvas, set `pipe._interrupt = True` to stop early (unknown tokens stay
+                zero), and set `pipe._guidance_scale` (a guided call's scale from the next step on). With
                 the cache, a changed token enters later conditions only if it is the one made at this step (the
                 others are already in the cache); without it, every known token does.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                Among `"tokens"` (the canvas `(B, L, C)`), `"mask"` (`(B, L)`, 1 = still unknown) and `"condition"`
-                (the step's conditions `(B', 1, D)`, the unconditional half after the conditional one under
-                guidance). Defaults to `["tokens"]`.
+                Among `"latents"` (the canvas `(B, C, H, W)`), `"tokens"` (the same canvas `(B, L, C)`), `"mask"`
+                (`(B, L)`, 1 = still unknown) and `"condition"` (the step's conditions `(B', 1, D)`, the
+                unconditional half after the conditional one under guidance). Defaults to `["tokens"]`.
             order (`str` or `torch.LongTensor`, *optional*, defaults to `"raster"`):
                 `"raster"`, `"random"` (one `torch.randperm` per image from `generator`), or permutations of the
                 token positions: `(num_tokens,)` for every image or `(batch, num_tokens)`.
@@ -232,34 +212,24 @@ class ARPipeline(MARPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         # 1. Check inputs
-        settings = self.resolve_sampling_settings(num_diffusion_steps, guidance_scale, guidance_schedule, temperature)
-        class_labels = prepare_class_labels(class_labels, num_images_per_label, self.transformer.config.num_classes)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["tokens"]
-        num_tokens = self.transformer.num_tokens
-        if not isinstance(use_cache, bool):
-            raise ValueError(f"`use_cache` must be True or False; got {use_cache!r}.")
-        if noise is not None and len(noise) != num_tokens:
-            raise ValueError(f"`noise` must hold one tensor per step ({num_tokens}); got {len(noise)}.")
-        self.check_inputs(
-            class_labels, {**settings, "num_inference_steps": num_tokens}, generator, output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
-        num_diffusion_steps = settings["num_diffusion_steps"]
-        scheduler, keep_variance, step_noise_kwargs = prepare_head_scheduler(
-            self.scheduler, num_diffusion_steps, settings["temperature"], generator
+        settings = self.resolve_sampling_settings(
+            num_diffusion_steps=num_diffusion_steps,
+            guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule,
+            temperature=temperature,
         )
+        class_labels = prepare_class_labels(class_labels, num_images_per_label, self.transformer.config.num_classes)
+        callback_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_inputs(class_labels, settings, generator, output_type, use_cache, noise, callback_inputs)
+        num_diffusion_steps = settings["num_diffusion_steps"]
+        head = self.prepare_head_sampler([num_diffusion_steps], settings["temperature"], generator)
         device = self._execution_device
-        batch_size, token_dim = len(class_labels), self.transformer.token_dim
-        do_guidance = settings["guidance_scale"] != 1.0
+        num_tokens, batch_size, token_dim = self.transformer.num_tokens, len(class_labels), self.transformer.token_dim
         self._interrupt = False
         self._num_timesteps = num_tokens
 
         # 2. Class labels; the unconditional half follows the conditional one under guidance
-        labels = torch.tensor(class_labels, device=device)
-        if do_guidance:
-            labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])
+        labels = self.prepare_labels(class_labels, settings["guidance_scale"], device)
 
         # 3. Generation orders
         training_order = self.config.get("training_order")
@@ -270,25 +240,19 @@ class ARPipeline(MARPipeline):
                 '): it generates noise in random order. Use order="raster".'
             )
         orders = self.prepare_ar_orders(order, batch_size, generator, device)  # (B, L)
-        orders_in = torch.cat([orders, orders]) if do_guidance else orders
+        orders_in = torch.cat([orders, orders]) if self._guided else orders
 
         # 4. Guidance schedule: MAR's linear schedule at one token per step
-        guidance = guidance_schedule_values(
-            settings["guidance_scale"],
-            mask_schedule(num_tokens, num_tokens),
-            num_tokens,
-            settings["guidance_schedule"],
-        )
+        self.prepare_guidance(mask_schedule(num_tokens, num_tokens), num_tokens, settings["guidance_schedule"])
 
-        # 5. Autoregressive loop over the order; inside it, the diffusion head's scheduler loop
+        # 5. Autoregressive loop over the order; inside it, the diffusion head samples the step's token
         tokens = torch.zeros(batch_size, num_tokens, token_dim, device=device)  # (B, L, C), float32 canvas
         kv_cache = self.transformer.make_kv_cache(len(labels)) if use_cache else None
-        head_dtype = self.diffusion_head.dtype
         for step in self.progress_bar(range(num_tokens)):
             if self.interrupt:
                 break
             predict = orders[:, step : step + 1]  # (B, 1): the position made now
-            tokens_in = torch.cat([tokens, tokens]) if do_guidance else tokens
+            tokens_in = torch.cat([tokens, tokens]) if self._guided else tokens
             tokens_in = tokens_in.to(self.transformer.dtype)
             if use_cache:
                 condition = self.transformer(tokens_in, labels, orders_in, kv_cache=kv_cache, return_dict=False)[0]
@@ -296,43 +260,17 @@ class ARPipeline(MARPipeline):
                 condition = self.transformer(tokens_in, labels, orders_in, return_dict=False)[0]  # (B', L, D)
                 index = orders_in[:, step : step + 1].unsqueeze(-1).expand(-1, -1, condition.shape[-1])
                 condition = torch.gather(condition, 1, index)  # (B', 1, D)
-            condition_embedding = self.diffusion_head.embed_condition(
-                condition.reshape(-1, condition.shape[-1]).to(head_dtype)
-            )  # (B', W)
-
-            scheduler.set_timesteps(num_diffusion_steps)
-            step_noise = prepare_step_noise(
-                len(scheduler.timesteps), batch_size, 1, token_dim, generator, device, noise and noise[step]
-            )  # (1 + S, B, C)
-            heads = head_calls(
-                self.diffusion_head, scheduler.timesteps.to(device), condition_embedding, self.modulation_rows
-            )
-            step_guidance = guidance[step] if do_guidance else None
-            sample = step_noise[0] * scheduler.init_noise_sigma  # (B, C)
-            for i, (t, head) in enumerate(zip(scheduler.timesteps, heads)):
-                model_input = scheduler.scale_model_input(sample, t)
-                model_input = torch.cat([model_input, model_input]) if do_guidance else model_input
-                model_output = head(model_input.to(head_dtype))
-                model_output = guide(model_output.float(), step_guidance, token_dim, keep_variance)
-                sample = scheduler.step(model_output, t, sample, **step_noise_kwargs(step_noise, i)).prev_sample
-
-            tokens = tokens.scatter(1, predict.unsqueeze(-1).expand(-1, -1, token_dim), sample.view(batch_size, 1, -1))
+            sample = self.sample_tokens(
+                condition, head, num_diffusion_steps, self.step_guidance(step), generator, noise and noise[step]
+            )  # (B, 1, C)
+            tokens = tokens.scatter(1, predict.unsqueeze(-1).expand(-1, -1, token_dim), sample)
 
             if callback_on_step_end is not None:
                 num_unknown = num_tokens - step - 1
-                mask = mask_by_order(num_unknown, orders.flip(1))  # the last `num_unknown` of each order
-                available = {"tokens": tokens, "mask": mask, "condition": condition}
-                callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, step, num_unknown, callback_kwargs) or {}
-                tokens = callback_outputs.pop("tokens", tokens)
+                mask = functools.partial(mask_by_order, num_unknown, orders.flip(1))  # the last `num_unknown`
+                tokens = self.run_callback(
+                    callback_on_step_end, callback_inputs, step, num_unknown, tokens, mask=mask, condition=condition
+                )
 
         # 6. Decode
-        image = self._decode_latents(self.transformer.unpatchify(tokens), output_type, generator)  # from (B, C, H, W)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
-
-
-ARPipeline.__call__.__doc__ = ARPipeline.__call__.__doc__.replace("        Examples:\n", EXAMPLE_DOC_STRING, 1)
+        return self.decode_output(self.transformer.unpatchify(tokens), output_type, generator, return_dict)

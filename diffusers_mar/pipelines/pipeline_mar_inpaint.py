@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 
 from diffusers_mar.pipelines.image_inputs import retrieve_latents, to_unit_tensor, token_mask_from_pixels
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
@@ -234,6 +234,7 @@ class MARInpaintPipeline(MARPipeline):
         return canvas, mask
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image: PipelineImageInput,
@@ -305,9 +306,11 @@ class MARInpaintPipeline(MARPipeline):
                 callback_kwargs)`, `timestep` being the number of tokens still unknown. Each group of images with the
                 same number of unknown tokens runs its own steps (`step` starts at 0 for each group), and the tensors
                 are that group's. Setting `pipe._interrupt = True` stops the group and skips the groups after it;
-                tokens not generated yet keep their values from `image`.
+                tokens not generated yet keep their values from `image`. A `pipe._guidance_scale` set by a callback
+                lasts until the end of its group (each group starts from `guidance_scale`).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                Among `"tokens"`, `"mask"` and `"condition"` (see [`MARPipeline`]). Defaults to `["tokens"]`.
+                Among `"latents"`, `"tokens"`, `"mask"` and `"condition"` (see [`MARPipeline`]). Defaults to
+                `["tokens"]`.
             mask_dilation (`int`, *optional*, defaults to 0):
                 Grow the unknown region by this many tokens in every direction (useful with a VAE, whose latents
                 next to the mask still carry some of the masked content).
@@ -335,21 +338,16 @@ class MARInpaintPipeline(MARPipeline):
         arguments = apply_sampling_preset(sampling_preset, locals(), self.transformer.num_tokens)
         class_labels = prepare_class_labels(class_labels, num_classes=self.transformer.config.num_classes)
         check_num_images_per_label(num_images_per_label)
-        settings = self.resolve_sampling_settings(*(arguments[key] for key in SAMPLING_KEYS))
+        settings = self.resolve_sampling_settings(**{key: arguments[key] for key in SAMPLING_KEYS})
         if not isinstance(resize, bool):
             raise ValueError(f"`resize` must be True or False; got {resize!r}.")
         # The sampling arguments are checked once here (each group is checked again by MARPipeline); the step count
         # only needs to be >= 1, since each group clips it to its number of unknown tokens.
         check_sampling_settings(settings)
         settings["num_inference_steps"] = min(settings["num_inference_steps"], self.transformer.num_tokens)
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_inputs = self.callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_inputs(
-            class_labels,
-            settings,
-            None,
-            output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            class_labels, settings, None, output_type, callback_on_step_end_tensor_inputs=callback_inputs
         )
         mask = self.prepare_mask(mask_image, mask_dilation, resize)  # (Bm, L)
         images = to_unit_tensor(image, "image", self.image_channels)
@@ -407,7 +405,7 @@ class MARInpaintPipeline(MARPipeline):
                     generator=[generator[i] for i in rows] if isinstance(generator, list) else generator,
                     output_type="latent",
                     callback_on_step_end=callback_on_step_end,
-                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    callback_on_step_end_tensor_inputs=callback_inputs,
                     latents=latents[rows],
                     mask=mask[rows].to(latents.device),
                     order=group_order,
@@ -420,14 +418,4 @@ class MARInpaintPipeline(MARPipeline):
             )
 
         # 4. Decode
-        image = self._decode_latents(output, output_type, generator)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
-
-
-MARInpaintPipeline.__call__.__doc__ = MARInpaintPipeline.__call__.__doc__.replace(
-    "        Examples:\n", EXAMPLE_DOC_STRING, 1
-)
+        return self.decode_output(output, output_type, generator, return_dict)

@@ -77,20 +77,25 @@ def _is_number(value: object) -> bool:
 
 
 def check_sampling_settings(
-    settings: dict, num_tokens: int | None = None, num_train_timesteps: int | None = None, name: str | None = None
+    settings: dict,
+    num_tokens: int | None = None,
+    num_train_timesteps: int | None = None,
+    name: str | None = None,
+    keys: tuple[str, ...] = SAMPLING_KEYS,
 ) -> dict:
-    """Return `settings` (a subset of `SAMPLING_KEYS`) if every value is usable, else raise a `ValueError` that names
-    the key and its allowed values. `num_tokens` and `num_train_timesteps` bound the step counts when given; `name`
-    (e.g. "sampling") prefixes the keys in messages, for settings stored in a dict rather than given as arguments."""
+    """Return `settings` (a subset of `keys`, a family's sampling keys) if every value is usable, else raise a
+    `ValueError` that names the key and its allowed values. `num_tokens` and `num_train_timesteps` bound the step
+    counts when given; `name` (e.g. "sampling") prefixes the keys in messages, for settings stored in a dict rather
+    than given as arguments."""
 
     def label(key: str) -> str:
         return f"`{key}`" if name is None else f"`{name}['{key}']`"
 
     if not isinstance(settings, dict):
-        raise ValueError(f"`{name or 'sampling'}` must be a dict with keys among {SAMPLING_KEYS}; got {settings!r}.")
-    unknown = sorted(set(settings) - set(SAMPLING_KEYS))
+        raise ValueError(f"`{name or 'sampling'}` must be a dict with keys among {keys}; got {settings!r}.")
+    unknown = sorted(set(settings) - set(keys))
     if unknown:
-        raise ValueError(f"`{name or 'sampling'}` has unknown keys {unknown}; allowed keys are {SAMPLING_KEYS}.")
+        raise ValueError(f"`{name or 'sampling'}` has unknown keys {unknown}; allowed keys are {keys}.")
     bounds = {"num_inference_steps": num_tokens, "num_diffusion_steps": num_train_timesteps}
     for key, high in bounds.items():
         value = settings.get(key)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.callbacks import PipelineCallback
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from PIL import Image
 
 from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARInpaintPipeline, MARPipeline, cli
@@ -300,6 +301,8 @@ def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
     _images(pipe, case, callback_on_step_end=check(all_inputs), callback_on_step_end_tensor_inputs=all_inputs)
     step, _, shapes = seen[0]
     assert shapes["tokens"] == (2, 16, 4) and shapes["mask"] == (2, 16) and shapes["condition"][0] == 4  # guided
+    config = pipe.transformer.config
+    assert shapes["latents"] == (2, config.in_channels, config.sample_size, config.sample_size)  # (B, C, H, W)
 
     def zero_last_step(pipeline, step, timestep, callback_kwargs):
         if step == pipeline.num_timesteps - 1:
@@ -309,7 +312,7 @@ def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
     latents = _images(pipe, case, callback_on_step_end=zero_last_step, output_type="latent")
     assert latents.abs().sum() == 0
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        _images(pipe, case, callback_on_step_end=zero_last_step, callback_on_step_end_tensor_inputs=["latents"])
+        _images(pipe, case, callback_on_step_end=zero_last_step, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 
 
 def test_callback_interrupts_and_pipeline_callback_classes(callback_case):
@@ -364,6 +367,151 @@ def test_num_images_per_label(case):
         _images(pipe, case, class_labels=[3, 4], num_images_per_label=2)  # 2 generators for 4 images
     with pytest.raises(ValueError, match="num_images_per_label"):
         _images(pipe, case, num_images_per_label=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# diffusers' callback checks (`PipelineTesterMixin.test_callback_inputs`, `test_callback_cfg`), as diffusers writes
+# them: `get_dummy_components` / `get_dummy_inputs` are `case.make()` / `case.inputs()`.
+
+
+def test_callback_inputs(callback_case):
+    pipe = callback_case.make()
+    assert hasattr(pipe, "_callback_tensor_inputs")
+    assert "latents" in pipe._callback_tensor_inputs  # what generic diffusers callbacks read
+
+    def callback_inputs_subset(pipe, i, t, callback_kwargs):
+        # iterate over callback args
+        for tensor_name in callback_kwargs:
+            # check that we're only passing in allowed tensor inputs
+            assert tensor_name in pipe._callback_tensor_inputs
+        return callback_kwargs
+
+    def callback_inputs_all(pipe, i, t, callback_kwargs):
+        for tensor_name in pipe._callback_tensor_inputs:
+            assert tensor_name in callback_kwargs
+
+        # iterate over callback args
+        for tensor_name in callback_kwargs:
+            # check that we're only passing in allowed tensor inputs
+            assert tensor_name in pipe._callback_tensor_inputs
+        return callback_kwargs
+
+    inputs = callback_case.inputs()
+
+    # Test passing in a subset
+    inputs["callback_on_step_end"] = callback_inputs_subset
+    inputs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    inputs["output_type"] = "latent"
+    output = pipe(**inputs)[0]
+
+    # Test passing in everything
+    inputs["callback_on_step_end"] = callback_inputs_all
+    inputs["callback_on_step_end_tensor_inputs"] = pipe._callback_tensor_inputs
+    inputs["output_type"] = "latent"
+    output = pipe(**inputs)[0]
+
+    def callback_inputs_change_tensor(pipe, i, t, callback_kwargs):
+        is_last = i == (pipe.num_timesteps - 1)
+        if is_last:
+            callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+        return callback_kwargs
+
+    inputs["callback_on_step_end"] = callback_inputs_change_tensor
+    inputs["callback_on_step_end_tensor_inputs"] = pipe._callback_tensor_inputs
+    inputs["output_type"] = "latent"
+    output = pipe(**inputs)[0]
+    assert output.abs().sum() == 0
+
+
+def test_callback_cfg(callback_case):
+    pipe = callback_case.make()
+    assert hasattr(pipe, "_callback_tensor_inputs")
+
+    def callback_increase_guidance(pipe, i, t, callback_kwargs):
+        pipe._guidance_scale += 1.0
+        return callback_kwargs
+
+    inputs = callback_case.inputs()
+
+    # use cfg guidance because some pipelines modify the shape of the latents outside of the denoising loop
+    inputs["guidance_scale"] = 2.0
+    inputs["callback_on_step_end"] = callback_increase_guidance
+    inputs["callback_on_step_end_tensor_inputs"] = pipe._callback_tensor_inputs
+    _ = pipe(**inputs)[0]
+
+    # we increase the guidance scale by 1.0 at every step
+    # check that the guidance scale is increased by the number of scheduler timesteps
+    # accounts for models that modify the number of inference steps based on strength
+    assert pipe.guidance_scale == (inputs["guidance_scale"] + pipe.num_timesteps)
+
+
+def test_karras_schedulers_shape(case):
+    # diffusers' `PipelineTesterMixin.test_karras_schedulers_shape`; its `num_inference_steps` (the scheduler's
+    # steps) is our `num_diffusion_steps`, and EDM, which does not follow the head's process, is refused.
+    pipe = case.make()
+
+    # make sure that PNDM does not need warm-up
+    pipe.scheduler.register_to_config(skip_prk_steps=True)
+
+    inputs = case.inputs(generator=_seeded(0))  # one generator, as diffusers' dummy inputs: some draw their own noise
+    inputs["num_diffusion_steps"] = 2
+
+    outputs = []
+    for scheduler_enum in KarrasDiffusionSchedulers:
+        if "KDPM2" in scheduler_enum.name:
+            inputs["num_diffusion_steps"] = 5
+
+        scheduler_cls = getattr(diffusers, scheduler_enum.name)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        if scheduler_enum.name == "EDMEulerScheduler":
+            with pytest.raises(ValueError, match="EDMEulerScheduler does not follow"):
+                pipe(**inputs)
+            continue
+        output = pipe(**inputs)[0]
+        outputs.append(output)
+
+        if "KDPM2" in scheduler_enum.name:
+            inputs["num_diffusion_steps"] = 2
+
+    assert len(outputs) == len(KarrasDiffusionSchedulers) - 1
+    assert len({tuple(output.shape) for output in outputs}) == 1 and all(torch.isfinite(o).all() for o in outputs)
+
+
+class GuidanceCutoffCallback(PipelineCallback):
+    """A diffusers callback class in the way of `SDCFGCutoffCallback`: guidance off (scale 1) after the cutoff step."""
+
+    tensor_inputs = ["latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        cutoff_step_index, cutoff_step_ratio = self.config.cutoff_step_index, self.config.cutoff_step_ratio
+        cutoff_step = (
+            cutoff_step_index if cutoff_step_index is not None else int(pipeline.num_timesteps * cutoff_step_ratio)
+        )
+        if step_index == cutoff_step:
+            pipeline._guidance_scale = 1.0
+        return callback_kwargs
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_a_callback_class_that_changes_guidance_takes_effect_at_the_next_step(callback_case, schedule, monkeypatch):
+    case, pipe = callback_case, callback_case.make()
+    scales = []
+    sample_tokens = pipe.sample_tokens
+
+    def record(condition, head, num_diffusion_steps, guidance_scale, *args):
+        scales.append(guidance_scale)
+        return sample_tokens(condition, head, num_diffusion_steps, guidance_scale, *args)
+
+    monkeypatch.setattr(pipe, "sample_tokens", record)
+    inputs = case.inputs(guidance_scale=3.0, guidance_schedule=schedule, output_type="latent")
+    plain = pipe(**inputs).images
+    planned, scales = scales, []
+    cut = pipe(**case.inputs(guidance_scale=3.0, guidance_schedule=schedule, output_type="latent"),
+               callback_on_step_end=GuidanceCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)).images  # fmt: skip
+    assert scales[:2] == planned[:2] and pipe.guidance_scale == 1.0 and pipe.do_classifier_free_guidance is False
+    # From the step after the cutoff, the schedule of scale 1: guidance 1 at every step (the batch stays doubled).
+    assert scales[2:] == [1.0] * (len(planned) - 2) and planned[2] != 1.0
+    assert not torch.equal(cut, plain)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -520,15 +668,11 @@ def test_every_compatible_diffusers_scheduler_samples_the_head_process(scheduler
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     labels = list(range(8))
     call = {"num_inference_steps": 2, "num_diffusion_steps": 50, "generator": _seeded(0), "output_type": "latent"}
-    try:
-        latents = pipe(labels, **call).images
-    except ValueError as error:
-        # Refused schedulers say what to set (head_scheduler.py); those that can work run with that setting.
-        assert "EDM" in scheduler_name or 'timestep_spacing="leading"' in str(error), str(error)
-        if "EDM" in scheduler_name:
-            return
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, timestep_spacing="leading")
-        latents = pipe(labels, **{**call, "generator": _seeded(0)}).images
+    if "EDM" in scheduler_name:  # refused: it does not follow the head's process
+        with pytest.raises(ValueError, match="does not follow"):
+            pipe(labels, **call)
+        return
+    latents = pipe(labels, **call).images  # those that start at t = 999 run with `leading` spacing (issue 24)
     standardised = (pipe.transformer.patchify(latents) - mean) / std  # (8, 16, 4)
     assert abs(float(standardised.mean())) < 0.15 and 0.85 < float(standardised.std()) < 1.15
 

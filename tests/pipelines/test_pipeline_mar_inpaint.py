@@ -483,4 +483,4 @@ def test_callbacks_see_each_group_and_can_change_and_stop_it():
     assert torch.equal(stopped[1], encoded[1])
     assert (stopped[0] != encoded[0]).any() and torch.equal(stopped[0, 0, :4], encoded[0, 0, :4])
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        pipe(images, masks, [1, 2], callback_on_step_end=watch, callback_on_step_end_tensor_inputs=["latents"], **FAST)
+        pipe(images, masks, [1, 2], callback_on_step_end=watch, callback_on_step_end_tensor_inputs=["image"], **FAST)
