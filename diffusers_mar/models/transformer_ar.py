@@ -17,6 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from diffusers_mar.models.loading import StrictLoadingMixin
+from diffusers_mar.models.token_grid import TokenGridMixin
 from diffusers_mar.models.transformer_mar import MARFeedForward
 
 
@@ -100,7 +101,7 @@ class ARTransformerBlock(nn.Module):
         return hidden_states + self.ff(self.norm2(hidden_states))
 
 
-class ARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class ARTransformer2DModel(TokenGridMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     A causal transformer over the tokens in a generation order; one condition per token for the diffusion head.
 
@@ -195,20 +196,6 @@ class ARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-
-    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, L, C * p * p); tokens in raster order, channel-major inside a token (as MAR's)."""
-        b, c, h, w = latents.shape
-        p = self.config.patch_size
-        latents = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
-        return latents.reshape(b, (h // p) * (w // p), c * p * p)
-
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, C * p * p) -> (B, C, H, W); the exact inverse of `patchify`."""
-        b = tokens.shape[0]
-        p, c, g = self.config.patch_size, self.config.in_channels, self.grid_size
-        tokens = tokens.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-        return tokens.reshape(b, c, g * p, g * p)
 
     def make_kv_cache(self, batch_size: int) -> ARKVCache:
         """An empty `ARKVCache` for `batch_size` sequences (the doubled batch under guidance)."""

@@ -14,6 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from diffusers_mar.models.loading import StrictLoadingMixin
+from diffusers_mar.models.token_grid import TokenGridMixin
 
 
 class MARAttention(nn.Module):
@@ -85,7 +86,7 @@ class MARTransformerBlock(nn.Module):
         return hidden_states + self.ff(self.norm2(hidden_states))
 
 
-class MARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
+class MARTransformer2DModel(TokenGridMixin, StrictLoadingMixin, ModelMixin, ConfigMixin):
     r"""
     The MAR encoder-decoder: sees the known tokens and emits one condition vector per token for the diffusion head.
 
@@ -217,20 +218,6 @@ class MARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-
-    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, L, C * p * p); tokens in raster order, channel-major inside a token."""
-        b, c, h, w = latents.shape
-        p = self.config.patch_size
-        latents = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
-        return latents.reshape(b, (h // p) * (w // p), c * p * p)
-
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L, C * p * p) -> (B, C, H, W); the exact inverse of `patchify`."""
-        b = tokens.shape[0]
-        p, c, g = self.config.patch_size, self.config.in_channels, self.grid_size
-        tokens = tokens.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-        return tokens.reshape(b, c, g * p, g * p)
 
     def _run_blocks(self, blocks: nn.ModuleList, hidden_states: torch.Tensor) -> torch.Tensor:
         for block in blocks:
