@@ -112,7 +112,7 @@ MUTATIONS = [
         "diffusers_mar/pipelines/schedules.py",
         "return mask.scatter(1, orders[:, :num_unknown], 1.0)",
         "return mask.scatter(1, orders[:, -num_unknown:], 1.0)",
-        ("tests/pipelines/test_pipeline_mar.py",),
+        ("tests/pipelines/test_pipeline_mar.py", "tests/training/test_mar_loss.py"),  # sampling's and training's
     ),
     Mutation(
         "skeleton-schedule",
@@ -205,8 +205,8 @@ MUTATIONS = [
     Mutation(
         "training-mask-from-orders",
         "training/mar_loss.py",
-        "return mask.scatter(1, orders[:, :num_masked], 1.0)",
-        "return mask.scatter(1, orders[:, -num_masked:], 1.0)",
+        "return mask_by_order(num_masked, orders)",
+        "return mask_by_order(num_masked, orders.flip(1))",
         ("tests/training/test_mar_loss.py",),
     ),
     Mutation(

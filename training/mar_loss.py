@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARTransformer2DModel
+from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARTransformer2DModel, mask_by_order
 
 # As in LTH14/mar models/mar.py: a truncated normal centred at 1.0 (100% masked) with std 0.25.
 MASK_RATIO_STD = 0.25
@@ -58,12 +58,14 @@ def sample_mask_ratio(
 
 
 def mask_from_orders(orders: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-    """Mask (1 = unknown) of the first `ceil(num_tokens * mask_ratio)` positions of each order: `(B, L)` float."""
+    """Mask (1 = unknown) of the first `ceil(num_tokens * mask_ratio)` positions of each order: `(B, L)` float.
+
+    The mask itself is sampling's `mask_by_order`; training only chooses how many positions are unknown.
+    """
     num_tokens = orders.shape[1]
     # As in LTH14/mar random_masking: the count is computed in float64 (numpy) from the float64 ratio.
     num_masked = int(np.ceil(num_tokens * mask_ratio))
-    mask = torch.zeros(orders.shape, device=orders.device)
-    return mask.scatter(1, orders[:, :num_masked], 1.0)
+    return mask_by_order(num_masked, orders)
 
 
 def drop_labels(

@@ -41,7 +41,7 @@ def guidance_schedule_values(
 
 
 def mask_by_order(num_unknown: int, orders: torch.Tensor) -> torch.Tensor:
-    """Mask (1 = unknown) of the first `num_unknown` positions of each order: (B, L) float."""
+    """Mask (1 = unknown) of the first `num_unknown` positions of each order: (B, L) float; sampling's and training's."""
     mask = torch.zeros(orders.shape, device=orders.device)
     return mask.scatter(1, orders[:, :num_unknown], 1.0)
 
