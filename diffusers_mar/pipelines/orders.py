@@ -136,9 +136,12 @@ def skeleton_schedule(num_tokens: int, num_inference_steps: int) -> list[int]:
     return mask_lens + [0]
 
 
-def max_outer_steps(outer_schedule: str, num_tokens: int) -> int:
-    """The most outer steps a schedule can spend on `num_tokens` tokens (each step predicts at least one)."""
-    return num_tokens if outer_schedule == "cosine" else math.ceil(num_tokens / 2) + 1
+def max_outer_steps(outer_schedule: str, num_tokens: int, tokens_per_step: int = 1) -> int:
+    """The most outer steps `outer_schedule` can spend on `num_tokens` unknown tokens when each step predicts at least
+    one token, and on average at least `tokens_per_step` (a sampling preset's): `num_tokens` with the cosine schedule,
+    `ceil(num_tokens / 2) + 1` (at most `num_tokens`) with the skeleton one."""
+    high = num_tokens if outer_schedule != "skeleton" else min(num_tokens, math.ceil(num_tokens / 2) + 1)
+    return min(high, max(1, num_tokens // tokens_per_step))
 
 
 def outer_mask_schedule(outer_schedule: str, num_tokens: int, num_inference_steps: int) -> list[int]:

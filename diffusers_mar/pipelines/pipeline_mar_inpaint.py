@@ -18,12 +18,13 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging, replace_example_docstring
 
 from diffusers_mar.pipelines.image_inputs import retrieve_latents, to_unit_tensor, token_mask_from_pixels
+from diffusers_mar.pipelines.orders import max_outer_steps
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import (
     SAMPLING_KEYS,
+    SAMPLING_PRESETS,
     apply_sampling_preset,
     check_sampling_settings,
-    max_outer_steps,
 )
 from diffusers_mar.pipelines.schedules import check_num_images_per_label, prepare_class_labels
 
@@ -386,12 +387,15 @@ class MARInpaintPipeline(MARPipeline):
             )
         output = latents.clone()
         self._interrupt = False
+        tokens_per_step = 1  # a preset that chose the steps keeps its tokens per step in every group
+        if sampling_preset is not None and num_inference_steps is None:
+            tokens_per_step = SAMPLING_PRESETS[sampling_preset]["tokens_per_step"]
         for count in dict.fromkeys(count for count in unknown if count > 0):
             if self.interrupt:
                 break
             rows = [i for i, c in enumerate(unknown) if c == count]
-            preset = sampling_preset if num_inference_steps is None else None  # the preset chose the steps
-            steps = min(settings["num_inference_steps"], max_outer_steps(count, arguments["outer_schedule"], preset))
+            high = max_outer_steps(arguments["outer_schedule"], count, tokens_per_step)
+            steps = min(settings["num_inference_steps"], high)
             group_order = order[rows] if isinstance(order, torch.Tensor) else arguments["order"]
             output[rows] = (
                 super()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import re
 
+from diffusers_mar.pipelines.orders import max_outer_steps
+
 # `MARPipeline.__call__` arguments a pipeline folder may recommend, in display order.
 SAMPLING_KEYS = ("num_inference_steps", "num_diffusion_steps", "guidance_scale", "guidance_schedule", "temperature")
 GUIDANCE_SCHEDULES = ("linear", "constant")
@@ -47,15 +49,6 @@ SAMPLING_PRESETS = {
 }
 
 
-def max_outer_steps(num_tokens: int, outer_schedule: str, preset: str | None = None) -> int:
-    """The most outer steps over `num_tokens` unknown tokens: one token per step with the cosine schedule,
-    `ceil(num_tokens / 2) + 1` with the skeleton one, and with `preset`, at least its `tokens_per_step` per step."""
-    high = num_tokens if outer_schedule != "skeleton" else min(num_tokens, math.ceil(num_tokens / 2) + 1)
-    if preset is not None:
-        high = min(high, max(1, num_tokens // SAMPLING_PRESETS[preset]["tokens_per_step"]))
-    return high
-
-
 def apply_sampling_preset(preset: str | None, arguments: dict, num_tokens: int) -> dict:
     """The sampling arguments of a call (`SAMPLING_KEYS` and `FAST_SAMPLING_KEYS`, taken from `arguments`), with
     the preset's values for those left at their defaults (its head scheduler: `head_scheduler.preset_head_scheduler`)."""
@@ -67,7 +60,7 @@ def apply_sampling_preset(preset: str | None, arguments: dict, num_tokens: int) 
         if isinstance(resolved[key], str | type(None)) and resolved[key] == default:
             resolved[key] = value
     if preset is not None and arguments["num_inference_steps"] is None:
-        high = max_outer_steps(num_tokens, resolved["outer_schedule"], preset)
+        high = max_outer_steps(resolved["outer_schedule"], num_tokens, SAMPLING_PRESETS[preset]["tokens_per_step"])
         resolved["num_inference_steps"] = min(resolved["num_inference_steps"], high)
     return resolved
 

@@ -9,7 +9,13 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from diffusers_mar import MARDDPMScheduler, MARPipeline
 from diffusers_mar.pipelines.head_scheduler import PRESET_SCHEDULERS
-from diffusers_mar.pipelines.orders import ORDER_NAMES, make_orders, skeleton_schedule
+from diffusers_mar.pipelines.orders import (
+    ORDER_NAMES,
+    check_outer_schedule,
+    make_orders,
+    max_outer_steps,
+    skeleton_schedule,
+)
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS, apply_sampling_preset, diffusion_step_schedule
 from tests.testing_utils import make_tiny_pipeline
 
@@ -105,6 +111,17 @@ def test_checkerboard_with_the_skeleton_schedule_fills_the_skeleton_then_the_res
     # By hand: 8 + floor(8 cos(pi/2 k/4)) unknown after skeleton step k = 1..4 (7, 5, 3, 0), then none.
     assert skeleton_schedule(16, 5) == [15, 13, 11, 8, 0]
     assert skeleton_schedule(16, 1) == [0] and skeleton_schedule(16, 2) == [8, 0]
+
+
+def test_max_outer_steps_per_outer_schedule_and_tokens_per_step():
+    assert [max_outer_steps("cosine", n) for n in (1, 4, 16)] == [1, 4, 16]
+    assert [max_outer_steps("skeleton", n) for n in (1, 2, 4, 5, 16)] == [1, 2, 3, 4, 9]  # ceil(n / 2) + 1, <= n
+    assert max_outer_steps("cosine", 16, tokens_per_step=4) == 4
+    assert max_outer_steps("skeleton", 256, tokens_per_step=4) == 64
+    assert max_outer_steps("cosine", 3, tokens_per_step=4) == 1  # at least one step
+    check_outer_schedule("skeleton", 1, 1)
+    with pytest.raises(ValueError, match=r"num_inference_steps.*\[1, 1\].*skeleton"):
+        check_outer_schedule("skeleton", 1, 2)  # a second step would predict no token
 
 
 def test_an_order_tensor_equals_the_orders_argument():
