@@ -51,14 +51,14 @@ MUTATIONS = [
     # Guidance, in every family
     Mutation(
         "guidance-direction",
-        "diffusers_mar/pipelines/head_scheduler.py",
+        "diffusers_mar/pipelines/schedules.py",
         "eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])",
         "eps = cond[:, :channels] + scale * (uncond[:, :channels] - cond[:, :channels])",
         (STUB_GUIDANCE_TEST, "tests/pipelines/test_pipeline_mar.py", "tests/pipelines/test_pipeline_ar.py"),
     ),
     Mutation(
         "guidance-keeps-unconditional-variance",
-        "diffusers_mar/pipelines/head_scheduler.py",
+        "diffusers_mar/pipelines/schedules.py",
         "model_output = torch.cat([eps, cond[:, channels:]], dim=1)",
         "model_output = torch.cat([eps, uncond[:, channels:]], dim=1)",
         (STUB_GUIDANCE_TEST, "tests/pipelines/test_pipeline_mar.py"),

@@ -149,13 +149,3 @@ def prepare_call_scheduler(
         prepared = prepare_head_scheduler(scheduler, num_diffusion_steps, temperature, generator)
         scheduler = prepared[0]  # as adapted for the first count: one warning per call
     return prepared
-
-
-def guide(model_output: torch.Tensor, scale: float | None, channels: int, keep_variance: bool) -> torch.Tensor:
-    """Classifier-free guidance on eps (`scale` None: no guidance); the variance stays the conditional rows'."""
-    if scale is not None:
-        # As LTH14/mar diffloss.py forward_with_cfg: guide eps, keep the conditional half's variance.
-        cond, uncond = model_output.chunk(2)
-        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
-        model_output = torch.cat([eps, cond[:, channels:]], dim=1)
-    return model_output if keep_variance else model_output[:, :channels]

@@ -27,14 +27,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
-from diffusers_mar.pipelines.head_scheduler import guide, prepare_call_scheduler
+from diffusers_mar.pipelines.head_scheduler import prepare_call_scheduler
 from diffusers_mar.pipelines.model_card import copy_model_card
 from diffusers_mar.pipelines.sampling_settings import (
     SAMPLING_KEYS,
     check_sampling_settings,
     resolve_sampling_settings,
 )
-from diffusers_mar.pipelines.schedules import guidance_schedule_values, head_calls, prepare_step_noise
+from diffusers_mar.pipelines.schedules import guidance_schedule_values, guide, head_calls, prepare_step_noise
 
 logger = logging.get_logger(__name__)
 

@@ -1,5 +1,6 @@
-"""Small pure functions of MARPipeline's outer loop: the mask and guidance schedules, the generation-order mask, the
-head's call per diffusion step, one step's noise, and the class labels of a call (shared with `MARInpaintPipeline`)."""
+"""Small pure functions of MARPipeline's outer loop: the mask and guidance schedules, classifier-free guidance of the
+head's output, the generation-order mask, the head's call per diffusion step, one step's noise, and the class labels
+of a call (shared with `MARInpaintPipeline`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def guidance_schedule_values(
     # As in LTH14/mar sample_tokens: 1 + (cfg - 1) * (L - mask_len) / L, in float32.
     mask_len = torch.tensor(mask_lens, dtype=torch.float32)
     return (1 + (guidance_scale - 1) * (num_tokens - mask_len) / num_tokens).tolist()
+
+
+def guide(model_output: torch.Tensor, scale: float | None, channels: int, keep_variance: bool) -> torch.Tensor:
+    """Classifier-free guidance on eps (`scale` None: no guidance); the variance stays the conditional rows'."""
+    if scale is not None:
+        # As LTH14/mar diffloss.py forward_with_cfg: guide eps, keep the conditional half's variance.
+        cond, uncond = model_output.chunk(2)
+        eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+        model_output = torch.cat([eps, cond[:, channels:]], dim=1)
+    return model_output if keep_variance else model_output[:, :channels]
 
 
 def mask_by_order(num_unknown: int, orders: torch.Tensor) -> torch.Tensor:
