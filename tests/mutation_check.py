@@ -122,6 +122,13 @@ MUTATIONS = [
         ("tests/pipelines/test_fast_sampling_mar.py",),
     ),
     Mutation(
+        "max-outer-steps",
+        "diffusers_mar/pipelines/orders.py",
+        "return min(high, max(1, num_tokens // tokens_per_step))",
+        "return min(high, max(1, num_tokens // tokens_per_step + 1))",
+        ("tests/pipelines/test_fast_sampling_mar.py",),
+    ),
+    Mutation(
         "raster-order",
         "diffusers_mar/pipelines/orders.py",
         "return torch.arange(num_tokens - 1, -1, -1).expand(batch_size, -1)",
@@ -347,7 +354,14 @@ def run_mutation(mutation: Mutation, timeout: float) -> tuple[str, float, str]:
         copy = Path(folder) / "repo"
         _copy_repository(copy)
         target = copy / mutation.path
-        target.write_text(target.read_text().replace(mutation.old, mutation.new, 1))
+        text = target.read_text()
+        if text.count(mutation.old) != 1:  # the tree moved on since the list was read
+            return (
+                "error",
+                time.perf_counter() - start,
+                f"{mutation.path} holds the line {text.count(mutation.old)} times",
+            )
+        target.write_text(text.replace(mutation.old, mutation.new, 1))
         env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         fixtures = _fixtures_dir()
         if fixtures:

@@ -49,6 +49,12 @@ def _count(path: str, text: str) -> int:
     return (REPO_ROOT / path).read_text().count(text)
 
 
+def test_a_line_gone_since_the_list_was_read_is_an_error_not_a_survivor():
+    gone = Mutation("gone", SCHEDULER, "a line that is not there", "x", SCHEDULER_TESTS)
+    outcome, _, output = run_mutation(gone, timeout=60)
+    assert (outcome, output) == ("error", f"{SCHEDULER} holds the line 0 times")
+
+
 @pytest.mark.slow
 def test_a_real_mutation_is_caught_and_a_harmless_one_survives():
     temperature = next(m for m in MUTATIONS if m.name == "scheduler-temperature")
