@@ -22,9 +22,9 @@ from diffusers_mar.pipelines.orders import max_outer_steps
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline
 from diffusers_mar.pipelines.sampling_settings import (
     SAMPLING_KEYS,
-    SAMPLING_PRESETS,
     apply_sampling_preset,
     check_sampling_settings,
+    preset_tokens_per_step,
 )
 from diffusers_mar.pipelines.schedules import check_num_images_per_label, prepare_class_labels
 
@@ -387,9 +387,8 @@ class MARInpaintPipeline(MARPipeline):
             )
         output = latents.clone()
         self._interrupt = False
-        tokens_per_step = 1  # a preset that chose the steps keeps its tokens per step in every group
-        if sampling_preset is not None and num_inference_steps is None:
-            tokens_per_step = SAMPLING_PRESETS[sampling_preset]["tokens_per_step"]
+        # A preset that chose the steps keeps its tokens per step in every group.
+        tokens_per_step = preset_tokens_per_step(sampling_preset, num_inference_steps) or 1
         for count in dict.fromkeys(count for count in unknown if count > 0):
             if self.interrupt:
                 break

@@ -49,6 +49,14 @@ SAMPLING_PRESETS = {
 }
 
 
+def preset_tokens_per_step(preset: str | None, num_inference_steps: int | None) -> int | None:
+    """The tokens per outer step, on average, that `preset` asks for when it chose the steps (`num_inference_steps`
+    not given); None otherwise. `max_outer_steps` turns it into a step limit."""
+    if preset is None or num_inference_steps is not None:
+        return None
+    return SAMPLING_PRESETS[preset]["tokens_per_step"]
+
+
 def apply_sampling_preset(preset: str | None, arguments: dict, num_tokens: int) -> dict:
     """The sampling arguments of a call (`SAMPLING_KEYS` and `FAST_SAMPLING_KEYS`, taken from `arguments`), with
     the preset's values for those left at their defaults (its head scheduler: `head_scheduler.preset_head_scheduler`)."""
@@ -59,8 +67,9 @@ def apply_sampling_preset(preset: str | None, arguments: dict, num_tokens: int) 
         default = _CALL_DEFAULTS[key]
         if isinstance(resolved[key], str | type(None)) and resolved[key] == default:
             resolved[key] = value
-    if preset is not None and arguments["num_inference_steps"] is None:
-        high = max_outer_steps(resolved["outer_schedule"], num_tokens, SAMPLING_PRESETS[preset]["tokens_per_step"])
+    tokens_per_step = preset_tokens_per_step(preset, arguments["num_inference_steps"])
+    if tokens_per_step is not None:
+        high = max_outer_steps(resolved["outer_schedule"], num_tokens, tokens_per_step)
         resolved["num_inference_steps"] = min(resolved["num_inference_steps"], high)
     return resolved
 
