@@ -18,7 +18,7 @@ from diffusers_mar import MARPipeline, cli
 from diffusers_mar.cli import evaluate as cli_evaluate
 from tests.evaluation.independent_metrics import inception_score_by_definition
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
-from tests.training.test_train_mar import _two_process_launch, child_env
+from tests.training.test_train_mar import run_two_processes, two_processes
 
 STUB = "tests.evaluation.stub_extractor:make"
 SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 2, "num_diffusion_steps": 3}
@@ -255,13 +255,14 @@ def test_compute_reference_needs_its_options(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@two_processes
 def test_two_launched_processes_write_the_same_images_as_one(tiny_model, tmp_path):
     assert evaluate(tiny_model, tmp_path / "one", "--skip-metrics") == 0
     command = [
-        *_two_process_launch(), "-m", "diffusers_mar.cli", "evaluate", "--model", str(tiny_model),
+        "-m", "diffusers_mar.cli", "evaluate", "--model", str(tiny_model),
         "--output-dir", str(tmp_path / "two"), "--images-per-class", "2", "--batch-size", "4", "--skip-metrics",
     ]  # fmt: skip
-    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    result = run_two_processes(command, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "on 2 process(es)" in result.stderr
     names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))

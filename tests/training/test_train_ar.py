@@ -3,7 +3,6 @@ two-process run and an exact resume with the order annealing active."""
 
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -14,7 +13,13 @@ from safetensors.torch import load_file
 
 from diffusers_mar import ARPipeline, ARTransformer2DModel, MARDDPMScheduler, MARTransformer2DModel, get_preset_config
 from tests.testing_utils import REPO_ROOT, TINY_AR_TRANSFORMER_CONFIG, perturb_
-from tests.training.test_train_mar import FAST, _two_process_launch, child_env, fresh_accelerate_state  # noqa: F401
+from tests.training.test_train_mar import (  # noqa: F401
+    FAST,
+    child_env,
+    fresh_accelerate_state,
+    run_two_processes,
+    two_processes,
+)
 from training import train_mar
 from training.ar_loss import ar_loss, random_order_probability, sample_ar_orders
 from training.mar_loss import diffusion_loss, sample_orders
@@ -143,10 +148,10 @@ def test_an_ar_run_records_its_order_and_warns_of_no_mar_only_config_key(tmp_pat
 
 
 @pytest.mark.slow  # about 20 s: two processes start, import torch and train
+@two_processes
 def test_two_cpu_processes_train_the_ar_family(tmp_path):
     output_dir = tmp_path / "out"
     command = [
-        *_two_process_launch(),
         str(REPO_ROOT / "training" / "train_mar.py"),
         *AR_FAST,
         "--order=anneal",
@@ -154,7 +159,7 @@ def test_two_cpu_processes_train_the_ar_family(tmp_path):
         "--checkpointing_steps=2",
         f"--output_dir={output_dir}",
     ]
-    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
+    result = run_two_processes(command)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Num processes: 2" in result.stderr + result.stdout
     assert {p.name for p in (output_dir / "checkpoint-2").glob("random_states_*.pkl")} == {

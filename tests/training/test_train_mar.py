@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,10 +89,37 @@ def _two_process_launch() -> list[str]:
     ]
 
 
+# Tests that launch processes groups run one after the other on one xdist worker (`--dist loadgroup` in
+# pyproject.toml): two launches at once on a 2-core machine can pick the same port between `free_port` and the
+# bind, and then four processes wait on each other's collectives (a CI run hung that way for 300 s).
+two_processes = pytest.mark.xdist_group("two_processes")
+
+
+def run_two_processes(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run `accelerate launch` of two processes with `args` (output captured); on a timeout, kill the whole process
+    group (the workers too, so they cannot slow the next tests) and fail with what they printed."""
+    process = subprocess.Popen(
+        [*_two_process_launch(), *args],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"Two launched processes ran past {timeout} s; they printed:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@two_processes
 def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
     output_dir = tmp_path / "out"
     command = [
-        *_two_process_launch(),
         str(REPO_ROOT / "training" / "train_mar.py"),
         *[arg for arg in FAST if arg != "--report_to=none"],
         "--report_to=tensorboard",
@@ -99,7 +127,7 @@ def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
         "--checkpointing_steps=2",
         f"--output_dir={output_dir}",
     ]
-    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
+    result = run_two_processes(command)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Num processes: 2" in result.stderr + result.stdout
     assert [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-2", "checkpoint-3"]
@@ -359,11 +387,11 @@ def test_processes_that_do_not_form_a_group_are_refused(monkeypatch):
 
 
 @pytest.mark.slow
+@two_processes
 def test_two_cpu_processes_share_the_latent_cache(tmp_path):
     data = _image_folder(tmp_path / "data")
     vae = _tiny_vae(tmp_path / "vae")
     command = [
-        *_two_process_launch(),
         str(REPO_ROOT / "training" / "cache_latents.py"),
         f"--train_data_dir={data}",
         f"--pretrained_vae={tmp_path / 'vae'}",
@@ -372,7 +400,7 @@ def test_two_cpu_processes_share_the_latent_cache(tmp_path):
         f"--cache_dir={tmp_path / 'hf'}",
         f"--output_dir={tmp_path / 'cache'}",
     ]
-    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
+    result = run_two_processes(command)
     assert result.returncode == 0, result.stderr[-4000:]
     moments = np.load(tmp_path / "cache" / "moments.npy")
     files = sorted((data).glob("*/*.png"))
