@@ -9,6 +9,7 @@ from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.pipelines.orders import orders_from_original
 from diffusers_mar.pipelines.pipeline_ar import ARPipeline
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline, mask_by_order, mask_schedule
 from diffusers_mar.pipelines.pipeline_mar_inpaint import MARInpaintPipeline
@@ -52,4 +53,5 @@ __all__ = [
     "get_preset_config",
     "mask_by_order",
     "mask_schedule",
+    "orders_from_original",
 ]

@@ -110,9 +110,30 @@ MUTATIONS = [
     Mutation(
         "mask-by-order",
         "diffusers_mar/pipelines/schedules.py",
+        "return mask.scatter(1, orders[:, orders.shape[1] - num_unknown :], 1.0)",
         "return mask.scatter(1, orders[:, :num_unknown], 1.0)",
-        "return mask.scatter(1, orders[:, -num_unknown:], 1.0)",
         ("tests/pipelines/test_pipeline_mar.py", "tests/training/test_mar_loss.py"),  # sampling's and training's
+    ),
+    Mutation(
+        "orders-from-original",
+        "diffusers_mar/pipelines/orders.py",
+        "return orders.flip(-1)",
+        "return orders",
+        ("tests/pipelines/test_pipeline_mar.py", "tests/training/test_mar_loss.py"),  # the parity replays
+    ),
+    Mutation(
+        "raster-order",
+        "diffusers_mar/pipelines/orders.py",
+        "return torch.arange(num_tokens).expand(batch_size, -1)",
+        "return torch.arange(num_tokens - 1, -1, -1).expand(batch_size, -1)",
+        ("tests/pipelines/test_fast_sampling_mar.py",),
+    ),
+    Mutation(
+        "inpaint-kept-tokens-first",
+        "diffusers_mar/pipelines/orders.py",
+        "unknown = (mask.to(device).gather(1, orders) != 0).to(torch.uint8)",
+        "unknown = (mask.to(device).gather(1, orders) == 0).to(torch.uint8)",
+        ("tests/pipelines/test_pipeline_mar_inpaint.py",),
     ),
     Mutation(
         "skeleton-schedule",
@@ -126,13 +147,6 @@ MUTATIONS = [
         "diffusers_mar/pipelines/orders.py",
         "return min(high, max(1, num_tokens // tokens_per_step))",
         "return min(high, max(1, num_tokens // tokens_per_step + 1))",
-        ("tests/pipelines/test_fast_sampling_mar.py",),
-    ),
-    Mutation(
-        "raster-order",
-        "diffusers_mar/pipelines/orders.py",
-        "return torch.arange(num_tokens - 1, -1, -1).expand(batch_size, -1)",
-        "return torch.arange(num_tokens).expand(batch_size, -1)",
         ("tests/pipelines/test_fast_sampling_mar.py",),
     ),
     Mutation(

@@ -58,7 +58,7 @@ def sample_mask_ratio(
 
 
 def mask_from_orders(orders: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-    """Mask (1 = unknown) of the first `ceil(num_tokens * mask_ratio)` positions of each order: `(B, L)` float.
+    """Mask (1 = unknown) of the last `ceil(num_tokens * mask_ratio)` positions of each order: `(B, L)` float.
 
     The mask itself is sampling's `mask_by_order`; training only chooses how many positions are unknown.
     """
@@ -267,7 +267,8 @@ def mar_loss(
         diffusion_batch_mul (`int`, *optional*, defaults to 4):
             Each token enters the diffusion loss this many times, with independent timesteps and noise.
         orders (`torch.LongTensor` of shape `(batch, num_tokens)`, *optional*):
-            Random orders; drawn if not given. The first `ceil(num_tokens * mask_ratio)` entries are masked.
+            Random orders; drawn if not given. The last `ceil(num_tokens * mask_ratio)` entries are masked (the
+            generation order of `orders.py`; `orders_from_original` converts an order of LTH14/mar).
         mask_ratio (`float`, *optional*):
             The batch's mask ratio; drawn once per batch if not given.
         timesteps (`torch.LongTensor` of shape `(batch * num_tokens * diffusion_batch_mul,)`, *optional*):
@@ -289,7 +290,7 @@ def mar_loss(
     if class_labels.shape != (batch_size,) or bool(((class_labels < 0) | (class_labels >= num_classes)).any()):
         raise ValueError(f"`class_labels` must be ({batch_size},) labels in [0, {num_classes}); got {class_labels}.")
 
-    # 1. Random orders and one mask ratio for the batch; the first entries of each order are masked
+    # 1. Random orders and one mask ratio for the batch; the last entries of each order are masked
     if orders is None:
         orders = sample_orders(batch_size, num_tokens, generator=generator, device=tokens.device)
     if mask_ratio is None:

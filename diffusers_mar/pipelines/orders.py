@@ -1,7 +1,9 @@
 """Generation orders and outer-step schedules of `MARPipeline`: which tokens are predicted at which outer step.
 
-An order is one permutation of the token positions per image; its first entries stay unknown longest
-(`mask_by_order`), so the tokens generated first are at its end. The outer schedule says how many tokens stay unknown
+An order is one permutation of the token positions per image, in generation order: `orders[:, k]` is the `k`-th
+token made, by MAR, AR, inpainting and training alike, and when `n` tokens are still unknown they are the last `n`
+entries (`mask_by_order`). LTH14/mar lists an order the other way round (its first entries stay masked longest);
+`orders_from_original` converts one of its orders. The outer schedule says how many tokens stay unknown
 after each step: MAR's cosine schedule (the original's), or a skeleton-first one in the spirit of GtR ("generation
 then reconstruction"), which spends all steps but the last on the first half of the order and fills in the rest at
 once. With the checkerboard order that first half is a checkerboard skeleton of the grid.
@@ -67,6 +69,12 @@ def check_fast_sampling(
             )
 
 
+def orders_from_original(orders: torch.Tensor) -> torch.Tensor:
+    """An order of LTH14/mar (`sample_orders`: its first `mask_len` entries are masked, so it ends with the tokens made
+    first) in our generation order: the same masks at every step."""
+    return orders.flip(-1)
+
+
 def _randperm(n: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
 
@@ -87,7 +95,7 @@ def make_orders(
         return order
     num_tokens = grid_size**2
     if order == "raster":
-        return torch.arange(num_tokens - 1, -1, -1).expand(batch_size, -1)  # the end of the order comes first
+        return torch.arange(num_tokens).expand(batch_size, -1)
     generators = generator if isinstance(generator, list) else [generator] * batch_size
     if order == "random":
         return torch.stack([_randperm(num_tokens, g) for g in generators])
@@ -98,7 +106,7 @@ def make_orders(
     for g in generators:
         first_order = first[_randperm(len(first), g).cpu()]
         rest_order = rest[_randperm(len(rest), g).cpu()]
-        orders.append(torch.cat([rest_order, first_order]))
+        orders.append(torch.cat([first_order, rest_order]))
     return torch.stack(orders)
 
 
@@ -112,13 +120,13 @@ def prepare_orders(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A call's orders `(B, L)`: `orders` if given, else `make_orders(order, ...)`; with `mask`, the tokens to keep
-    move (stably) to the end, so the order of the others is kept."""
+    move (stably) to the start, as if already made, so the order of the others is kept."""
     if orders is None:
         orders = make_orders(order, batch_size, grid_size, generator)
     orders = orders.to(device=device, dtype=torch.long)
     if mask is not None:
-        keep = (mask.to(device).gather(1, orders) == 0).to(torch.uint8)
-        orders = orders.gather(1, torch.argsort(keep, dim=1, stable=True))
+        unknown = (mask.to(device).gather(1, orders) != 0).to(torch.uint8)
+        orders = orders.gather(1, torch.argsort(unknown, dim=1, stable=True))
     return orders
 
 

@@ -267,7 +267,7 @@ class ARPipeline(AutoregressivePipeline):
 
             if callback_on_step_end is not None:
                 num_unknown = num_tokens - step - 1
-                mask = functools.partial(mask_by_order, num_unknown, orders.flip(1))  # the last `num_unknown`
+                mask = functools.partial(mask_by_order, num_unknown, orders)  # (B, L), only if asked for
                 tokens = self.run_callback(
                     callback_on_step_end, callback_inputs, step, num_unknown, tokens, mask=mask, condition=condition
                 )

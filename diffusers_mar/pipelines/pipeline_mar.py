@@ -196,8 +196,9 @@ class MARPipeline(AutoregressivePipeline):
                 1 = generate the token, 0 = keep it from `latents`. Every row must generate the same number of
                 tokens; the mask schedule then runs over those tokens only. Defaults to generating all tokens.
             orders (`torch.LongTensor` of shape `(batch, num_tokens)`, *optional*):
-                Generation orders, one permutation per image; the first entries stay unknown longest. Drawn with
-                `generator` (`torch.randperm`) if not given. With `mask`, kept tokens are moved (stably) to the end.
+                Generation orders, one permutation per image: `orders[:, k]` is the `k`-th token made (LTH14/mar
+                lists them the other way round: `orders_from_original` converts). Drawn with `generator`
+                (`torch.randperm`) if not given. With `mask`, kept tokens are moved (stably) to the start.
             noise (`list[torch.Tensor]`, *optional*):
                 Per step `k`, a `(1 + S, batch, n_k, C)` tensor: `[0]` the initial noise and `[1 + i]` the noise of
                 diffusion step `i` for the `n_k` tokens predicted at step `k` (raster order). `S` is the number of
@@ -268,8 +269,9 @@ class MARPipeline(AutoregressivePipeline):
                 if self.interrupt:
                     break
                 next_unknown = 0 if step == num_inference_steps - 1 else mask_lens[step]
-                # Tokens predicted now: order[next_unknown:num_unknown], in raster order as the original's nonzero().
-                predict = orders[:, next_unknown:num_unknown].sort(dim=1).values  # (B, n)
+                # Tokens predicted now: the first of the unknown ones in the order, in raster order as the original's
+                # nonzero().
+                predict = orders[:, num_tokens - num_unknown : num_tokens - next_unknown].sort(dim=1).values  # (B, n)
                 condition = transformer_pass(step, tokens, mask_by_order(num_unknown, orders), predict)  # (B', n, D)
                 sample = self.sample_tokens(
                     condition, head, diffusion_steps[step], self.step_guidance(step), generator, noise and noise[step]

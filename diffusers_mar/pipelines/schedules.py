@@ -52,9 +52,10 @@ def guide(model_output: torch.Tensor, scale: float | None, channels: int, keep_v
 
 
 def mask_by_order(num_unknown: int, orders: torch.Tensor) -> torch.Tensor:
-    """Mask (1 = unknown) of the first `num_unknown` positions of each order: (B, L) float; sampling's and training's."""
+    """Mask (1 = unknown) of the last `num_unknown` positions of each order, the tokens not made yet: (B, L) float;
+    sampling's and training's."""
     mask = torch.zeros(orders.shape, device=orders.device)
-    return mask.scatter(1, orders[:, :num_unknown], 1.0)
+    return mask.scatter(1, orders[:, orders.shape[1] - num_unknown :], 1.0)
 
 
 def head_calls(

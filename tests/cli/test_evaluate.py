@@ -18,7 +18,7 @@ from diffusers_mar import MARPipeline, cli
 from diffusers_mar.cli import evaluate as cli_evaluate
 from tests.evaluation.independent_metrics import inception_score_by_definition
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
-from tests.training.test_train_mar import run_two_processes, two_processes
+from tests.training.test_train_mar import run_two_processes
 
 STUB = "tests.evaluation.stub_extractor:make"
 SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 2, "num_diffusion_steps": 3}
@@ -255,7 +255,6 @@ def test_compute_reference_needs_its_options(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@two_processes
 def test_two_launched_processes_write_the_same_images_as_one(tiny_model, tmp_path):
     assert evaluate(tiny_model, tmp_path / "one", "--skip-metrics") == 0
     command = [

@@ -1,6 +1,7 @@
 """Issue 17: generation orders, outer and diffusion step schedules, and the transformer caches of `MARPipeline`."""
 
 import math
+import sys
 from unittest.mock import patch
 
 import pytest
@@ -78,10 +79,10 @@ def test_each_order_is_a_permutation_per_image(order, grid_size):
     num_tokens = grid_size**2
     assert orders.shape == (3, num_tokens)
     assert torch.equal(orders.sort(dim=1).values, torch.arange(num_tokens).expand(3, -1))
-    if order == "raster":  # the end of an order is generated first: token 0 first
-        assert orders[:, -1].tolist() == [0, 0, 0] and orders[:, 0].tolist() == [num_tokens - 1] * 3
-    if order == "checkerboard":  # the skeleton, (row + col) even, is the second half of the order
-        skeleton = orders[:, num_tokens - math.ceil(num_tokens / 2) :]
+    if order == "raster":  # token 0 first, row by row
+        assert torch.equal(orders, torch.arange(num_tokens).expand(3, -1))
+    if order == "checkerboard":  # the skeleton, (row + col) even, is the first half of the order
+        skeleton = orders[:, : math.ceil(num_tokens / 2)]
         assert (((skeleton // grid_size) + (skeleton % grid_size)) % 2 == 0).all()
         assert not torch.equal(orders[0], orders[1])  # drawn per image
 
@@ -290,3 +291,38 @@ def test_the_preset_clips_its_outer_steps_to_the_model():
     assert apply_sampling_preset(None, arguments, num_tokens=4) == arguments
     with pytest.raises(ValueError, match=r"sampling_preset.*\('fast', 'fast-ddpm'\)"):
         apply_sampling_preset("fastest", arguments, num_tokens=4)
+
+
+def test_a_preset_visits_each_module_once():
+    # Issue 24: followed from `MARPipeline.__call__` (every function with a `preset` or `sampling_preset` parameter,
+    # and the returns to their callers), the preset returns to a module it has left at most twice.
+    pipe = make_tiny_pipeline()
+    modules, stack = [], []
+
+    def visit(module):
+        if not modules or modules[-1] != module:
+            modules.append(module)
+
+    def profile(frame, event, arg):
+        names = frame.f_code.co_varnames[: frame.f_code.co_argcount]
+        if not (
+            {"preset", "sampling_preset"} & set(names) and frame.f_globals["__name__"].startswith("diffusers_mar")
+        ):
+            return
+        if event == "call":
+            stack.append(frame.f_globals["__name__"].rsplit(".", 1)[-1])
+            visit(stack[-1])
+        elif event == "return":
+            stack.pop()
+            if stack:
+                visit(stack[-1])
+
+    sys.setprofile(profile)
+    try:
+        pipe([1], sampling_preset="fast", generator=torch.manual_seed(0), output_type="latent")
+    finally:
+        sys.setprofile(None)
+    expected = ["pipeline_mar", "sampling_settings", "pipeline_mar", "pipeline_autoregressive", "head_scheduler"]
+    # One return to a module left on the way down (pipeline_mar after the preset's arguments are filled in), then the
+    # unwinding back to `__call__` (the issue's count was 9 returns in 15 stays over 6 modules).
+    assert modules == [*expected, "pipeline_autoregressive", "pipeline_mar"]

@@ -13,7 +13,14 @@ from diffusers import (
 )
 from diffusers.utils.testing_utils import CaptureLogger
 
-from diffusers_mar import DEFAULT_MODEL, MARDDPMScheduler, MARPipeline, mask_by_order, mask_schedule
+from diffusers_mar import (
+    DEFAULT_MODEL,
+    MARDDPMScheduler,
+    MARPipeline,
+    mask_by_order,
+    mask_schedule,
+    orders_from_original,
+)
 from diffusers_mar.pipelines import head_scheduler, pipeline_autoregressive
 from diffusers_mar.pipelines.schedules import guidance_schedule_values
 from tests.testing_utils import (
@@ -44,7 +51,7 @@ def test_replayed_sampling_trace_matches_original(case, guidance_scale, temperat
         num_inference_steps=4,
         guidance_scale=guidance_scale,
         temperature=temperature,
-        orders=io[f"{case}.orders"],
+        orders=orders_from_original(io[f"{case}.orders"]),
         noise=fixture_trace_noise(case, 4),
         output_type="latent",
     ).images
@@ -75,9 +82,19 @@ def test_mask_and_guidance_schedules_match_original(num_tokens, num_steps):
         assert torch.equal(values, io[f"{key}.cfg_{schedule}"])
 
 
-def test_mask_by_order_keeps_the_first_entries_unknown():
+def test_mask_by_order_keeps_the_last_entries_unknown():
     orders = torch.tensor([[3, 0, 2, 1], [1, 2, 3, 0]])
-    assert mask_by_order(2, orders).tolist() == [[1, 0, 0, 1], [0, 1, 1, 0]]
+    assert mask_by_order(2, orders).tolist() == [[0, 1, 1, 0], [1, 0, 0, 1]]
+    assert mask_by_order(0, orders).sum() == 0 and mask_by_order(4, orders).sum() == 8
+
+
+def test_an_order_of_the_original_gives_its_masks():
+    # LTH14/mar's mask_by_order masks the first `mask_len` entries of its order; after the conversion ours masks the
+    # same positions at every count.
+    original = torch.tensor([[3, 0, 2, 1], [1, 2, 3, 0]])
+    for mask_len in range(5):
+        expected = torch.zeros(2, 4).scatter(1, original[:, :mask_len], 1.0)
+        assert torch.equal(mask_by_order(mask_len, orders_from_original(original)), expected)
 
 
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
@@ -418,7 +435,7 @@ def test_bad_starting_canvas_raises(kwargs, match):
 
 def test_num_inference_steps_equal_to_token_count_predicts_one_token_per_step():
     # On the pipeline, not on mask_schedule: after step k one more position is known, the one the order gives
-    # (the first `num_unknown` of an order stay unknown, so the order is made from its end), and only it changed.
+    # (orders[:, k] at step k), and only it changed.
     pipe = make_tiny_pipeline()
     orders = torch.randperm(16, generator=_seeded(3)).unsqueeze(0)
     steps = []
@@ -432,7 +449,7 @@ def test_num_inference_steps_equal_to_token_count_predicts_one_token_per_step():
     assert len(steps) == 16
     mask, tokens = torch.ones(1, 16), torch.zeros(1, 16, 4)
     for k, (num_unknown, new_mask, new_tokens) in enumerate(steps):
-        made = int(orders[0, 15 - k])
+        made = int(orders[0, k])
         expected_mask = mask.clone()
         expected_mask[0, made] = 0
         assert num_unknown == 15 - k and torch.equal(new_mask, expected_mask)

@@ -6,7 +6,7 @@ import scipy.stats
 import torch
 from diffusers.training_utils import EMAModel
 
-from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARTransformer2DModel
+from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARTransformer2DModel, orders_from_original
 from tests.testing_utils import (
     TINY_PIXEL_HEAD_CONFIG,
     TINY_PIXEL_TRANSFORMER_CONFIG,
@@ -73,7 +73,7 @@ def test_full_training_loss_matches_original_fixture():
             io["train.labels"],
             label_drop_prob=0.0,
             diffusion_batch_mul=4,
-            orders=io["train.orders"],
+            orders=orders_from_original(io["train.orders"]),
             mask_ratio=float(io["train.mask_rate"][0]),
             timesteps=io["train.t"],
             noise=io["train.noise"],
@@ -127,7 +127,7 @@ def test_mask_ratio_range_and_distribution():
         sample_mask_ratio(1.5)
 
 
-def test_orders_are_permutations_and_mask_takes_the_first_ceil_entries():
+def test_orders_are_permutations_and_mask_takes_the_last_ceil_entries():
     orders = sample_orders(6, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(orders.sort(dim=1).values, torch.arange(16).expand(6, -1))
     assert len({tuple(o) for o in orders.tolist()}) == 6
@@ -135,8 +135,8 @@ def test_orders_are_permutations_and_mask_takes_the_first_ceil_entries():
         mask = mask_from_orders(orders, ratio)
         assert mask.sum(dim=1).tolist() == [expected] * 6 == [math.ceil(16 * ratio)] * 6
         masked = mask.gather(1, orders)
-        assert torch.equal(masked[:, :expected], torch.ones(6, expected))
-        assert torch.equal(masked[:, expected:], torch.zeros(6, 16 - expected))
+        assert torch.equal(masked[:, 16 - expected :], torch.ones(6, expected))
+        assert torch.equal(masked[:, : 16 - expected], torch.zeros(6, 16 - expected))
 
 
 def test_label_dropout_uses_the_unconditional_class_at_the_given_rate():

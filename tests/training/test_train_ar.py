@@ -18,7 +18,6 @@ from tests.training.test_train_mar import (  # noqa: F401
     child_env,
     fresh_accelerate_state,
     run_two_processes,
-    two_processes,
 )
 from training import train_mar
 from training.ar_loss import ar_loss, random_order_probability, sample_ar_orders
@@ -148,7 +147,6 @@ def test_an_ar_run_records_its_order_and_warns_of_no_mar_only_config_key(tmp_pat
 
 
 @pytest.mark.slow  # about 20 s: two processes start, import torch and train
-@two_processes
 def test_two_cpu_processes_train_the_ar_family(tmp_path):
     output_dir = tmp_path / "out"
     command = [

@@ -1,3 +1,4 @@
+import fcntl
 import json
 import logging
 import math
@@ -6,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,34 +92,35 @@ def _two_process_launch() -> list[str]:
     ]
 
 
-# Tests that launch processes groups run one after the other on one xdist worker (`--dist loadgroup` in
-# pyproject.toml): two launches at once on a 2-core machine can pick the same port between `free_port` and the
-# bind, and then four processes wait on each other's collectives (a CI run hung that way for 300 s).
-two_processes = pytest.mark.xdist_group("two_processes")
-
-
 def run_two_processes(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run `accelerate launch` of two processes with `args` (output captured); on a timeout, kill the whole process
-    group (the workers too, so they cannot slow the next tests) and fail with what they printed."""
-    process = subprocess.Popen(
-        [*_two_process_launch(), *args],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        **kwargs,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"Two launched processes ran past {timeout} s; they printed:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    group (the workers too, so they cannot slow the next tests) and fail with what they printed.
+
+    Launches run one at a time across pytest-xdist workers (a lock file): two at once on a 2-core machine can pick
+    the same port between `free_port` and the bind, and then four processes wait on each other's collectives (a CI
+    run hung that way for 300 s)."""
+    with open(Path(tempfile.gettempdir()) / "diffusers-mar-tests-launch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        process = subprocess.Popen(
+            [*_two_process_launch(), *args],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            **kwargs,
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(
+                f"Two launched processes ran past {timeout} s; they printed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+            )
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-@two_processes
 def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
     output_dir = tmp_path / "out"
     command = [
@@ -387,7 +391,6 @@ def test_processes_that_do_not_form_a_group_are_refused(monkeypatch):
 
 
 @pytest.mark.slow
-@two_processes
 def test_two_cpu_processes_share_the_latent_cache(tmp_path):
     data = _image_folder(tmp_path / "data")
     vae = _tiny_vae(tmp_path / "vae")
