@@ -47,6 +47,8 @@ STUB_GUIDANCE_TEST = (
     "tests/pipelines/test_pipeline_common_mar.py::test_guidance_halves_and_guided_noise_with_a_stub_head"
 )
 
+VAR_VQ_TESTS = "tests/models/test_models_vq_model_var.py"
+
 MUTATIONS = [
     # Guidance, in every family
     Mutation(
@@ -316,6 +318,36 @@ MUTATIONS = [
         "return token_mask_from_pixels((mask >= 0.5).float(), self.token_size, mask_dilation)",
         "return token_mask_from_pixels((mask < 0.5).float(), self.token_size, mask_dilation)",
         ("tests/pipelines/test_pipeline_mar_inpaint.py",),
+    ),
+    # VAR's multi-scale VQ-VAE against the official fixtures (tests/fixtures/var_tiny)
+    Mutation(
+        "var-phi-mix",
+        "diffusers_mar/models/vq_model_var.py",
+        "return hidden_states * (1 - ratio) + conv(hidden_states) * ratio",
+        "return hidden_states + conv(hidden_states) * ratio",
+        (VAR_VQ_TESTS,),
+    ),
+    Mutation(
+        "var-phi-ticks-float64",  # float32 moves scale 7 of the 256 px schedule to another phi
+        "diffusers_mar/models/vq_model_var.py",
+        "return [int(np.argmin(np.abs(ticks - k / (num_scales - 1)))) for k in range(num_scales)]",
+        "return [int(np.argmin(np.abs(ticks.astype(np.float32) - np.float32(k / (num_scales - 1)))))"
+        " for k in range(num_scales)]",
+        (VAR_VQ_TESTS,),
+    ),
+    Mutation(
+        "var-teacher-forcing-area",
+        "diffusers_mar/models/vq_model_var.py",
+        'next_map = F.interpolate(f_hat, size=(side, side), mode="area")',
+        'next_map = F.interpolate(f_hat, size=(side, side), mode="bilinear")',
+        (VAR_VQ_TESTS,),
+    ),
+    Mutation(
+        "var-converter-qkv-order",
+        "conversion/convert_var_to_diffusers.py",
+        'for name, chunk in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):',
+        'for name, chunk in zip(("to_k", "to_q", "to_v"), value.chunk(3, dim=0)):',
+        (VAR_VQ_TESTS,),
     ),
 ]
 

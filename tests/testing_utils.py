@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,7 @@ from diffusers_mar import (
     MARDiffusionHead,
     MARPipeline,
     MARTransformer2DModel,
+    VARVQModel,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +194,53 @@ def fixture_trace_noise(case: str, num_steps: int) -> list[torch.Tensor]:
         step_noise = io[f"{case}.step{step}.noise"][:, : batch_size * n]  # conditional rows only
         noise.append(torch.cat([x_t[None], step_noise]).reshape(-1, batch_size, n, x_t.shape[1]))
     return noise
+
+
+# The VAR fixtures (recorded from FoundationVision/VAR by tests/fixtures/record_var_fixtures.py) live in the repository.
+VAR_FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures" / "var_tiny"
+# The fixture VQ-VAE: official `VQVAE(vocab_size=64, z_channels=8, ch=32)` with an (ch_mult=(2, 1)) encoder/decoder,
+# 8 px images, scales 1, 2, 3, 4.
+VAR_FIXTURE_VAE_CONFIG = {
+    "sample_size": 8,
+    "ch": 32,
+    "ch_mult": (2, 1),
+    "num_res_blocks": 2,
+    "latent_channels": 8,
+    "num_vq_embeddings": 64,
+    "patch_nums": (1, 2, 3, 4),
+}
+
+
+@lru_cache
+def var_fixture_io() -> dict[str, torch.Tensor]:
+    return load_file(VAR_FIXTURES_DIR / "io.safetensors")
+
+
+@lru_cache
+def var_fixture_config() -> dict:
+    return json.loads((VAR_FIXTURES_DIR / "config.json").read_text())
+
+
+def var_fixture_vae_state_dict(share_quant_resi: int = 4) -> dict[str, torch.Tensor]:
+    """The official state_dict of the fixture VQ-VAE with 4 (`vae_tiny.pth`), 0 or 1 phi-sharing mode: the 0 and 1
+    variants are `vae_tiny.pth` with its phi replaced by `vae_tiny_qsr<k>_phi.pth`."""
+    state_dict = torch.load(VAR_FIXTURES_DIR / "vae_tiny.pth", map_location="cpu", weights_only=True)
+    if share_quant_resi == 4:
+        return state_dict
+    phi = torch.load(
+        VAR_FIXTURES_DIR / f"vae_tiny_qsr{share_quant_resi}_phi.pth", map_location="cpu", weights_only=True
+    )
+    shared = {k: v for k, v in state_dict.items() if not k.startswith("quantize.quant_resi.")}
+    return {**shared, **phi}
+
+
+def var_fixture_vae(share_quant_resi: int = 4) -> VARVQModel:
+    """The fixture VQ-VAE mapped by the converter's `convert_vae_state_dict` and loaded strictly."""
+    from conversion.convert_var_to_diffusers import convert_vae_state_dict
+
+    model = VARVQModel(**VAR_FIXTURE_VAE_CONFIG, share_quant_resi=share_quant_resi).eval()
+    model.load_state_dict(convert_vae_state_dict(var_fixture_vae_state_dict(share_quant_resi)), strict=True)
+    return model
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
