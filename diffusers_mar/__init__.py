@@ -9,6 +9,7 @@ from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.models.transformer_var import VARTransformer2DModel
 from diffusers_mar.pipelines.pipeline_ar import ARPipeline
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline, mask_by_order, mask_schedule
 from diffusers_mar.pipelines.pipeline_mar_inpaint import MARInpaintPipeline
@@ -26,6 +27,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "defaul
 for _cls in (
     MARTransformer2DModel,
     ARTransformer2DModel,
+    VARTransformer2DModel,
     MARDiffusionHead,
     MARDDPMScheduler,
     MARPipeline,
@@ -49,6 +51,7 @@ __all__ = [
     "MARInpaintPipeline",
     "MARPipeline",
     "MARTransformer2DModel",
+    "VARTransformer2DModel",
     "get_preset_config",
     "mask_by_order",
     "mask_schedule",
