@@ -216,9 +216,9 @@ class VARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             Dropout after the attention and MLP projections (training only; the original's `drop_rate`).
         attention_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the attention probabilities (training only).
-        drop_path_rate (`float`, *optional*, defaults to 0.1 * 16 / 24):
+        drop_path_rate (`float`, *optional*, defaults to 0.06666666666666667):
             Stochastic depth of the last block, rising linearly from 0 at the first (training only). The original
-            uses `0.1 * depth / 24`.
+            uses `0.1 * depth / 24` (the default: d16's).
         norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of every LayerNorm.
         shared_adaln (`bool`, *optional*, defaults to `False`):

@@ -1,0 +1,227 @@
+"""VARTransformer2DModel: shapes, the block-causal mask, the KV cache against the full forward, the attention scale's
+clamp, input errors, saving and loading, the shared AdaLN variant, and parity with FoundationVision/VAR."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffusers_mar import VARTransformer2DModel
+from diffusers_mar.models.transformer_var import VARKVCache
+from tests.testing_utils import perturb_
+
+# Three scales of 1, 4 and 9 tokens: 14 tokens, 13 of them teacher-forced; two blocks of width 16.
+TINY_VAR_CONFIG = {
+    "patch_nums": [1, 2, 3],
+    "vocab_size": 32,
+    "vq_embed_dim": 4,
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "num_classes": 10,
+}
+SCALES = [(0, 1), (1, 5), (5, 14)]  # [start, end) of each scale in the sequence
+
+
+def _model(seed: int = 0, **overrides) -> VARTransformer2DModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return perturb_(VARTransformer2DModel(**{**TINY_VAR_CONFIG, **overrides}), seed, std=0.2).eval()
+
+
+def _inputs(seed: int = 0, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([1, 10, 4][:batch]), torch.randn(batch, 13, 4, generator=g)
+
+
+def _cached_logits(model: VARTransformer2DModel, labels: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The logits of every scale, one call per scale with a KV cache, as the pipeline runs it."""
+    cache = model.make_kv_cache(labels.shape[0])
+    logits = []
+    for scale, (start, end) in enumerate(SCALES):
+        assert (cache.scale_index, cache.length) == (scale, start)
+        scale_input = None if scale == 0 else hidden_states[:, start - 1 : end - 1]
+        logits.append(model(labels, scale_input, kv_cache=cache).sample)
+        assert logits[-1].shape == (labels.shape[0], end - start, 32)
+    assert (cache.scale_index, cache.length) == (3, 14)
+    return torch.cat(logits, dim=1)
+
+
+@torch.no_grad()
+def test_output_shapes_and_tuple_output():
+    model = _model()
+    labels, hidden_states = _inputs()
+    output = model(labels, hidden_states)
+    assert output.sample.shape == (3, 14, 32)
+    as_tuple = model(labels, hidden_states=hidden_states, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and torch.equal(as_tuple[0], output.sample)
+    assert model.num_tokens == 14 and model.block_causal_mask().shape == (14, 14)
+    # One scale only: no teacher-forcing input, the start tokens alone.
+    single = _model(patch_nums=[2])
+    assert single(labels, torch.zeros(3, 0, 4)).sample.shape == (3, 4, 32)
+
+
+@torch.no_grad()
+def test_logits_of_a_scale_depend_only_on_the_inputs_of_that_and_earlier_scales():
+    model = _model()
+    labels, hidden_states = _inputs()
+    reference = model(labels, hidden_states).sample
+    for scale in (1, 2):
+        start, end = SCALES[scale]
+        changed = hidden_states.clone()
+        changed[:, start - 1 : end - 1] = torch.randn(3, end - start, 4)  # the input of this scale
+        output = model(labels, changed).sample
+        assert torch.equal(output[:, :start], reference[:, :start])  # earlier scales: unchanged
+        for later_start, later_end in SCALES[scale:]:  # this scale (every token sees all of it) and later ones
+            assert (output[:, later_start:later_end] - reference[:, later_start:later_end]).abs().amax(-1).min() > 1e-4
+    other_labels = model(torch.tensor([2, 3, 4]), hidden_states).sample
+    assert torch.equal(other_labels[2], reference[2])
+    assert (other_labels[:2] - reference[:2]).abs().amax(-1).min() > 1e-4  # the class conditions every token
+
+
+def test_block_causal_mask():
+    mask = _model().block_causal_mask()
+    levels = torch.tensor([0, 1, 1, 1, 1] + [2] * 9)
+    for query in range(14):
+        for key in range(14):
+            assert bool(mask[query, key]) == bool(levels[key] <= levels[query])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shared_adaln", [False, True], ids=["adaln", "shared-adaln"])
+def test_kv_cache_scale_by_scale_equals_the_full_forward(shared_adaln):
+    model = _model(shared_adaln=shared_adaln)
+    labels, hidden_states = _inputs()
+    full = model(labels, hidden_states).sample
+    torch.testing.assert_close(_cached_logits(model, labels, hidden_states), full, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kv_cache_is_allocated_in_the_compute_dtype_and_refuses_misuse():
+    model = _model()
+    labels, hidden_states = _inputs()
+    cache = model.make_kv_cache(3)
+    assert isinstance(cache, VARKVCache) and cache.keys == [None, None]
+    with pytest.raises(ValueError, match="hidden_states"):
+        model(labels, hidden_states[:, :1], kv_cache=cache)  # scale 0 takes no input
+    model(labels, kv_cache=cache)
+    assert all(k.shape == (3, 2, 14, 8) and k.dtype == torch.float32 for k in cache.keys)
+    with pytest.raises(ValueError, match="hidden_states"):
+        model(labels, kv_cache=cache)  # scale 1 needs its input
+    with pytest.raises(ValueError, match=r"hidden_states.*\(3, 4, 4\)"):
+        model(labels, hidden_states[:, :3], kv_cache=cache)
+    model(labels, hidden_states[:, :4], kv_cache=cache)
+    model(labels, hidden_states[:, 4:], kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(labels, hidden_states[:, 4:], kv_cache=cache)  # every scale is done
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(labels[:2], kv_cache=model.make_kv_cache(3))  # wrong batch
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(labels, kv_cache=_model(patch_nums=[1, 2]).make_kv_cache(3))  # another model's scales
+
+
+@torch.no_grad()
+def test_attention_scale_is_the_clamped_exponential_of_the_learned_log_scale():
+    model = _model()
+    labels, hidden_states = _inputs()
+    for block in model.blocks:
+        block.attn.log_scale.data.fill_(math.log(100.0))
+    at_the_limit = model(labels, hidden_states).sample
+    for block in model.blocks:
+        block.attn.log_scale.data.fill_(7.0)  # exp(7) > 100: clamped to 100
+    torch.testing.assert_close(model(labels, hidden_states).sample, at_the_limit, rtol=0, atol=1e-6)
+    for block in model.blocks:
+        block.attn.log_scale.data.fill_(math.log(50.0))
+    assert not torch.allclose(model(labels, hidden_states).sample, at_the_limit)
+
+
+def test_input_errors_name_the_argument():
+    model = _model()
+    labels, hidden_states = _inputs()
+    with pytest.raises(ValueError, match=r"hidden_states.*\(3, 13, 4\)"):
+        model(labels, hidden_states[:, :12])
+    with pytest.raises(ValueError, match="hidden_states"):
+        model(labels, hidden_states[..., :3])
+    with pytest.raises(ValueError, match="hidden_states"):
+        model(labels)  # teacher forcing needs the input
+    with pytest.raises(ValueError, match="hidden_states"):
+        model(labels[:2], hidden_states)  # batch differs from the labels'
+    with pytest.raises(ValueError, match="class_labels"):
+        model(labels.float(), hidden_states)
+    with pytest.raises(ValueError, match="class_labels"):
+        model(labels[:, None], hidden_states)
+    with pytest.raises(ValueError, match="patch_nums"):
+        VARTransformer2DModel(**{**TINY_VAR_CONFIG, "patch_nums": []})
+    with pytest.raises(ValueError, match="patch_nums"):
+        VARTransformer2DModel(**{**TINY_VAR_CONFIG, "patch_nums": [1, 0, 2]})
+
+
+@pytest.mark.parametrize("shared_adaln", [False, True], ids=["adaln", "shared-adaln"])
+def test_save_load_round_trip(tmp_path, shared_adaln):
+    model = _model(shared_adaln=shared_adaln)
+    labels, hidden_states = _inputs()
+    model.save_pretrained(tmp_path)
+    loaded = VARTransformer2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.patch_nums == [1, 2, 3] and loaded.config.shared_adaln is shared_adaln
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == {
+        k: v for k, v in model.config.items() if not k.startswith("_")
+    }
+    with torch.no_grad():
+        assert torch.equal(loaded(labels, hidden_states).sample, model(labels, hidden_states).sample)
+    assert (
+        type(VARTransformer2DModel(patch_nums=(1, 2), num_layers=1, num_attention_heads=1).config.patch_nums) is list
+    )
+
+
+@torch.no_grad()
+def test_shared_adaln_variant_projects_the_class_once_and_adds_a_table_per_block():
+    model = _model(shared_adaln=True)
+    assert model.shared_adaln_proj.weight.shape == (6 * 16, 16)
+    assert all(block.adaln_proj is None and block.adaln_table.shape == (1, 1, 6, 16) for block in model.blocks)
+    assert not any(".adaln_proj." in name for name, _ in model.named_parameters())
+    labels, hidden_states = _inputs()
+    reference = model(labels, hidden_states).sample
+    model.blocks[1].adaln_table.data[:, :, 0] += 0.5  # the second block's attention gate
+    assert not torch.allclose(model(labels, hidden_states).sample, reference)
+    plain = _model()
+    assert plain.shared_adaln_proj is None and all(block.adaln_table is None for block in plain.blocks)
+
+
+def test_initialization_follows_the_original():
+    torch.manual_seed(0)
+    model = VARTransformer2DModel(**{**TINY_VAR_CONFIG, "num_attention_heads": 4, "attention_head_dim": 64})
+    dim, depth, std = 256, 2, math.sqrt(1 / 256 / 3)  # init_std=-1: the original's automatic std
+    assert model.class_embedding.weight.std().item() == pytest.approx(std, rel=0.1)
+    assert model.pos_embed.std().item() == pytest.approx(std, rel=0.1)
+    assert model.proj_out.weight.std().item() == pytest.approx(std * 0.02, rel=0.1)
+    assert model.proj_out.bias.abs().max() == 0 and model.norm_out.linear.bias.abs().max() == 0
+    block = model.blocks[0]
+    assert block.attn.to_out.weight.std().item() == pytest.approx(std / math.sqrt(2 * depth), rel=0.1)
+    assert block.adaln_proj.weight[2 * dim :].std().item() == pytest.approx(std * 0.5, rel=0.1)
+    assert block.adaln_proj.weight[: 2 * dim].std().item() == pytest.approx(std * 1e-5, rel=0.1)
+    assert block.attn.q_bias.abs().max() == 0 and block.attn.v_bias.abs().max() == 0
+    assert torch.equal(block.attn.log_scale.data, torch.full((1, 4, 1, 1), 4.0).log())  # the queries times 4
+
+
+def test_converter_refuses_checkpoints_without_normalised_attention_and_unknown_keys():
+    from conversion.convert_var_to_diffusers import convert_transformer_state_dict
+
+    old = {"blocks.0.attn.mat_qkv.weight": torch.zeros(48, 16), "blocks.0.attn.q_bias": torch.zeros(16)}
+    with pytest.raises(ValueError, match="attn_l2_norm=False"):
+        convert_transformer_state_dict(old)
+    new = {
+        **old,
+        "blocks.0.attn.scale_mul_1H11": torch.zeros(1, 2, 1, 1),
+        "blocks.0.attn.zero_k_bias": torch.zeros(16),
+    }
+    assert set(convert_transformer_state_dict(new)) == {
+        "blocks.0.attn.to_qkv.weight",
+        "blocks.0.attn.q_bias",
+        "blocks.0.attn.log_scale",
+    }
+    with pytest.raises(ValueError, match="blocks.0.attn.rel_pos"):
+        convert_transformer_state_dict({**new, "blocks.0.attn.rel_pos": torch.zeros(1)})
+    with pytest.raises(ValueError, match="zero_k_bias"):
+        convert_transformer_state_dict({**new, "blocks.0.attn.zero_k_bias": torch.ones(16)})
