@@ -1,8 +1,8 @@
 """Convert the official FoundationVision/VAR transformer weights (`var_d16.pth` ... `var_d36.pth`) to diffusers-mar.
 
-`convert_transformer_state_dict` maps a `VAR` state dict to `VARTransformer2DModel`'s; `transformer_config_from_state_dict`
-reads the sizes from the tensor shapes. Only checkpoints with normalised attention (`attn_l2_norm=True`, the released
-weights since April 2024, with `scale_mul_1H11` keys) are accepted.
+`convert_transformer_state_dict` maps a `VAR` state dict to `VARTransformer2DModel`'s;
+`transformer_config_from_state_dict` reads the sizes from the tensor shapes. Only checkpoints with normalised attention
+(`attn_l2_norm=True`, the released weights since April 2024, with `scale_mul_1H11` keys) are accepted.
 
 Key mapping (original -> diffusers-mar):
 

@@ -52,7 +52,7 @@ class VARKVCache:
 
 
 class VARDropPath(nn.Module):
-    """Stochastic depth (timm's `DropPath`): in training, zero a sample's branch with probability `p`, scale the rest."""
+    """Stochastic depth (timm's `DropPath`): in training, zero a sample's branch with probability `p`, scale others."""
 
     def __init__(self, p: float):
         super().__init__()

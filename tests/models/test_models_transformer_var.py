@@ -10,25 +10,15 @@ import torch
 
 from diffusers_mar import VARTransformer2DModel
 from diffusers_mar.models.transformer_var import VARKVCache
-from tests.testing_utils import perturb_
+from tests.testing_utils import TINY_VAR_TRANSFORMER_CONFIG, perturb_
 
-# Three scales of 1, 4 and 9 tokens: 14 tokens, 13 of them teacher-forced; two blocks of width 16.
-TINY_VAR_CONFIG = {
-    "patch_nums": [1, 2, 3],
-    "vocab_size": 32,
-    "vq_embed_dim": 4,
-    "num_layers": 2,
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "num_classes": 10,
-}
 SCALES = [(0, 1), (1, 5), (5, 14)]  # [start, end) of each scale in the sequence
 
 
 def _model(seed: int = 0, **overrides) -> VARTransformer2DModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return perturb_(VARTransformer2DModel(**{**TINY_VAR_CONFIG, **overrides}), seed, std=0.2).eval()
+        return perturb_(VARTransformer2DModel(**{**TINY_VAR_TRANSFORMER_CONFIG, **overrides}), seed, std=0.2).eval()
 
 
 def _inputs(seed: int = 0, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,9 +143,9 @@ def test_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="class_labels"):
         model(labels[:, None], hidden_states)
     with pytest.raises(ValueError, match="patch_nums"):
-        VARTransformer2DModel(**{**TINY_VAR_CONFIG, "patch_nums": []})
+        VARTransformer2DModel(**{**TINY_VAR_TRANSFORMER_CONFIG, "patch_nums": []})
     with pytest.raises(ValueError, match="patch_nums"):
-        VARTransformer2DModel(**{**TINY_VAR_CONFIG, "patch_nums": [1, 0, 2]})
+        VARTransformer2DModel(**{**TINY_VAR_TRANSFORMER_CONFIG, "patch_nums": [1, 0, 2]})
 
 
 @pytest.mark.parametrize("shared_adaln", [False, True], ids=["adaln", "shared-adaln"])
@@ -191,7 +181,9 @@ def test_shared_adaln_variant_projects_the_class_once_and_adds_a_table_per_block
 
 def test_initialization_follows_the_original():
     torch.manual_seed(0)
-    model = VARTransformer2DModel(**{**TINY_VAR_CONFIG, "num_attention_heads": 4, "attention_head_dim": 64})
+    model = VARTransformer2DModel(
+        **{**TINY_VAR_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 64}
+    )
     dim, depth, std = 256, 2, math.sqrt(1 / 256 / 3)  # init_std=-1: the original's automatic std
     assert model.class_embedding.weight.std().item() == pytest.approx(std, rel=0.1)
     assert model.pos_embed.std().item() == pytest.approx(std, rel=0.1)
