@@ -90,7 +90,8 @@ class VARAttention(nn.Module):
         b, n, dim = hidden_states.shape
         # The bias is added after the layer's own call (not fused into F.linear) so that hooks on `to_qkv` apply.
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = (self.to_qkv(hidden_states) + bias).view(b, n, 3, self.num_heads, self.head_dim)
+        qkv = self.to_qkv(hidden_states)
+        qkv = (qkv + bias.to(qkv.dtype)).view(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, Dh)
         q = F.normalize(q, dim=-1) * self.log_scale.clamp_max(MAX_LOG_ATTENTION_SCALE).exp()
         k = F.normalize(k, dim=-1)
@@ -409,15 +410,18 @@ class VARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         end = self.num_tokens if scale is None else start + self.scale_lengths[scale]
 
         # 1. Tokens: the class embedding at the first scale, the projected teacher-forcing input at the later ones.
-        condition = self.class_embedding(class_labels)  # (B, D)
-        rows = []
-        if start == 0:
-            rows.append(condition.unsqueeze(1) + self.start_pos_embed)  # (B, first_l, D)
-        if hidden_states is not None and hidden_states.shape[1] > 0:
-            rows.append(self.proj_in(hidden_states))  # (B, n, D)
-        x = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]  # (B, end - start, D)
-        levels = self._levels(class_labels.device)[start:end]
-        x = x + (self.level_embedding(levels) + self.pos_embed[:, start:end])
+        # As the original under autocast: the tokens in the model's dtype, the blocks' inputs in the autocast dtype.
+        device_type = class_labels.device.type
+        with torch.autocast(device_type, enabled=False):
+            condition = self.class_embedding(class_labels)  # (B, D)
+            rows = []
+            if start == 0:
+                rows.append(condition.unsqueeze(1) + self.start_pos_embed)  # (B, first_l, D)
+            if hidden_states is not None and hidden_states.shape[1] > 0:
+                rows.append(self.proj_in(hidden_states.to(self.pos_embed.dtype)))  # (B, n, D)
+            x = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]  # (B, end - start, D)
+            levels = self._levels(class_labels.device)[start:end]
+            x = x + (self.level_embedding(levels) + self.pos_embed[:, start:end])
 
         # 2. Block-causal attention over the scales (with a cache: the new scale sees every earlier token, no mask).
         attention_mask = self.block_causal_mask(x.device) if kv_cache is None else None
@@ -425,6 +429,9 @@ class VARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             block_condition = self.shared_adaln_proj(F.silu(condition)).view(-1, 1, 6, self.inner_dim)  # (B, 1, 6, D)
         else:
             block_condition = condition  # (B, D); each block projects it
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, block_condition = x.to(dtype), block_condition.to(dtype)
         for index, block in enumerate(self.blocks):
             if kv_cache is None and torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, block_condition, attention_mask)

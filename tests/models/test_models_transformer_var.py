@@ -217,3 +217,18 @@ def test_converter_refuses_checkpoints_without_normalised_attention_and_unknown_
         convert_transformer_state_dict({**new, "blocks.0.attn.rel_pos": torch.zeros(1)})
     with pytest.raises(ValueError, match="zero_k_bias"):
         convert_transformer_state_dict({**new, "blocks.0.attn.zero_k_bias": torch.ones(16)})
+
+
+@torch.no_grad()
+def test_autocast_embeds_in_float32_and_runs_the_blocks_in_the_autocast_dtype():
+    # As the original's forward: the embeddings outside autocast, then the residual stream in the autocast dtype.
+    model = _model()
+    labels, hidden_states = _inputs()
+    seen = {}
+    model.proj_in.register_forward_hook(lambda module, args, output: seen.update(proj_in=output.dtype))
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.update(block=(args[0].dtype, args[1].dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(labels, hidden_states).sample
+    assert seen == {"proj_in": torch.float32, "block": (torch.bfloat16, torch.bfloat16)}
+    reference = model(labels, hidden_states).sample
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
