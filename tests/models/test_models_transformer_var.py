@@ -3,14 +3,17 @@ clamp, input errors, saving and loading, the shared AdaLN variant, and parity wi
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffusers_mar import VARTransformer2DModel
 from diffusers_mar.models.transformer_var import VARKVCache
-from tests.testing_utils import TINY_VAR_TRANSFORMER_CONFIG, perturb_
+from tests.testing_utils import REPO_ROOT, TINY_VAR_TRANSFORMER_CONFIG, perturb_
 
 SCALES = [(0, 1), (1, 5), (5, 14)]  # [start, end) of each scale in the sequence
 
@@ -232,3 +235,107 @@ def test_autocast_embeds_in_float32_and_runs_the_blocks_in_the_autocast_dtype():
     assert seen == {"proj_in": torch.float32, "block": (torch.bfloat16, torch.bfloat16)}
     reference = model(labels, hidden_states).sample
     assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with FoundationVision/VAR (78b9539): tensors recorded by tests/fixtures/record_var_fixtures.py from the official
+# code on the CPU in float32 (see tests/fixtures/var_tiny/README.md). One block's attention scale is past the clamp.
+
+VAR_FIXTURES = REPO_ROOT / "tests/fixtures/var_tiny"
+requires_var_fixtures = pytest.mark.skipif(
+    not all((VAR_FIXTURES / name).is_file() for name in ("io.safetensors", "config.json", "var_tiny.pth")),
+    reason=f"VAR fixtures not found in {VAR_FIXTURES}",
+)
+NULL_LABEL = 10  # the fixture's num_classes: the unconditional class
+
+
+@functools.lru_cache
+def _fixture_io() -> dict[str, torch.Tensor]:
+    return load_file(VAR_FIXTURES / "io.safetensors")
+
+
+@functools.lru_cache
+def _fixture_model(variant: str = "var") -> VARTransformer2DModel:
+    """The recorded VAR (`var` or `var_shared_aln`) converted by `convert_transformer_state_dict`, loaded strictly."""
+    from conversion.convert_var_to_diffusers import convert_transformer_state_dict, transformer_config_from_state_dict
+
+    kwargs = json.loads((VAR_FIXTURES / "config.json").read_text())["var_kwargs"]
+    file = {"var": "var_tiny.pth", "var_shared_aln": "var_tiny_shared_aln.pth"}[variant]
+    state_dict = torch.load(VAR_FIXTURES / file, map_location="cpu", weights_only=True)
+    config = {
+        "patch_nums": kwargs["patch_nums"],
+        "vocab_size": 64,  # the VQ-VAE's
+        "vq_embed_dim": 8,
+        "num_layers": kwargs["depth"],
+        "num_attention_heads": kwargs["num_heads"],
+        "attention_head_dim": kwargs["embed_dim"] // kwargs["num_heads"],
+        "mlp_ratio": kwargs["mlp_ratio"],
+        "num_classes": kwargs["num_classes"],
+        "norm_eps": kwargs["norm_eps"],
+        "drop_path_rate": kwargs["drop_path_rate"],
+        "shared_adaln": variant == "var_shared_aln",
+    }
+    inferred = transformer_config_from_state_dict(state_dict, patch_nums=kwargs["patch_nums"])
+    assert {k: v for k, v in inferred.items() if k != "drop_path_rate"} == {
+        k: v for k, v in config.items() if k in inferred and k != "drop_path_rate"
+    }
+    model = VARTransformer2DModel(**config).eval()
+    model.load_state_dict(convert_transformer_state_dict(state_dict), strict=True)
+    return model
+
+
+@requires_var_fixtures
+@pytest.mark.parity
+@pytest.mark.parametrize("case", ["conditional", "unconditional", "labels-dropped", "shared-adaln"])
+def test_teacher_forced_logits_match_original(case):
+    io = _fixture_io()
+    model = _fixture_model("var_shared_aln" if case == "shared-adaln" else "var")
+    labels, expected = io["var.labels"], io["var.logits"]  # [3, 10]: a class and the unconditional class
+    if case == "shared-adaln":
+        expected = io["var_shared_aln.logits"]
+    elif case == "unconditional":  # the original's cond_drop_rate=1 replaces every label by the null class
+        labels, expected = torch.full_like(io["var.labels_uncond"], NULL_LABEL), io["var.logits_uncond"]
+    elif case == "labels-dropped":  # its cond_drop_rate=0.5 with a recorded draw: the caller drops labels
+        labels = torch.where(io["var.drop_rand"] < 0.5, NULL_LABEL, io["var.labels_uncond"])
+        expected = io["var.logits_drop0.5"]
+    with torch.no_grad():
+        logits = model(labels, io["vae.var_input"]).sample
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
+@requires_var_fixtures
+@pytest.mark.parity
+@pytest.mark.parametrize("case", ["sample_cfg1.5", "sample_cfg4", "sample_shared_aln"])
+def test_kv_cache_logits_of_each_scale_match_the_original_sampler(case):
+    # The original's autoregressive_infer_cfg: the batch [labels; null labels], scale 0 from the class, scale s + 1
+    # from the VQ-VAE's next-scale map of scale s, repeated for both halves.
+    io = _fixture_io()
+    model = _fixture_model("var_shared_aln" if case == "sample_shared_aln" else "var")
+    labels = io[f"{case}.labels"]
+    labels = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
+    cache = model.make_kv_cache(labels.shape[0])
+    scale_inputs = []
+    with torch.no_grad():
+        for scale in range(4):
+            scale_input = None
+            if scale > 0:
+                scale_input = io[f"{case}.next.{scale - 1}"].flatten(2).transpose(1, 2).repeat(2, 1, 1)  # (2B, n, C)
+                scale_inputs.append(scale_input)
+            logits = model(labels, scale_input, kv_cache=cache).sample
+            torch.testing.assert_close(logits, io[f"{case}.logits.{scale}"], rtol=0, atol=1e-5)
+        if case == "sample_cfg1.5":  # the original's masked forward on the sampled tokens, teacher forced
+            full = model(labels, torch.cat(scale_inputs, dim=1)).sample
+            torch.testing.assert_close(full, io[f"{case}.teacher_forced_logits"], rtol=0, atol=1e-5)
+
+
+@requires_var_fixtures
+def test_converter_drops_the_rebuilt_buffers_and_refuses_the_old_attention():
+    from conversion.convert_var_to_diffusers import convert_transformer_state_dict
+
+    state_dict = torch.load(VAR_FIXTURES / "var_tiny.pth", map_location="cpu", weights_only=True)
+    converted = convert_transformer_state_dict(state_dict)
+    assert not any("zero_k_bias" in k or k in ("lvl_1L", "attn_bias_for_masking") for k in converted)
+    assert converted.keys() == _fixture_model().state_dict().keys()
+    old = {k: v for k, v in state_dict.items() if not k.endswith("scale_mul_1H11")}
+    with pytest.raises(ValueError, match="scale_mul_1H11"):
+        convert_transformer_state_dict(old)
