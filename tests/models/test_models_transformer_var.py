@@ -199,6 +199,25 @@ def test_initialization_follows_the_original():
     assert block.attn.q_bias.abs().max() == 0 and block.attn.v_bias.abs().max() == 0
     assert torch.equal(block.attn.log_scale.data, torch.full((1, 4, 1, 1), 4.0).log())  # the queries times 4
 
+    shared = VARTransformer2DModel(**{**TINY_VAR_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 64,
+                                      "shared_adaln": True})  # fmt: skip
+    assert shared.shared_adaln_proj.weight.std().item() == pytest.approx(std, rel=0.1)
+    table = shared.blocks[0].adaln_table  # N(0, 1 / width), then scales and shifts times 0.5, gates times 1e-5
+    assert table[:, :, 2:].std().item() == pytest.approx(0.5 / math.sqrt(dim), rel=0.1)
+    assert table[:, :, :2].std().item() == pytest.approx(1e-5 / math.sqrt(dim), rel=0.1)
+
+
+def test_drop_path_drops_whole_samples_in_training_only():
+    model = _model(drop_path_rate=0.3)
+    assert [block.drop_path.p for block in model.blocks] == pytest.approx([0.0, 0.3])  # linear from 0 to the rate
+    drop_path = model.blocks[1].drop_path.train()
+    torch.manual_seed(0)
+    out = drop_path(torch.ones(2000, 3, 4))
+    kept = out[:, 0, 0] != 0
+    assert torch.equal(out, kept[:, None, None] / 0.7 * torch.ones(1, 3, 4))  # a sample is dropped or scaled whole
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.03)
+    assert torch.equal(drop_path.eval()(out), out)
+
 
 def test_converter_refuses_checkpoints_without_normalised_attention_and_unknown_keys():
     from conversion.convert_var_to_diffusers import convert_transformer_state_dict
