@@ -184,9 +184,8 @@ def test_shared_adaln_variant_projects_the_class_once_and_adds_a_table_per_block
 
 def test_initialization_follows_the_original():
     torch.manual_seed(0)
-    model = VARTransformer2DModel(
-        **{**TINY_VAR_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 64}
-    )
+    wide = {**TINY_VAR_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 64}
+    model = VARTransformer2DModel(**wide)
     dim, depth, std = 256, 2, math.sqrt(1 / 256 / 3)  # init_std=-1: the original's automatic std
     assert model.class_embedding.weight.std().item() == pytest.approx(std, rel=0.1)
     assert model.pos_embed.std().item() == pytest.approx(std, rel=0.1)
@@ -199,8 +198,7 @@ def test_initialization_follows_the_original():
     assert block.attn.q_bias.abs().max() == 0 and block.attn.v_bias.abs().max() == 0
     assert torch.equal(block.attn.log_scale.data, torch.full((1, 4, 1, 1), 4.0).log())  # the queries times 4
 
-    shared = VARTransformer2DModel(**{**TINY_VAR_TRANSFORMER_CONFIG, "num_attention_heads": 4, "attention_head_dim": 64,
-                                      "shared_adaln": True})  # fmt: skip
+    shared = VARTransformer2DModel(**{**wide, "shared_adaln": True})
     assert shared.shared_adaln_proj.weight.std().item() == pytest.approx(std, rel=0.1)
     table = shared.blocks[0].adaln_table  # N(0, 1 / width), then scales and shifts times 0.5, gates times 1e-5
     assert table[:, :, 2:].std().item() == pytest.approx(0.5 / math.sqrt(dim), rel=0.1)
