@@ -255,8 +255,9 @@ def test_autocast_embeds_in_float32_and_runs_the_blocks_in_the_autocast_dtype():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Parity with FoundationVision/VAR (78b9539): tensors recorded by tests/fixtures/record_var_fixtures.py from the official
-# code on the CPU in float32 (see tests/fixtures/var_tiny/README.md). One block's attention scale is past the clamp.
+# Parity with FoundationVision/VAR (78b9539): tensors recorded by tests/fixtures/record_var_fixtures.py from the
+# official code on the CPU in float32 (see tests/fixtures/var_tiny/README.md). One block's attention scale is past
+# the clamp.
 
 VAR_FIXTURES = REPO_ROOT / "tests/fixtures/var_tiny"
 requires_var_fixtures = pytest.mark.skipif(
