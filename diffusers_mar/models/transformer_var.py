@@ -14,6 +14,7 @@ Numerics follow FoundationVision/VAR (commit 78b9539) `models/var.py` (`VAR.forw
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -265,7 +266,8 @@ class VARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         self.level_embedding = nn.Embedding(len(patch_nums), dim)  # which scale a token belongs to
 
         self.shared_adaln_proj = nn.Linear(dim, 6 * dim, bias=True) if shared_adaln else None
-        drop_path_rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, num_layers)]
+        # Linear from 0 to drop_path_rate, in float32 as the original; on the CPU, so that a meta-device build works.
+        drop_path_rates = torch.linspace(0, drop_path_rate, num_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             [
                 VARTransformerBlock(
@@ -341,7 +343,8 @@ class VARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     def _levels(self, device: torch.device | str | None) -> torch.Tensor:
         lengths = torch.tensor(self.scale_lengths, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.scale_lengths), device=device), lengths)  # (L,)
+        scales = torch.arange(len(self.scale_lengths), device=device)
+        return torch.repeat_interleave(scales, lengths, output_size=self.num_tokens)  # (L,); no device sync
 
     def _check_inputs(self, class_labels, hidden_states, kv_cache) -> None:
         if class_labels.ndim != 1 or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
@@ -412,7 +415,8 @@ class VARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         # 1. Tokens: the class embedding at the first scale, the projected teacher-forcing input at the later ones.
         # As the original under autocast: the tokens in the model's dtype, the blocks' inputs in the autocast dtype.
         device_type = class_labels.device.type
-        with torch.autocast(device_type, enabled=False):
+        autocast = torch.amp.is_autocast_available(device_type)  # torch.autocast refuses other device types
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             condition = self.class_embedding(class_labels)  # (B, D)
             rows = []
             if start == 0:
@@ -429,7 +433,7 @@ class VARTransformer2DModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             block_condition = self.shared_adaln_proj(F.silu(condition)).view(-1, 1, 6, self.inner_dim)  # (B, 1, 6, D)
         else:
             block_condition = condition  # (B, D); each block projects it
-        if torch.is_autocast_enabled(device_type):
+        if autocast and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             x, block_condition = x.to(dtype), block_condition.to(dtype)
         for index, block in enumerate(self.blocks):
