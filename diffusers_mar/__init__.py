@@ -9,6 +9,7 @@ from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
+from diffusers_mar.models.transformer_var import VARTransformer2DModel
 from diffusers_mar.models.vq_model_var import VARVQModel
 from diffusers_mar.pipelines.orders import orders_from_original
 from diffusers_mar.pipelines.pipeline_ar import ARPipeline
@@ -28,6 +29,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "defaul
 for _cls in (
     MARTransformer2DModel,
     ARTransformer2DModel,
+    VARTransformer2DModel,
     VARVQModel,
     MARDiffusionHead,
     MARDDPMScheduler,
@@ -52,6 +54,7 @@ __all__ = [
     "MARInpaintPipeline",
     "MARPipeline",
     "MARTransformer2DModel",
+    "VARTransformer2DModel",
     "VARVQModel",
     "get_preset_config",
     "mask_by_order",

@@ -46,6 +46,7 @@ class Mutation:
 STUB_GUIDANCE_TEST = (
     "tests/pipelines/test_pipeline_common_mar.py::test_guidance_halves_and_guided_noise_with_a_stub_head"
 )
+VAR_TESTS = "tests/models/test_models_transformer_var.py"
 
 VAR_VQ_TESTS = "tests/models/test_models_vq_model_var.py"
 
@@ -187,6 +188,42 @@ MUTATIONS = [
         "start, end = kv_cache.length, kv_cache.length + n",
         "start, end = kv_cache.length + 1, kv_cache.length + 1 + n",
         ("tests/models/test_models_transformer_ar.py",),
+    ),
+    # The VAR transformer: AdaLN, normalised attention, the block-causal mask, the KV cache, the MLP
+    Mutation(
+        "var-adaln-order",
+        "diffusers_mar/models/transformer_var.py",
+        "gate_msa, gate_mlp, scale_msa, scale_mlp, shift_msa, shift_mlp = modulation.unbind(2)",
+        "scale_msa, scale_mlp, gate_msa, gate_mlp, shift_msa, shift_mlp = modulation.unbind(2)",
+        (VAR_TESTS,),
+    ),
+    Mutation(
+        "var-attention-scale-clamp",
+        "diffusers_mar/models/transformer_var.py",
+        "q = F.normalize(q, dim=-1) * self.log_scale.clamp_max(MAX_LOG_ATTENTION_SCALE).exp()",
+        "q = F.normalize(q, dim=-1) * self.log_scale.exp()",
+        (VAR_TESTS,),
+    ),
+    Mutation(
+        "var-block-causal-mask",
+        "diffusers_mar/models/transformer_var.py",
+        "return levels[:, None] >= levels[None, :]",
+        "return levels[:, None] <= levels[None, :]",
+        (VAR_TESTS,),
+    ),
+    Mutation(
+        "var-kv-cache-position",
+        "diffusers_mar/models/transformer_var.py",
+        "start, end = kv_cache.length, kv_cache.length + n",
+        "start, end = 0, n",
+        (VAR_TESTS,),
+    ),
+    Mutation(
+        "var-gelu-tanh",
+        "diffusers_mar/models/transformer_var.py",
+        'return self.dropout(self.fc2(F.gelu(self.fc1(hidden_states), approximate="tanh")))',
+        "return self.dropout(self.fc2(F.gelu(self.fc1(hidden_states))))",
+        (VAR_TESTS,),
     ),
     # Evaluation metrics
     Mutation(

@@ -109,6 +109,16 @@ TINY_AR_TRANSFORMER_CONFIG = {
     "attention_head_dim": 8,
     "num_classes": 10,
 }
+# A VAR transformer over three scales of 1, 4 and 9 tokens (14 in all) of a 32-code, 4-channel VQ codebook.
+TINY_VAR_TRANSFORMER_CONFIG = {
+    "patch_nums": [1, 2, 3],
+    "vocab_size": 32,
+    "vq_embed_dim": 4,
+    "num_layers": 2,
+    "num_attention_heads": 2,
+    "attention_head_dim": 8,
+    "num_classes": 10,
+}
 
 
 def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """What diffusers checks on each of its own models (`ModelTesterMixin`, `TrainingTesterMixin`, `MemoryTesterMixin` in
-diffusers' `tests/models/testing_utils/`), run on our three (the MAR and AR transformers, the head) with tiny configs
-on the CPU (issues 12 and 15).
+diffusers' `tests/models/testing_utils/`), run on our four (the MAR, AR and VAR transformers, the head) with tiny
+configs on the CPU (issues 12 and 15).
 
 Each test takes a `case`: the model class, a tiny config and the inputs the pipeline or the training loss passes.
 Weights are perturbed (`perturb_`) because the original initialisation zeroes the head's output, which would make
@@ -18,12 +18,13 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.training_utils import EMAModel
 
-from diffusers_mar import ARTransformer2DModel, MARDiffusionHead, MARTransformer2DModel
+from diffusers_mar import ARTransformer2DModel, MARDiffusionHead, MARTransformer2DModel, VARTransformer2DModel
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHeadOutput
 from tests.testing_utils import (
     TINY_AR_TRANSFORMER_CONFIG,
     TINY_PIXEL_HEAD_CONFIG,
     TINY_PIXEL_TRANSFORMER_CONFIG,
+    TINY_VAR_TRANSFORMER_CONFIG,
     perturb_,
 )
 
@@ -36,6 +37,7 @@ class ModelCase:
     config: dict
     output_class: type
     num_blocks: int  # blocks that gradient checkpointing wraps
+    uncast_linears: int = 2  # linears that layerwise casting keeps (diffusers' skip patterns: proj_in, proj_out, norm)
 
     def make(self, seed: int = 0) -> torch.nn.Module:
         with torch.random.fork_rng():
@@ -52,6 +54,8 @@ class ModelCase:
                 "timestep": torch.randint(0, 1000, (6,), generator=g),
                 "condition": torch.randn(6, 16, generator=g),
             }
+        if self.model_class is VARTransformer2DModel:  # teacher forcing: the input of every scale after the first
+            return {"class_labels": torch.tensor([3, 10]), "hidden_states": torch.randn(2, 13, 4, generator=g)}
         orders = torch.stack([torch.randperm(16, generator=g) for _ in range(2)])
         if self.model_class is ARTransformer2DModel:  # every row at once, in a random order (sampling or training)
             tokens = torch.randn(2, 16, 4, generator=g)
@@ -71,6 +75,8 @@ class ModelCase:
             return (6, 8)
         if self.model_class is ARTransformer2DModel:
             return (2, 16, 16)
+        if self.model_class is VARTransformer2DModel:
+            return (2, 14, 32)  # logits of the 1 + 4 + 9 tokens over the 32 codes
         return (2, 3 if predict else 16, 16)
 
 
@@ -78,6 +84,7 @@ CASES = {
     "transformer": ModelCase(MARTransformer2DModel, TINY_PIXEL_TRANSFORMER_CONFIG, Transformer2DModelOutput, 2),
     "head": ModelCase(MARDiffusionHead, TINY_PIXEL_HEAD_CONFIG, MARDiffusionHeadOutput, 1),
     "ar_transformer": ModelCase(ARTransformer2DModel, TINY_AR_TRANSFORMER_CONFIG, Transformer2DModelOutput, 2),
+    "var_transformer": ModelCase(VARTransformer2DModel, TINY_VAR_TRANSFORMER_CONFIG, Transformer2DModelOutput, 2, 3),
 }
 
 
@@ -98,6 +105,11 @@ def _sampler_output(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     if isinstance(model, ARTransformer2DModel):
         cache = model.make_kv_cache(inputs["hidden_states"].shape[0])
         return torch.cat([model(**inputs, kv_cache=cache, return_dict=False)[0] for _ in range(4)], dim=1)
+    if isinstance(model, VARTransformer2DModel):  # scale by scale with its KV cache
+        labels, hidden_states = inputs["class_labels"], inputs["hidden_states"]
+        cache = model.make_kv_cache(labels.shape[0])
+        scale_inputs = [None, hidden_states[:, :4], hidden_states[:, 4:]]
+        return torch.cat([model(labels, x, kv_cache=cache, return_dict=False)[0] for x in scale_inputs], dim=1)
     if not isinstance(model, MARDiffusionHead):
         return _output(model, inputs)
     modulation = model.compute_modulation(inputs["timestep"][:2], model.embed_condition(inputs["condition"]))
@@ -288,7 +300,7 @@ def test_layerwise_casting_inference_is_close_to_the_compute_dtype(case, storage
     footprint = model.get_memory_footprint()
     model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert sum(m.weight.dtype == storage_dtype for m in linears) >= len(linears) - 2  # all but proj_in / proj_out
+    assert sum(m.weight.dtype == storage_dtype for m in linears) >= len(linears) - case.uncast_linears
     assert model.get_memory_footprint() < footprint
     output = _output(model, bf16(case.inputs())).float()
     assert output.shape == case.output_shape() and torch.isfinite(output).all()
