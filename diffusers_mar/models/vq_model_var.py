@@ -157,6 +157,10 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             then saved in the config.
     """
 
+    # Group offloading (diffusers' `enable_group_offload`) of the parts the pipelines call outside `forward`: each one
+    # loads at its own call, as AutoencoderKL's; `phi` is grouped conv by conv as a ModuleList.
+    _group_offload_block_modules = ["encoder", "quant_conv", "embedding", "post_quant_conv", "decoder"]
+
     @register_to_config
     def __init__(
         self,
@@ -313,7 +317,8 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         """
         self._check_map(latents, self.patch_nums[-1], "latents")
         batch_size, channels = latents.shape[:2]
-        codebook = self.embedding.weight.float()
+        # The codebook through the layer's own call (not `.weight`), so that offloading hooks load it.
+        codebook = self.embedding(torch.arange(self.config.num_vq_embeddings, device=latents.device)).float()
         codebook_sq = codebook.square().sum(dim=1)  # (V,)
         rest = latents.detach().clone()
         f_hat = torch.zeros_like(rest)
