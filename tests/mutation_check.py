@@ -49,6 +49,9 @@ STUB_GUIDANCE_TEST = (
 VAR_TESTS = "tests/models/test_models_transformer_var.py"
 
 VAR_VQ_TESTS = "tests/models/test_models_vq_model_var.py"
+VAR_PIPELINE = "diffusers_mar/pipelines/pipeline_var.py"
+VAR_PIPELINE_TESTS = "tests/pipelines/test_pipeline_var.py"
+VAR_INPAINT_TESTS = "tests/pipelines/test_pipeline_var_inpaint.py"
 
 MUTATIONS = [
     # Guidance, in every family
@@ -385,6 +388,49 @@ MUTATIONS = [
         'for name, chunk in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):',
         'for name, chunk in zip(("to_k", "to_q", "to_v"), value.chunk(3, dim=0)):',
         (VAR_VQ_TESTS,),
+    ),
+    # VAR's sampling (pipeline_var.py): guidance, top-k / top-p, the Gumbel codes, the editing masks
+    Mutation(
+        "var-guidance-direction",
+        VAR_PIPELINE,
+        "return (1 + t) * cond - t * uncond",
+        "return (1 + t) * uncond - t * cond",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-guidance-mapping",  # guidance_scale = 1 + cfg: taking it for cfg guides one step too far
+        VAR_PIPELINE,
+        "t = (guidance_scale - 1) * ratio  # the original's",
+        "t = guidance_scale * ratio  # the original's",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-top-k-ties",
+        VAR_PIPELINE,
+        "logits = logits.masked_fill(logits < kth_largest, -torch.inf)",
+        "logits = logits.masked_fill(logits <= kth_largest, -torch.inf)",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-top-p-threshold",
+        VAR_PIPELINE,
+        "remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)",
+        "remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= top_p",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-gumbel-temperature",
+        VAR_PIPELINE,
+        "tau = max(0.27 * (1 - ratio * 0.95), 0.005)",
+        "tau = max(0.27 * (1 - ratio), 0.005)",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-edit-keep-threshold",
+        VAR_PIPELINE,
+        'scale_keep = F.interpolate(keep, size=(p, p), mode="bilinear", align_corners=False).gt(0.5)',
+        'scale_keep = F.interpolate(keep, size=(p, p), mode="bilinear", align_corners=False).ge(0.5)',
+        (VAR_INPAINT_TESTS,),
     ),
 ]
 

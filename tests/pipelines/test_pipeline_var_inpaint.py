@@ -52,6 +52,11 @@ def test_keep_masks_of_each_scale_are_the_bilinear_downsampling_above_one_half()
     assert masks[0].all() and masks[1].all()
     for m in masks[2:]:
         assert not m[0, 0, 0, 0] and m.sum() == m.numel() - 1
+    # The left half generated: the 3x3 middle column samples half kept, half generated, and 0.5 is not above 0.5.
+    left = torch.zeros(1, 4, 4)
+    left[:, :, :2] = 1
+    expected_3 = torch.tensor([[False, False, True]] * 3)
+    assert torch.equal(edit_keep_masks(left.flatten(1), [1, 2, 3, 4])[2][0, 0], expected_3)
     # Everything generated: only the scales of at most 3 tokens are the image's.
     everything = edit_keep_masks(torch.ones(1, 16), [1, 2, 3, 4])
     assert everything[0].all() and not any(m.any() for m in everything[1:])
