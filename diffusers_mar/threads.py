@@ -11,9 +11,9 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-# `--num-threads auto` runs models with fewer parameters (transformer + head, VAR's transformer) than this on one CPU thread: their
-# matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine threads
-# waiting for each other cost 10x and more (the digits model on 2 cores: 4 s on one thread, over 45 s on two;
+# `--num-threads auto` runs models with fewer parameters (transformer + head; VAR's transformer) than this on one CPU
+# thread: their matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine
+# threads waiting for each other cost 10x and more (the digits model on 2 cores: 4 s on one thread, over 45 s on two;
 # docs/benchmarks.md, "CPU threads of the command line").
 SMALL_MODEL_PARAMETERS = 10_000_000
 

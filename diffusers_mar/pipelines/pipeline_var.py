@@ -32,8 +32,9 @@ EXAMPLE_DOC_STRING = """
         >>> from diffusers_mar import VARPipeline
 
         >>> pipe = VARPipeline.from_pretrained("path/to/var-d16")
-        >>> # guidance_scale = 1 + the original's cfg; the other settings come from the folder (`pipe.sampling_defaults`).
-        >>> images = pipe(class_labels=[207, 360], guidance_scale=5.0, generator=torch.Generator().manual_seed(0)).images
+        >>> # guidance_scale = 1 + the original's cfg; other settings come from the folder (`pipe.sampling_defaults`).
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> images = pipe(class_labels=[207, 360], guidance_scale=5.0, generator=generator).images
         ```
 """
 

@@ -122,8 +122,14 @@ def test_guidance_scale_one_skips_the_unconditional_half_and_equals_a_zero_guida
         return {}
 
     raw.clear()
-    cut_images = pipe([1, 2], guidance_scale=3.0, generator=_seeded(3), output_type="pt",
-                      callback_on_step_end=guidance_off, callback_on_step_end_tensor_inputs=["indices"]).images  # fmt: skip
+    cut_images = pipe(
+        [1, 2],
+        guidance_scale=3.0,
+        generator=_seeded(3),
+        output_type="pt",
+        callback_on_step_end=guidance_off,
+        callback_on_step_end_tensor_inputs=["indices"],
+    ).images
     assert [labels for labels, _ in raw] == [[1, 2, 10, 10]] * 3  # the batch stays doubled for the call
     assert all(torch.equal(a["indices"], b) for a, b in zip(plain, cut))
     torch.testing.assert_close(cut_images, images, rtol=0, atol=1e-5)
