@@ -345,6 +345,7 @@ def test_a_folder_of_another_family_is_refused_both_ways_with_the_class_to_use(t
         ({"more_smooth": 1}, r"`more_smooth` must be True or False"),
         ({"output_type": "jpg"}, r"`output_type` must be one of \('pil', 'np', 'pt', 'latent'\)"),
         ({"class_labels": [11]}, r"`class_labels` must be in \[0, 10\]"),
+        ({"class_labels": [-1]}, r"`class_labels` must be in \[0, 10\] \(10 = unconditional\)"),  # not -1 as VAR's
         ({"num_images_per_label": 0}, r"`num_images_per_label` must be an int >= 1"),
         ({"generator": [torch.Generator()]}, r"one generator per image"),
         ({"callback_on_step_end_tensor_inputs": ["tokens"]}, r"allowed: \['latents', 'indices', 'logits'\]"),
