@@ -75,7 +75,7 @@ MUTATIONS = [
     ),
     Mutation(
         "ar-guidance-halves",  # the doubling of every family, in the shared base (issue 24)
-        "diffusers_mar/pipelines/pipeline_autoregressive.py",
+        "diffusers_mar/pipelines/pipeline_token_generator.py",
         "labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])",
         "labels = torch.cat([torch.full_like(labels, self.transformer.config.num_classes), labels])",
         (STUB_GUIDANCE_TEST, "tests/pipelines/test_pipeline_ar.py", "tests/pipelines/test_pipeline_mar.py"),
