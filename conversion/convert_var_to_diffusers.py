@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import sys
 from pathlib import Path
@@ -327,6 +328,7 @@ def build_var_models(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[VARVQModel, VARTransformer2DModel]:
     """The converted `VARVQModel` and `VARTransformer2DModel`, loaded strictly, in `dtype`."""
+    converted = convert_transformer_state_dict(var_state_dict)  # first: it names what an old checkpoint lacks
     transformer_config = transformer_config_from_state_dict(
         var_state_dict, infer_patch_nums(var_state_dict["pos_1LC"].shape[1], patch_nums)
     )
@@ -354,7 +356,7 @@ def build_var_models(
     vqvae = VARVQModel(**vqvae_config)
     load_state_dict_strict(vqvae, convert_vae_state_dict(vae_state_dict), "VARVQModel")
     transformer = VARTransformer2DModel(**transformer_config)
-    load_state_dict_strict(transformer, convert_transformer_state_dict(var_state_dict), "VARTransformer2DModel")
+    load_state_dict_strict(transformer, converted, "VARTransformer2DModel")
     return vqvae.to(dtype).eval(), transformer.to(dtype).eval()
 
 
@@ -503,6 +505,11 @@ def _load_state_dict(path: str, argument: str, trust_checkpoint: bool) -> dict[s
     return state_dict
 
 
+def _plain_config(model: torch.nn.Module) -> dict:
+    """A model's config as JSON would store it (tuples as lists), without diffusers' bookkeeping keys."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+
 def verify_var_folder(folder: Path, pipeline, dtype: torch.dtype, use_safetensors: bool) -> None:
     """The written folder reloads to exactly the converted tensors, in the asked dtype."""
     from diffusers_mar import VARPipeline
@@ -513,7 +520,7 @@ def verify_var_folder(folder: Path, pipeline, dtype: torch.dtype, use_safetensor
         changed = [key for key, value in expected.items() if not torch.equal(actual[key].to(value.dtype), value)]
         if changed or set(actual) != set(expected):
             raise VerificationError(f"Verification failed: reloaded `{name}` tensors differ: {changed[:10]}.")
-        if dict(reloaded.components[name].config) != dict(pipeline.components[name].config):
+        if _plain_config(reloaded.components[name]) != _plain_config(pipeline.components[name]):
             raise VerificationError(f"Verification failed: the saved `{name}` config differs from the converted one.")
     folder_dtypes = stored_dtypes(folder)
     if folder_dtypes != {dtype}:
