@@ -6,7 +6,7 @@ import os
 import diffusers
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401  (looked up by from_pretrained)
 
-from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, get_preset_config
+from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, VAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
@@ -61,6 +61,7 @@ __all__ = [
     "MARTransformer2DModel",
     "VARInpaintPipeline",
     "VARPipeline",
+    "VAR_PRESETS",
     "VARTransformer2DModel",
     "VARVQModel",
     "get_preset_config",

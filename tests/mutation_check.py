@@ -56,6 +56,20 @@ VAR_INPAINT_TESTS = "tests/pipelines/test_pipeline_var_inpaint.py"
 MUTATIONS = [
     # Guidance, in every family
     Mutation(
+        "var-converter-top-k-clip",
+        "conversion/convert_var_to_diffusers.py",
+        'sampling["top_k"] = min(sampling["top_k"], vocab_size)',
+        'sampling["top_k"] = sampling["top_k"]',
+        ("tests/conversion/test_convert_var_to_diffusers.py",),
+    ),
+    Mutation(
+        "var-preset-shared-adaln",
+        "diffusers_mar/configs.py",
+        '"shared_adaln": depth == 36,',
+        '"shared_adaln": False,',
+        ("tests/conversion/test_convert_var_to_diffusers.py",),
+    ),
+    Mutation(
         "guidance-direction",
         "diffusers_mar/pipelines/schedules.py",
         "eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])",
