@@ -179,9 +179,9 @@ def machine_description(device: str = "cpu", dtype: str = "float32", threads: in
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {threads}, {dtype}, torch {torch.__version__}"
 
 
-def public_argv(argv: list[str]) -> list[str]:
-    """The command line as the docs show it, without this machine's paths: the checkout becomes `path/to/LTH14-mar`,
-    other absolute paths (output files, model folders) their last component."""
+def public_argv(argv: list[str], checkout: str = "path/to/LTH14-mar") -> list[str]:
+    """The command line as the docs show it, without this machine's paths: the checkout becomes `checkout`, other
+    absolute paths (output files, model folders) their last component."""
     shown = []
     for i, arg in enumerate(argv):
         option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
@@ -189,17 +189,17 @@ def public_argv(argv: list[str]) -> list[str]:
             shown.append(arg)  # an option name alone; its value is the next argument
             continue
         if option == "--original-repo" or (not option and i > 0 and argv[i - 1] == "--original-repo"):
-            value = "path/to/LTH14-mar"
+            value = checkout
         elif os.path.isabs(value):
             value = os.path.basename(value.rstrip("/"))
         shown.append(f"{option}={value}" if equals else value)
     return shown
 
 
-def recorded_command(script: str, argv: list[str] | None) -> str:
+def recorded_command(script: str, argv: list[str] | None, checkout: str = "path/to/LTH14-mar") -> str:
     """`python benchmarks/<script> ...` as the docs record it: `argv` (None: this process's) through `public_argv`."""
     given = sys.argv[1:] if argv is None else argv
-    return shlex.join(["python", f"benchmarks/{Path(script).name}", *public_argv(given)])
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *public_argv(given, checkout)])
 
 
 def section_markers(name: str) -> tuple[str, str]:
