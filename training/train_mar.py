@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -1137,12 +1138,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def clear_run_outputs(output_dir: Path, logging_dir: str) -> None:
-    """Remove what a run of this script writes (`--overwrite_output_dir`); other files stay."""
+def clear_run_outputs(output_dir: Path, logging_dir: str, items: tuple[str, ...] = PIPELINE_ITEMS) -> None:
+    """Remove what a run of this script writes (`--overwrite_output_dir`; `items`: the final folder's); other files
+    stay."""
     for path in sorted(output_dir.iterdir()):
-        ours = path.name in (*PIPELINE_ITEMS, "samples", logging_dir, "pipeline.tmp") or path.name.startswith(
-            "checkpoint-"
-        )
+        ours = path.name in (*items, "samples", logging_dir, "pipeline.tmp") or path.name.startswith("checkpoint-")
         if ours:
             logger.info(f"--overwrite_output_dir: removing {path}")
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -1276,12 +1276,12 @@ def save_checkpoint(
     output_dir: Path,
     global_step: int,
     training_state: dict,
-    models: Models,
-    emas: list[EMAModel],
-    card: ModelCard,
+    write_folder: typing.Callable[[Path], None],
     checkpoints_total_limit: int | None,
+    folder_name: str = "pipeline",
 ) -> Path:
-    """Write `checkpoint-N`: `accelerator.save_state`, `training_state.json` and `pipeline/` (EMA weights, `card`)."""
+    """Write `checkpoint-N`: `accelerator.save_state`, `training_state.json` and `pipeline/` (`write_folder(path)`
+    writes it: the EMA weights and the card; `folder_name` names it, e.g. `vqvae` for train_vqvae.py)."""
     # Written as checkpoint-N.tmp and renamed once complete: a killed run never leaves a half checkpoint.
     final = output_dir / f"checkpoint-{global_step}"
     tmp = output_dir / f"checkpoint-{global_step}.tmp"
@@ -1291,7 +1291,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / "training_state.json").write_text(json.dumps({"global_step": global_step, **training_state}, indent=2))
-        save_pipeline(tmp / "pipeline", models, emas, card)
+        write_folder(tmp / folder_name)
         stale = final.with_name(final.name + ".old")  # a checkpoint of the same step from before a resume
         if final.exists():
             os.replace(final, stale)
@@ -1548,7 +1548,12 @@ def main(args: argparse.Namespace) -> Path:
                         "recent_losses": list(recent),
                     }
                     save_checkpoint(
-                        accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
+                        accelerator,
+                        output_dir,
+                        global_step,
+                        state,
+                        functools.partial(save_pipeline, models=models, emas=emas, card=card),
+                        args.checkpoints_total_limit,
                     )
                 if stopping:
                     logger.info(f"Stopped at step {global_step} (Ctrl-C).")
