@@ -406,8 +406,8 @@ MUTATIONS = [
     Mutation(
         "var-no-decay-level-embedding",
         "training/var_loss.py",
-        'NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "level_embedding", "log_scale")',
-        'NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "log_scale")',
+        'NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "level_embedding", "log_scale", "adaln_table")',
+        'NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "log_scale", "adaln_table")',
         (VAR_LOSS_TESTS,),
     ),
     Mutation(

@@ -274,8 +274,9 @@ class VARTrainingModule(nn.Module):
 
 
 # As in FoundationVision/VAR train.py: the parameters without weight decay, besides 1-D tensors and biases (the names
-# of the original's keys that our VARTransformer2DModel has: its pos_start, pos_1LC, lvl_embed, scale_mul_1H11).
-NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "level_embedding", "log_scale")
+# of the original's keys that our VARTransformer2DModel has: its pos_start, pos_1LC, lvl_embed, scale_mul_1H11 and,
+# with shared AdaLN, ada_gss).
+NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "level_embedding", "log_scale", "adaln_table")
 
 
 def var_weight_decay_param_groups(transformer: nn.Module, weight_decay: float) -> list[dict[str, object]]:

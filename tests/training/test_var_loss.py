@@ -191,6 +191,12 @@ def test_no_weight_decay_on_vectors_biases_positions_levels_and_attention_scales
     assert {"class_embedding.weight", "proj_in.weight", "blocks.0.attn.to_qkv.weight", "proj_out.weight"} <= decayed
     assert (no_decay["wd_sc"], decay["wd_sc"]) == (0.0, 1.0)
     assert len(skipped) + len(decayed) == len(names)
+    # Shared AdaLN (d36-s): the per-block tables are the original's ada_gss, without decay; the projection decays.
+    shared = VARTransformer2DModel(**{**TINY_VAR_TRANSFORMER_CONFIG, "shared_adaln": True})
+    no_decay, decay = var_weight_decay_param_groups(shared, 0.05)
+    names = {id(p): n for n, p in shared.named_parameters()}
+    assert "blocks.1.adaln_table" in {names[id(p)] for p in no_decay["params"]}
+    assert "shared_adaln_proj.weight" in {names[id(p)] for p in decay["params"]}
 
 
 def original_lr(sche_type, peak_lr, cur_it, wp_it, max_it, wp0=0.005, wpe=0.001):
