@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -578,7 +577,9 @@ def _config_type_error(value: object, hint: object) -> str | None:
     elif isinstance(value, int):
         fits = int in allowed or float in allowed
     else:
-        fits = any(isinstance(value, kind) for kind in allowed if isinstance(kind, type) and kind is not type(None))
+        # A generic alias (`list[int]`) is checked by its origin (`list`).
+        origins = [typing.get_origin(kind) or kind for kind in allowed]
+        fits = any(isinstance(value, kind) for kind in origins if isinstance(kind, type) and kind is not type(None))
     names = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
     return None if fits else f"must be {'an' if names[0] in 'aeiou' else 'a'} {names}; got {value!r}"
 
@@ -1552,7 +1553,7 @@ def main(args: argparse.Namespace) -> Path:
                         output_dir,
                         global_step,
                         state,
-                        functools.partial(save_pipeline, models=models, emas=emas, card=card),
+                        lambda path, card=card: save_pipeline(path, models, emas, card),
                         args.checkpoints_total_limit,
                     )
                 if stopping:
