@@ -409,6 +409,29 @@ def make_perceptual(args: argparse.Namespace) -> torch.nn.Module | None:
     return lpips.LPIPS(net="vgg", verbose=False)
 
 
+def codebook_step(
+    args: argparse.Namespace,
+    accelerator,
+    vqvae: VARVQModel,
+    stats: CodebookStats,
+    hits: torch.Tensor,
+    candidates: list[torch.Tensor],
+    global_step: int,
+) -> int:
+    """Fold the step's hits of every process into `stats`; every `--restart_dead_codes_every` steps restart the codes
+    unused at every scale from the residuals of every process (the same draw on each). Returns how many restarted."""
+    stats.update(accelerator.reduce(hits, reduction="sum").cpu() / args.gradient_accumulation_steps)
+    if not args.restart_dead_codes_every or (global_step + 1) % args.restart_dead_codes_every != 0:
+        return 0
+    batch = args.train_batch_size * accelerator.num_processes
+    pool = accelerator.gather(torch.cat(candidates)).cpu()
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
+    codes = restart_dead_codes(vqvae.embedding.weight.data, stats.dead(batch).all(dim=0), pool, generator)
+    stats.hits[:, codes] = stats.margins(batch)[:, None]  # not dead again at once
+    stats.restarted += codes.numel()
+    return codes.numel()
+
+
 def main(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
 
@@ -564,17 +587,7 @@ def main(args: argparse.Namespace) -> Path:
                 if not math.isfinite(step_loss):
                     raise RuntimeError(f"The loss is {step_loss} at step {global_step}; stopping.")
 
-                # Codebook health from every process's hits; dead codes restart identically on every process.
-                stats.update(accelerator.reduce(step_hits, reduction="sum").cpu() / args.gradient_accumulation_steps)
-                restarted = 0
-                if args.restart_dead_codes_every and (global_step + 1) % args.restart_dead_codes_every == 0:
-                    pool = accelerator.gather(torch.cat(candidates)).cpu()
-                    dead = stats.dead(per_process_batch).all(dim=0)
-                    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + global_step)
-                    codes = restart_dead_codes(vqvae.embedding.weight.data, dead, pool, generator)
-                    stats.hits[:, codes] = stats.margins(per_process_batch)[:, None]  # not dead again at once
-                    restarted = codes.numel()
-                    stats.restarted += restarted
+                restarted = codebook_step(args, accelerator, vqvae, stats, step_hits, candidates, global_step)
                 step_hits, candidates = None, []
                 ema.step(vqvae.parameters())
                 global_step += 1
