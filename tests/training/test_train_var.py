@@ -58,7 +58,7 @@ def test_a_tiny_run_writes_a_var_pipeline_folder_with_the_frozen_tokenizer(tmp_p
     assert index["_class_name"] == "VARPipeline"
     assert index["transformer"] == ["diffusers_mar", "VARTransformer2DModel"]
     assert index["vqvae"] == ["diffusers_mar", "VARVQModel"]
-    assert index["sampling"] == {"guidance_scale": 1.5} and index["id2label"]["3"] == "3"
+    assert index["sampling"] == {"guidance_scale": 2.5} and index["id2label"]["3"] == "3"
     transformer = VARTransformer2DModel.from_pretrained(output_dir / "transformer")
     assert transformer.config.patch_nums == [1, 2, 3, 4] and transformer.config.vocab_size == 32
     assert transformer.config.vq_embed_dim == 4 and transformer.config.num_classes == 10
@@ -219,3 +219,15 @@ def test_two_cpu_processes_train_var_on_digits(tmp_path, vqvae_dir):
     state = json.loads((output_dir / "checkpoint-3" / "training_state.json").read_text())
     assert state["num_processes"] == 2 and state["global_batch"] == 16
     assert VARTransformer2DModel.from_pretrained(output_dir / "transformer").config.patch_nums == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(train_mar.VARPipeline is None, reason="diffusers_mar has no VARPipeline yet")
+def test_the_folder_loads_as_a_var_pipeline_that_samples(tmp_path, vqvae_dir):
+    output_dir = run(tmp_path, vqvae_dir, "--max_train_steps=2", "--num_sample_images=2")
+    pipe = train_mar.VARPipeline.from_pretrained(output_dir)
+    assert isinstance(pipe.transformer, VARTransformer2DModel) and isinstance(pipe.vqvae, VARVQModel)
+    assert pipe.id2label[3] == "3"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe([3], generator=torch.manual_seed(0)).images[0]
+    assert image.size == (8, 8)
+    assert (output_dir / "samples" / "step-0000002.png").is_file()
