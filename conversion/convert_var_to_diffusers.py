@@ -44,9 +44,24 @@ Key mapping (original -> diffusers-mar):
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import re
+import sys
+from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
+
+from conversion.checkpoints import load_checkpoint, load_id2label, load_state_dict_strict
+from conversion.folder import check_output_dir, save_pipeline_folder
+from conversion.hub import push_folder_to_hub
+from conversion.original_var import build_original_var, is_var_checkout
+from conversion.verify import VerificationError, stored_dtypes
+from diffusers_mar import VAR_PRESETS, VARTransformer2DModel, VARVQModel
+from diffusers_mar.configs import VAR_PATCH_NUMS
+from diffusers_mar.pipelines.model_card import VAR_CITATION, make_model_card
 
 _PHI_KEY = re.compile(r"quantize\.quant_resi\.(?:qresi_ls\.(\d+)|qresi|(\d+))\.(weight|bias)")
 _RESNET_PARTS = {
@@ -266,3 +281,412 @@ def transformer_config_from_state_dict(
         "drop_path_rate": 0.1 * num_layers / 24,
         "shared_adaln": "shared_ada_lin.1.weight" in state_dict,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line: the official tokenizer and transformer checkpoints -> a VARPipeline folder
+
+PROG = "convert_var_to_diffusers.py"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRESET_TITLES = {name: "VAR-" + name.split("-")[1] for name in VAR_PRESETS}
+
+
+def infer_patch_nums(num_tokens: int, patch_nums: list[int] | None = None) -> list[int]:
+    """The scale schedule of a transformer with `num_tokens` tokens: `patch_nums` if given (checked), else the
+    official 256 or 512 px schedule that has that many tokens."""
+    if patch_nums is not None:
+        if sum(p * p for p in patch_nums) != num_tokens:
+            raise ValueError(
+                f"`--patch_nums` {list(patch_nums)} make {sum(p * p for p in patch_nums)} tokens; the checkpoint's "
+                f"`pos_1LC` has {num_tokens}."
+            )
+        return list(patch_nums)
+    for schedule in VAR_PATCH_NUMS.values():
+        if sum(p * p for p in schedule) == num_tokens:
+            return list(schedule)
+    raise ValueError(
+        f"The checkpoint has {num_tokens} tokens, which is neither official schedule "
+        f"({', '.join(f'{r} px: {sum(p * p for p in s)}' for r, s in VAR_PATCH_NUMS.items())}); pass `--patch_nums`."
+    )
+
+
+def preset_of(transformer_config: dict) -> str | None:
+    """The `var-d*` preset with this transformer config, if any."""
+    keys = ("patch_nums", "vocab_size", "vq_embed_dim", "num_layers", "num_attention_heads", "attention_head_dim")
+    keys += ("num_classes", "shared_adaln")
+    for name, preset in VAR_PRESETS.items():
+        if all(preset["transformer"][key] == transformer_config[key] for key in keys):
+            return name
+    return None
+
+
+def build_var_models(
+    vae_state_dict: dict[str, torch.Tensor],
+    var_state_dict: dict[str, torch.Tensor],
+    patch_nums: list[int] | None = None,
+    norm_num_groups: int = 32,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[VARVQModel, VARTransformer2DModel]:
+    """The converted `VARVQModel` and `VARTransformer2DModel`, loaded strictly, in `dtype`."""
+    converted = convert_transformer_state_dict(var_state_dict)  # first: it names what an old checkpoint lacks
+    transformer_config = transformer_config_from_state_dict(
+        var_state_dict, infer_patch_nums(var_state_dict["pos_1LC"].shape[1], patch_nums)
+    )
+    vqvae_config = vae_config_from_state_dict(vae_state_dict)
+    if vqvae_config["vq_embed_dim"] != transformer_config["vq_embed_dim"] or (
+        vqvae_config["num_vq_embeddings"] != transformer_config["vocab_size"]
+    ):
+        raise ValueError(
+            f"The tokenizer has {vqvae_config['num_vq_embeddings']} codes of {vqvae_config['vq_embed_dim']} values, "
+            f"the transformer predicts {transformer_config['vocab_size']} codes of {transformer_config['vq_embed_dim']}"
+            "; is `--vae_path` the tokenizer this transformer was trained with?"
+        )
+    num_scales = vqvae_config.pop("num_scales", None)
+    if num_scales is not None and num_scales != len(transformer_config["patch_nums"]):
+        raise ValueError(
+            f"The tokenizer has one phi per scale for {num_scales} scales; the transformer has "
+            f"{len(transformer_config['patch_nums'])}."
+        )
+    downsample = 2 ** (len(vqvae_config["ch_mult"]) - 1)
+    vqvae_config |= {
+        "patch_nums": transformer_config["patch_nums"],
+        "sample_size": downsample * transformer_config["patch_nums"][-1],
+        "norm_num_groups": norm_num_groups,
+    }
+    vqvae = VARVQModel(**vqvae_config)
+    load_state_dict_strict(vqvae, convert_vae_state_dict(vae_state_dict), "VARVQModel")
+    transformer = VARTransformer2DModel(**transformer_config)
+    load_state_dict_strict(transformer, converted, "VARTransformer2DModel")
+    return vqvae.to(dtype).eval(), transformer.to(dtype).eval()
+
+
+def var_model_card(
+    vqvae: VARVQModel,
+    transformer: VARTransformer2DModel,
+    preset_name: str | None,
+    sampling: dict,
+    vae_name: str,
+    var_name: str,
+    dtype: str = "fp32",
+    repo_id: str | None = None,
+) -> ModelCard:
+    """The `README.md` of a converted VAR folder, from the package's model-card template."""
+    config = transformer.config
+    title = PRESET_TITLES.get(preset_name, "VAR (custom size)")
+    side = vqvae.config.sample_size
+    num_parameters = sum(p.numel() for p in transformer.parameters())
+    description = (
+        f"{title}, a model of *Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction* "
+        "(Tian, Jiang, Yuan, Peng, Wang, NeurIPS 2024): class-conditional image generation by predicting a whole "
+        "token map per step, coarse to fine, over the scales of a multi-scale residual VQ-VAE. Converted from the "
+        f"[FoundationVision/VAR](https://github.com/FoundationVision/VAR) checkpoints `{var_name}` and `{vae_name}` "
+        "into a diffusers-mar `VARPipeline` folder. `guidance_scale` is `1 + cfg` of the official code (docs/var.md)."
+    )
+    details = {
+        "Source": f"FoundationVision/VAR `{var_name}` (transformer), `{vae_name}` (tokenizer)",
+        "Architecture": (
+            f"{config.num_layers} AdaLN transformer blocks ({transformer.inner_dim} wide, "
+            f"{config.num_attention_heads} heads{', shared AdaLN' if config.shared_adaln else ''})"
+        ),
+        "Parameters": f"{num_parameters:,} (transformer); tokenizer {sum(p.numel() for p in vqvae.parameters()):,}",
+        "Scales": f"{len(config.patch_nums)} token maps, sides {', '.join(map(str, config.patch_nums))} "
+        f"({transformer.num_tokens} tokens), {side}x{side} px images",
+        "Tokenizer": f"{vqvae.config.num_vq_embeddings} codes of {vqvae.config.vq_embed_dim} values",
+        "Stored dtype": dtype,
+    }
+    if preset_name is not None:
+        paper = VAR_PRESETS[preset_name]["paper"]
+        sections = (
+            "## Results in the paper\n\n"
+            f"ImageNet {paper['resolution']}x{paper['resolution']}, FID-50K with the official FID setting "
+            "(cfg 1.5, top-p 0.96, top-k 900, the folder's recommended settings), from the official README:\n\n"
+            "| model | params | FID |\n|---|---:|---:|\n"
+            f"| {title} | {paper['num_parameters']} | {paper['fid']} |\n\n"
+            "These numbers are the paper's, not measured on this conversion (docs/evaluation.md says how to)."
+        )
+    else:
+        sections = "## Results\n\nThis is not one of the released VAR sizes, so there are no published numbers for it."
+    return make_model_card(
+        title=f"{title} for diffusers",
+        description=description,
+        details=details,
+        sampling=sampling,
+        repo_id=repo_id or "path/to/this-folder",
+        sections=sections,
+        example_label=207 if config.num_classes == 1000 else 0,
+        datasets=["imagenet-1k"] if config.num_classes == 1000 else None,
+        pipeline_class="VARPipeline",
+        citation=VAR_CITATION,
+        tags=["diffusers", "diffusers-mar", "var", "image-generation", "class-conditional", "autoregressive"],
+    )
+
+
+def recommended_var_sampling(preset_name: str | None, vocab_size: int) -> dict:
+    """The folder's recommended `VARPipeline.__call__` settings: the official FID setting, `top_k` at most the
+    vocabulary."""
+    sampling = dict(VAR_PRESETS[preset_name or "var-d16"]["sampling"])
+    sampling["top_k"] = min(sampling["top_k"], vocab_size)
+    return sampling
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert the official FoundationVision/VAR checkpoints (tokenizer + transformer) into a "
+        "diffusers-mar VARPipeline folder.",
+    )
+    parser.add_argument("--vae_path", required=True, help="The official tokenizer, `vae_ch160v4096z32.pth`.")
+    parser.add_argument("--var_path", required=True, help="The official transformer, `var_d16.pth` ... `var_d36.pth`.")
+    parser.add_argument("--output_dir", required=True, help="Folder to write (must not exist or be empty).")
+    parser.add_argument(
+        "--model_type", choices=sorted(VAR_PRESETS), default=None, help="Preset to check against (default: inferred)."
+    )
+    parser.add_argument(
+        "--patch_nums",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Scale sides (default: the official 256 or 512 px schedule with the checkpoint's token count).",
+    )
+    parser.add_argument("--vae_norm_num_groups", type=int, default=32, help="GroupNorm groups of the tokenizer (32).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Stored dtype (default fp32).")
+    parser.add_argument(
+        "--safe_serialization",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Write safetensors (default) or, with --no-safe_serialization, torch .bin files.",
+    )
+    parser.add_argument(
+        "--trust_checkpoint",
+        action="store_true",
+        help="Allow `torch.load(weights_only=False)` for files that pickle other objects (trusted sources only).",
+    )
+    parser.add_argument(
+        "--id2label_path", default=None, help="JSON class names; default: ImageNet names for 1000-class models."
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace a non-empty `--output_dir` that holds a pipeline folder."
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="Reload the saved folder and compare it (see docs/conversion.md)."
+    )
+    parser.add_argument(
+        "--original_repo",
+        default=None,
+        help="With --verify: a FoundationVision/VAR checkout; the folder must reproduce the official models and "
+        "sampler (`autoregressive_infer_cfg`).",
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub as `--repo_id`.")
+    parser.add_argument("--repo_id", default=None, help="Hub repo id, e.g. `user/var-d16`.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in token or HF_TOKEN).")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.repo_id:
+        parser.error("`--push_to_hub` needs `--repo_id` (e.g. `user/var-d16`).")
+    if args.vae_norm_num_groups < 1:
+        parser.error(f"`--vae_norm_num_groups` must be >= 1; got {args.vae_norm_num_groups}.")
+    if args.patch_nums is not None and (
+        min(args.patch_nums) < 1 or any(b <= a for a, b in zip(args.patch_nums, args.patch_nums[1:]))
+    ):
+        parser.error(f"`--patch_nums` must be increasing sides >= 1; got {args.patch_nums}.")
+    if args.original_repo is not None and not args.verify:
+        parser.error("`--original_repo` is used by `--verify`; add `--verify`.")
+    if args.original_repo is not None and not is_var_checkout(args.original_repo):
+        parser.error(
+            f"`--original_repo` {args.original_repo!r} is not a FoundationVision/VAR checkout (no models/var.py)."
+        )
+    return args
+
+
+def _load_state_dict(path: str, argument: str, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
+    state_dict = load_checkpoint(path, argument=argument, trust_checkpoint=trust_checkpoint)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"`--{argument}` {path!r} is not a state dict of tensors (the official files are).")
+    return state_dict
+
+
+def _plain_config(model: torch.nn.Module) -> dict:
+    """A model's config as JSON would store it (tuples as lists), without diffusers' bookkeeping keys."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
+
+
+def verify_var_folder(folder: Path, pipeline, dtype: torch.dtype, use_safetensors: bool) -> None:
+    """The written folder reloads to exactly the converted tensors, in the asked dtype."""
+    from diffusers_mar import VARPipeline
+
+    reloaded = VARPipeline.from_pretrained(folder, use_safetensors=use_safetensors)
+    for name in ("vqvae", "transformer"):
+        expected, actual = getattr(pipeline, name).state_dict(), getattr(reloaded, name).state_dict()
+        changed = [key for key, value in expected.items() if not torch.equal(actual[key].to(value.dtype), value)]
+        if changed or set(actual) != set(expected):
+            raise VerificationError(f"Verification failed: reloaded `{name}` tensors differ: {changed[:10]}.")
+        if _plain_config(reloaded.components[name]) != _plain_config(pipeline.components[name]):
+            raise VerificationError(f"Verification failed: the saved `{name}` config differs from the converted one.")
+    folder_dtypes = stored_dtypes(folder)
+    if folder_dtypes != {dtype}:
+        raise VerificationError(
+            f"Verification failed: the folder stores {sorted(map(str, folder_dtypes))}, asked for {dtype}."
+        )
+
+
+def verify_against_original_var(
+    pipeline, original_vqvae: torch.nn.Module, original_var: torch.nn.Module, sampling: dict, seed: int = 0
+) -> dict[str, float]:
+    """The converted models against the official ones: tokenizer indices on a random image, teacher-forced logits,
+    and a sampled batch of two images (`autoregressive_infer_cfg(g_seed=seed)` against the pipeline with
+    `generator=torch.Generator().manual_seed(seed)`). Returns the max differences; raises `VerificationError`."""
+    generator = torch.Generator().manual_seed(seed)
+    vqvae, transformer = pipeline.vqvae.float(), pipeline.transformer.float()
+    side = vqvae.config.sample_size
+    image = torch.rand(1, 3, side, side, generator=generator) * 2 - 1
+    labels = torch.tensor([0, transformer.config.num_classes])
+    diffs = {}
+    with torch.no_grad():
+        expected_indices = original_vqvae.img_to_idxBl(image)
+        indices = vqvae.encode(image).indices
+        if not all(torch.equal(a.reshape(-1), b.reshape(-1)) for a, b in zip(indices, expected_indices)):
+            raise VerificationError("Verification failed: the tokenizer's indices differ from the official VQVAE's.")
+        tokens = [
+            torch.randint(0, transformer.config.vocab_size, (2, p * p), generator=generator)
+            for p in vqvae.config.patch_nums
+        ]
+        inputs = original_vqvae.quantize.idxBl_to_var_input(tokens)
+        expected_logits = original_var(labels, inputs)
+        logits = transformer(labels, vqvae.teacher_forcing_input(tokens), return_dict=False)[0]
+        diffs["logits"] = (logits - expected_logits).abs().max().item()
+        cfg = sampling["guidance_scale"] - 1.0
+        expected_images = original_var.autoregressive_infer_cfg(
+            B=2,
+            label_B=torch.tensor([0, 1]),
+            g_seed=seed,
+            cfg=cfg,
+            top_k=sampling["top_k"],
+            top_p=sampling["top_p"],
+            more_smooth=sampling["more_smooth"],
+        )  # (B, 3, H, W) in [0, 1]
+        images = pipeline(
+            class_labels=[0, 1],
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            **sampling,
+        ).images
+        diffs["images"] = (images - expected_images).abs().max().item()
+    if not diffs["logits"] <= 1e-4 * max(1.0, expected_logits.abs().max().item()) or not diffs["images"] <= 1e-4:
+        raise VerificationError(f"Verification failed: the converted models differ from the official ones: {diffs}.")
+    return diffs
+
+
+def convert(args: argparse.Namespace) -> Path:
+    """Run the conversion described by the parsed command-line `args`; returns the output folder."""
+    from diffusers_mar import VARPipeline
+
+    # 1. Check the output folder before any heavy work
+    inputs = (args.vae_path, args.var_path, args.id2label_path)
+    check_output_dir(args.output_dir, args.overwrite, inputs)
+    dtype = DTYPES[args.dtype]
+
+    # 2. Load the official files and build the models
+    vae_state_dict = _load_state_dict(args.vae_path, "vae_path", args.trust_checkpoint)
+    var_state_dict = _load_state_dict(args.var_path, "var_path", args.trust_checkpoint)
+    if "quantize.embedding.weight" not in vae_state_dict:
+        raise ValueError(f"`--vae_path` {args.vae_path!r} is not a VAR tokenizer (no `quantize.embedding.weight`).")
+    if "pos_1LC" not in var_state_dict:
+        raise ValueError(f"`--var_path` {args.var_path!r} is not a VAR transformer (no `pos_1LC`).")
+    vqvae, transformer = build_var_models(
+        vae_state_dict, var_state_dict, args.patch_nums, args.vae_norm_num_groups, dtype
+    )
+    preset_name = preset_of(transformer.config)
+    if args.model_type is not None and preset_name != args.model_type:
+        raise ValueError(
+            f"`--model_type {args.model_type}` does not match the checkpoint ({PRESET_TITLES.get(preset_name, 'a custom size')})."
+        )
+
+    # 3. The pipeline (recommended sampling settings in its config) and its card
+    sampling = recommended_var_sampling(preset_name, transformer.config.vocab_size)
+    id2label = load_id2label(args.id2label_path, transformer.config.num_classes)
+    pipeline = VARPipeline(transformer, vqvae, id2label=id2label, sampling=sampling)
+    card = var_model_card(
+        vqvae,
+        transformer,
+        preset_name,
+        sampling,
+        vae_name=Path(args.vae_path).name,
+        var_name=Path(args.var_path).name,
+        dtype=args.dtype,
+        repo_id=args.repo_id,
+    )
+
+    # 4. Save atomically, verifying the written folder (and the official outputs) before it gets its name
+    verified = []
+
+    def verify(folder: Path) -> None:
+        verify_var_folder(folder, pipeline, dtype, use_safetensors=args.safe_serialization)
+        verified.append("the folder reloads to the converted weights")
+        if args.original_repo is not None:
+            stored = {
+                name: {k: v.to(dtype).float() for k, v in sd.items()}
+                for name, sd in (("vae", vae_state_dict), ("var", var_state_dict))
+            }
+            original_vqvae, original_var = build_original_var(
+                args.original_repo, stored["vae"], stored["var"], dict(vqvae.config), dict(transformer.config)
+            )
+            reference = VARPipeline(copy.deepcopy(transformer).float(), copy.deepcopy(vqvae).float())
+            reference.set_progress_bar_config(disable=True)
+            diffs = verify_against_original_var(reference, original_vqvae, original_var, sampling)
+            verified.append(
+                f"the tokenizer, the transformer and the sampler reproduce the official code of {args.original_repo} "
+                f"(max differences {', '.join(f'{name} {diff:.1e}' for name, diff in diffs.items())})"
+            )
+
+    output_dir = save_pipeline_folder(
+        pipeline,
+        card,
+        args.output_dir,
+        safe_serialization=args.safe_serialization,
+        overwrite=args.overwrite,
+        inputs=inputs,
+        check=verify if args.verify else None,
+    )
+    print(
+        f"Converted {args.var_path} and {args.vae_path} ({PRESET_TITLES.get(preset_name, 'custom size')}, "
+        f"{sum(p.numel() for p in transformer.parameters()):,} transformer parameters, {args.dtype}) to "
+        f"{output_dir}{' (verified)' if args.verify else ''}."
+    )
+    if verified:
+        print("Verified: " + "; ".join(verified) + ".")
+    if args.push_to_hub:
+        url = push_folder_to_hub(
+            output_dir,
+            args.repo_id,
+            private=args.private,
+            token=args.hub_token,
+            commit_message="Add VAR pipeline converted from FoundationVision/VAR with diffusers-mar",
+        )
+        print(f"Uploaded to {url}")
+    return output_dir
+
+
+def _report(message: object) -> None:
+    print(f"{PROG}: error: " + re.sub(r"\s*\n\s*", " ", str(message).strip()), file=sys.stderr)  # one line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; exit codes: 0 done, 2 bad input (nothing written), 1 a failure while running. Errors are one
+    line on stderr, `convert_var_to_diffusers.py: error: ...`."""
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except VerificationError as error:
+        _report(error)
+        return 1
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
+        _report(error.args[0] if error.args else error)
+        return 2
+    except OSError as error:
+        _report(error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,11 @@ from huggingface_hub import HfApi
 
 
 def push_folder_to_hub(
-    folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Add MAR pipeline converted from LTH14/mar with diffusers-mar",
 ) -> str:
     """Create (or reuse) the Hub model repo `repo_id` and upload `folder` to it; returns the repo URL."""
     api = HfApi(token=token)
@@ -17,6 +21,6 @@ def push_folder_to_hub(
         repo_id=repo_id,
         folder_path=str(folder),
         repo_type="model",
-        commit_message="Add MAR pipeline converted from LTH14/mar with diffusers-mar",
+        commit_message=commit_message,
     )
     return str(repo_url)

@@ -36,7 +36,7 @@ class VerificationError(Exception):
     """`--verify` found a difference, or cannot check what it was asked to (the CLI exits with 1)."""
 
 
-def _stored_dtypes(folder: str | os.PathLike) -> set[torch.dtype]:
+def stored_dtypes(folder: str | os.PathLike) -> set[torch.dtype]:
     """The dtypes of the weight files of a pipeline folder, read without loading the tensors where possible."""
     dtypes = set()
     for path in Path(folder).glob("*/*.safetensors"):
@@ -85,7 +85,7 @@ def verify_pipeline_folder(
     `VerificationError` if a tensor differs or an output differs by more than `atol`. `use_safetensors` (the format
     the folder was written in) keeps diffusers from looking for the other format.
     """
-    stored = _stored_dtypes(folder)
+    stored = stored_dtypes(folder)
     if stored != {dtype}:
         raise VerificationError(
             f"Verification failed: the folder stores {sorted(map(str, stored))}, asked for {dtype}."

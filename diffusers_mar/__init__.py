@@ -1,11 +1,12 @@
-"""diffusers-mar: MAR (masked autoregressive image generation with a per-token diffusion loss) for diffusers."""
+"""diffusers-mar: MAR (masked autoregressive image generation with a per-token diffusion loss), causal AR and VAR
+(next-scale prediction) for diffusers."""
 
 import os
 
 import diffusers
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401  (looked up by from_pretrained)
 
-from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, get_preset_config
+from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS, VAR_PRESETS, get_preset_config
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.models.transformer_ar import ARTransformer2DModel
 from diffusers_mar.models.transformer_mar import MARTransformer2DModel
@@ -15,6 +16,8 @@ from diffusers_mar.pipelines.orders import orders_from_original
 from diffusers_mar.pipelines.pipeline_ar import ARPipeline
 from diffusers_mar.pipelines.pipeline_mar import MARPipeline, mask_by_order, mask_schedule
 from diffusers_mar.pipelines.pipeline_mar_inpaint import MARInpaintPipeline
+from diffusers_mar.pipelines.pipeline_var import VARPipeline
+from diffusers_mar.pipelines.pipeline_var_inpaint import VARInpaintPipeline
 from diffusers_mar.schedulers.scheduling_ddpm_mar import MARDDPMScheduler
 
 __version__ = "0.1.0"
@@ -36,10 +39,12 @@ for _cls in (
     MARPipeline,
     MARInpaintPipeline,
     ARPipeline,
+    VARPipeline,
+    VARInpaintPipeline,
 ):
     _cls.__module__ = __name__
 # `DiffusionPipeline.from_pretrained` resolves the `_class_name` of model_index.json in the diffusers namespace.
-for _cls in (MARPipeline, MARInpaintPipeline, ARPipeline):
+for _cls in (MARPipeline, MARInpaintPipeline, ARPipeline, VARPipeline, VARInpaintPipeline):
     setattr(diffusers, _cls.__name__, _cls)
 del _cls
 
@@ -54,6 +59,9 @@ __all__ = [
     "MARInpaintPipeline",
     "MARPipeline",
     "MARTransformer2DModel",
+    "VARInpaintPipeline",
+    "VARPipeline",
+    "VAR_PRESETS",
     "VARTransformer2DModel",
     "VARVQModel",
     "get_preset_config",

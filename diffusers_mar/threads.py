@@ -11,9 +11,9 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-# `--num-threads auto` runs models with fewer parameters (transformer + head) than this on one CPU thread: their
-# matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine threads
-# waiting for each other cost 10x and more (the digits model on 2 cores: 4 s on one thread, over 45 s on two;
+# `--num-threads auto` runs models with fewer parameters (transformer + head; VAR's transformer) than this on one CPU
+# thread: their matrix products are too small for a second thread to pay for its synchronisation, and on a busy machine
+# threads waiting for each other cost 10x and more (the digits model on 2 cores: 4 s on one thread, over 45 s on two;
 # docs/benchmarks.md, "CPU threads of the command line").
 SMALL_MODEL_PARAMETERS = 10_000_000
 
@@ -23,7 +23,8 @@ def resolve_num_threads(num_threads: int | str, pipe: DiffusionPipeline, device:
     else PyTorch's default."""
     if num_threads != "auto":
         return num_threads
-    parameters = sum(p.numel() for module in (pipe.transformer, pipe.diffusion_head) for p in module.parameters())
+    modules = [module for module in (pipe.transformer, getattr(pipe, "diffusion_head", None)) if module is not None]
+    parameters = sum(p.numel() for module in modules for p in module.parameters())
     return 1 if device == "cpu" and parameters < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
 
 

@@ -51,9 +51,26 @@ VAR_TESTS = "tests/models/test_models_transformer_var.py"
 VAR_VQ_TESTS = "tests/models/test_models_vq_model_var.py"
 VAR_LOSS_TESTS = "tests/training/test_var_loss.py"
 VQVAE_TRAIN_TESTS = "tests/training/test_train_vqvae.py"
+VAR_PIPELINE = "diffusers_mar/pipelines/pipeline_var.py"
+VAR_PIPELINE_TESTS = "tests/pipelines/test_pipeline_var.py"
+VAR_INPAINT_TESTS = "tests/pipelines/test_pipeline_var_inpaint.py"
 
 MUTATIONS = [
     # Guidance, in every family
+    Mutation(
+        "var-converter-top-k-clip",
+        "conversion/convert_var_to_diffusers.py",
+        'sampling["top_k"] = min(sampling["top_k"], vocab_size)',
+        'sampling["top_k"] = sampling["top_k"]',
+        ("tests/conversion/test_convert_var_to_diffusers.py",),
+    ),
+    Mutation(
+        "var-preset-shared-adaln",
+        "diffusers_mar/configs.py",
+        '"shared_adaln": depth == 36,',
+        '"shared_adaln": False,',
+        ("tests/conversion/test_convert_var_to_diffusers.py",),
+    ),
     Mutation(
         "guidance-direction",
         "diffusers_mar/pipelines/schedules.py",
@@ -77,7 +94,7 @@ MUTATIONS = [
     ),
     Mutation(
         "ar-guidance-halves",  # the doubling of every family, in the shared base (issue 24)
-        "diffusers_mar/pipelines/pipeline_autoregressive.py",
+        "diffusers_mar/pipelines/pipeline_token_generator.py",
         "labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])",
         "labels = torch.cat([torch.full_like(labels, self.transformer.config.num_classes), labels])",
         (STUB_GUIDANCE_TEST, "tests/pipelines/test_pipeline_ar.py", "tests/pipelines/test_pipeline_mar.py"),
@@ -430,6 +447,49 @@ MUTATIONS = [
         "restarted = dead.nonzero().flatten()",
         "restarted = torch.arange(dead.numel())",
         (VQVAE_TRAIN_TESTS,),
+    ),
+    # VAR's sampling (pipeline_var.py): guidance, top-k / top-p, the Gumbel codes, the editing masks
+    Mutation(
+        "var-guidance-direction",
+        VAR_PIPELINE,
+        "return (1 + t) * cond - t * uncond",
+        "return (1 + t) * uncond - t * cond",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-guidance-mapping",  # guidance_scale = 1 + cfg: taking it for cfg guides one step too far
+        VAR_PIPELINE,
+        "t = (guidance_scale - 1) * ratio  # the original's",
+        "t = guidance_scale * ratio  # the original's",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-top-k-ties",
+        VAR_PIPELINE,
+        "logits = logits.masked_fill(logits < kth_largest, -torch.inf)",
+        "logits = logits.masked_fill(logits <= kth_largest, -torch.inf)",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-top-p-threshold",
+        VAR_PIPELINE,
+        "remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)",
+        "remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= top_p",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-gumbel-temperature",
+        VAR_PIPELINE,
+        "tau = max(0.27 * (1 - ratio * 0.95), 0.005)",
+        "tau = max(0.27 * (1 - ratio), 0.005)",
+        (VAR_PIPELINE_TESTS,),
+    ),
+    Mutation(
+        "var-edit-keep-threshold",
+        VAR_PIPELINE,
+        'scale_keep = F.interpolate(keep, size=(p, p), mode="bilinear", align_corners=False).gt(0.5)',
+        'scale_keep = F.interpolate(keep, size=(p, p), mode="bilinear", align_corners=False).ge(0.5)',
+        (VAR_INPAINT_TESTS,),
     ),
 ]
 

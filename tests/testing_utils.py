@@ -21,6 +21,8 @@ from diffusers_mar import (
     MARDiffusionHead,
     MARPipeline,
     MARTransformer2DModel,
+    VARPipeline,
+    VARTransformer2DModel,
     VARVQModel,
 )
 
@@ -120,6 +122,18 @@ TINY_VAR_TRANSFORMER_CONFIG = {
     "num_classes": 10,
 }
 
+# Its VQ-VAE: 6x6 RGB images, 2x downsampling to the last 3x3 scale, the same codebook (32 codes of 4 channels).
+TINY_VAR_VQ_CONFIG = {
+    "sample_size": 6,
+    "ch": 8,
+    "ch_mult": (1, 1),
+    "num_res_blocks": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+    "num_vq_embeddings": 32,
+    "patch_nums": (1, 2, 3),
+}
+
 
 def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Random weights everywhere (the original zero-inits the head's AdaLN and output, which hides code paths)."""
@@ -159,6 +173,19 @@ def make_tiny_pipeline(seed: int = 0, vae=None, ar: bool = False, **scheduler_kw
         head = perturb_(MARDiffusionHead(**TINY_PIXEL_HEAD_CONFIG), seed + 1).eval()
     pipeline_class = ARPipeline if ar else MARPipeline
     pipe = pipeline_class(transformer, head, MARDDPMScheduler(**scheduler_kwargs), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_var_pipeline(seed: int = 0, **kwargs) -> VARPipeline:
+    """A random tiny `VARPipeline` (`TINY_VAR_TRANSFORMER_CONFIG`, `TINY_VAR_VQ_CONFIG`); `kwargs` go to the
+    constructor (`id2label`, `sampling`)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the initialisation draws from the global RNG
+        # Perturbed: the original's initialisation scales the head by 0.02, which leaves nearly uniform logits.
+        transformer = perturb_(VARTransformer2DModel(**TINY_VAR_TRANSFORMER_CONFIG), seed, std=0.2).eval()
+        vqvae = VARVQModel(**TINY_VAR_VQ_CONFIG).eval()
+    pipe = VARPipeline(transformer, vqvae, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -251,6 +278,27 @@ def var_fixture_vae(share_quant_resi: int = 4) -> VARVQModel:
     model = VARVQModel(**VAR_FIXTURE_VAE_CONFIG, share_quant_resi=share_quant_resi).eval()
     model.load_state_dict(convert_vae_state_dict(var_fixture_vae_state_dict(share_quant_resi)), strict=True)
     return model
+
+
+@lru_cache
+def var_fixture_transformer(variant: str = "var") -> VARTransformer2DModel:
+    """The recorded VAR (`var` or `var_shared_aln`) with the config the converter infers, mapped by
+    `convert_transformer_state_dict` and loaded strictly."""
+    from conversion.convert_var_to_diffusers import convert_transformer_state_dict, transformer_config_from_state_dict
+
+    file = {"var": "var_tiny.pth", "var_shared_aln": "var_tiny_shared_aln.pth"}[variant]
+    state_dict = torch.load(VAR_FIXTURES_DIR / file, map_location="cpu", weights_only=True)
+    config = transformer_config_from_state_dict(state_dict, patch_nums=var_fixture_config()["patch_nums"])
+    model = VARTransformer2DModel(**config).eval()
+    model.load_state_dict(convert_transformer_state_dict(state_dict), strict=True)
+    return model
+
+
+def var_fixture_pipeline(variant: str = "var") -> VARPipeline:
+    """A `VARPipeline` of the recorded VAR and VQ-VAE (no sampling settings stored: each call passes its own)."""
+    pipe = VARPipeline(var_fixture_transformer(variant), var_fixture_vae())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -106,19 +106,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         images = f"{height}x{width}, {summary['image_channels']} channel(s)"
     else:
         images = "none (no VAE to decode the latents)"
+    if summary["space"] == "vq":
+        scales = "x".join(map(str, summary["patch_nums"]))
+        space = f"next-scale prediction over a codebook of {summary['vocab_size']}, decoded by {summary['decoder']}"
+        tokens = f"scales {scales} = {summary['num_tokens']} codebook indices ({summary['vq_embed_dim']}-d codes)"
+    else:
+        space = _space_text(summary, decodes)
+        tokens = (
+            f"{grid} = {summary['num_tokens']} tokens of {summary['token_dim']} values "
+            f"(patch size {summary['patch_size']}, {summary['in_channels']} channel(s))"
+        )
     lines = [
         f"model:        {summary['model']}",
-        f"pipeline:     {summary['pipeline']}, {_space_text(summary, decodes)}",
+        f"pipeline:     {summary['pipeline']}, {space}",
         f"images:       {images}",
-        f"token grid:   {grid} = {summary['num_tokens']} tokens of {summary['token_dim']} values "
-        f"(patch size {summary['patch_size']}, {summary['in_channels']} channel(s))",
+        f"token grid:   {tokens}",
         "components:",
     ]
     for name, entry in summary["components"].items():
         if "parameters" in entry:
             detail = f"{entry['parameters']:>13,} parameters"
         else:
-            config = summary["scheduler_config"] if name == "scheduler" else {}
+            config = summary.get("scheduler_config", {}) if name == "scheduler" else {}
             keys = ("num_train_timesteps", "beta_schedule", "variance_type", "prediction_type")
             detail = ", ".join(f"{key}={config[key]}" for key in keys if key in config)
         lines.append(f"  {name:<16}{entry['class']:<30}{detail}".rstrip())

@@ -109,6 +109,19 @@ def _steps_text(settings: dict) -> str:
     return f"{settings['num_inference_steps']} x {settings['num_diffusion_steps']} steps"
 
 
+def _sampling_text(settings: dict) -> str:
+    if "top_k" in settings:  # a VARPipeline: guidance_scale = 1 + the original's cfg
+        smooth = ", more_smooth" if settings["more_smooth"] else ""
+        return (
+            f"guidance {settings['guidance_scale']:g} (cfg {settings['guidance_scale'] - 1:g}), top-k "
+            f"{settings['top_k']}, top-p {settings['top_p']:g}{smooth}"
+        )
+    return (
+        f"guidance {settings['guidance_scale']:g} ({settings['guidance_schedule']}), {_steps_text(settings)}, "
+        f"temperature {settings['temperature']:g}"
+    )
+
+
 def _card_line(results: dict) -> str:
     metrics, settings = results["metrics"], results["settings"]
     names = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall"}
@@ -116,8 +129,7 @@ def _card_line(results: dict) -> str:
     reference = Path(results["reference"]).name if results["reference"] else "no reference"
     return (
         f"- {values} on {results['num_images']:,} images ({settings['images_per_class']} per class) against "
-        f"`{reference}`; guidance {settings['guidance_scale']:g} ({settings['guidance_schedule']}), "
-        f"{_steps_text(settings)}, temperature {settings['temperature']:g}"
+        f"`{reference}`; {_sampling_text(settings)}"
         + (f", sampling preset `{settings['sampling_preset']}`" if settings.get("sampling_preset") else "")
         + f", seed {settings['seed']} (`diffusers-mar evaluate`, {results['date']})"
     )

@@ -12,13 +12,28 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARPipeline
+from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARPipeline, VARPipeline
 from diffusers_mar.cli.errors import EXIT_FAILURE, CLIError
 from diffusers_mar.hub import hub_unreachable_reason
-from diffusers_mar.pipelines.pipeline_autoregressive import AutoregressivePipeline
+from diffusers_mar.pipelines.pipeline_token_generator import TokenGeneratorPipeline
 from diffusers_mar.pipelines.sampling_settings import _CALL_DEFAULTS, apply_sampling_preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The class that loads a folder, by the `_class_name` of its model_index.json (editing pipelines load as their
+# family's generator); MARPipeline for any other name.
+FOLDER_CLASSES = {"ARPipeline": ARPipeline, "VARPipeline": VARPipeline, "VARInpaintPipeline": VARPipeline}
+# The options of one family only: the folder's family must be among those named.
+FAMILY_OPTIONS = {
+    "num_inference_steps": ((MARPipeline,), "MARPipeline folders only"),
+    "num_diffusion_steps": ((MARPipeline, ARPipeline), "MARPipeline and ARPipeline folders only (a diffusion head)"),
+    "guidance_schedule": ((MARPipeline, ARPipeline), "MARPipeline and ARPipeline folders only"),
+    "temperature": ((MARPipeline, ARPipeline), "MARPipeline and ARPipeline folders only (a diffusion head)"),
+    "order": ((ARPipeline,), "ARPipeline folders only (MAR draws a random order per image, VAR has none)"),
+    "sampling_preset": ((MARPipeline,), "MARPipeline folders only"),
+    "top_k": ((VARPipeline,), "VARPipeline folders only (logits over a codebook)"),
+    "top_p": ((VARPipeline,), "VARPipeline folders only (logits over a codebook)"),
+    "more_smooth": ((VARPipeline,), "VARPipeline folders only"),
+}
 
 
 def _looks_like_local_path(model: str) -> bool:
@@ -31,9 +46,9 @@ def _looks_like_local_path(model: str) -> bool:
     )
 
 
-def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MARPipeline:
-    """Load a MARPipeline, or an ARPipeline if the folder's model_index.json names one, from a local folder or a
-    Hugging Face Hub id, with errors that name `--model`.
+def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> TokenGeneratorPipeline:
+    """Load a MARPipeline, or the ARPipeline or VARPipeline that the folder's model_index.json names, from a local
+    folder or a Hugging Face Hub id, with errors that name `--model`.
 
     Raises `CLIError` (exit 2) when the model cannot be found, (exit 1) when the shipped default model is missing
     or a found model fails to load.
@@ -70,10 +85,13 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
             local_only = offline_reason is not None
             config = MARPipeline.load_config(source, local_files_only=local_only)
-            pipeline_class = ARPipeline if config.get("_class_name") == "ARPipeline" else MARPipeline
+            pipeline_class = FOLDER_CLASSES.get(config.get("_class_name"), MARPipeline)
             pipe = pipeline_class.from_pretrained(source, local_files_only=local_only)
-        if not isinstance(pipe, AutoregressivePipeline):
-            raise CLIError(f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline or an ARPipeline", "--model")
+        if not isinstance(pipe, TokenGeneratorPipeline):
+            raise CLIError(
+                f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline, an ARPipeline or a VARPipeline",
+                "--model",
+            )
         pipe.to(device=device, dtype=DTYPES[dtype])
     except CLIError:
         raise
@@ -101,8 +119,11 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> MA
 IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what pixel tokens can hold to make an image
 
 
-def can_decode(pipe: MARPipeline) -> bool:
-    """Whether the pipeline's tokens make images: latent tokens with a VAE, or pixel tokens of 1, 3 or 4 channels."""
+def can_decode(pipe: TokenGeneratorPipeline) -> bool:
+    """Whether the pipeline's tokens make images: VQ tokens (VAR, with its VQ-VAE), latent tokens with a VAE, or pixel
+    tokens of 1, 3 or 4 channels."""
+    if isinstance(pipe, VARPipeline):
+        return True
     if pipe.config.token_space == "latent":
         return getattr(pipe, "vae", None) is not None
     return pipe.transformer.config.in_channels in IMAGE_CHANNELS
@@ -136,22 +157,33 @@ def recommended_sampling(pipe: MARPipeline) -> tuple[dict, str]:
     return pipe.sampling_defaults, "the paper's settings clipped to this model (the folder stores none)"
 
 
-def sampling_settings(args: argparse.Namespace, pipe: MARPipeline) -> tuple[dict, str]:
+def check_family_options(args: argparse.Namespace, pipe: TokenGeneratorPipeline) -> None:
+    """Refuse (exit 2) an option of another family, naming the folder's pipeline and the folders it applies to."""
+    for key, (families, which) in FAMILY_OPTIONS.items():
+        if getattr(args, key, None) is not None and not isinstance(pipe, families):
+            option = "--" + key.replace("_", "-")
+            if key == "num_inference_steps" and isinstance(pipe, ARPipeline):
+                raise CLIError("does not apply to an ARPipeline folder, which makes one token per step", option)
+            name = type(pipe).__name__
+            article = "an" if name[0] in "AEIOU" else "a"
+            raise CLIError(f"does not apply to {article} {name} folder: it applies to {which}", option)
+
+
+def sampling_settings(args: argparse.Namespace, pipe: TokenGeneratorPipeline) -> tuple[dict, str]:
     """Options given on the command line, else the model's recommendations; range checks that name the option."""
     settings, source = recommended_sampling(pipe)
-    if isinstance(pipe, ARPipeline) and getattr(args, "num_inference_steps", None) is not None:
-        raise CLIError(
-            "does not apply to an ARPipeline folder, which makes one token per step", "--num-inference-steps"
-        )
-    order = getattr(args, "order", None)
-    if order is not None and not isinstance(pipe, ARPipeline):
-        raise CLIError("applies to ARPipeline folders only (MAR draws a random order per image)", "--order")
+    check_family_options(args, pipe)
     given = {key for key in pipe.sampling_keys if getattr(args, key, None) is not None}
     settings.update({key: getattr(args, key) for key in given})
+    if isinstance(pipe, VARPipeline):
+        vocab_size = pipe.transformer.config.vocab_size
+        if "top_k" in given and not settings["top_k"] <= vocab_size:
+            raise CLIError(
+                f"must be in [0, {vocab_size}] for this model (its codebook size); got {args.top_k}", "--top-k"
+            )
+        return settings, source
     preset = getattr(args, "sampling_preset", None)
     if preset is not None:
-        if isinstance(pipe, ARPipeline):
-            raise CLIError("applies to MARPipeline folders only", "--sampling-preset")
         arguments = _CALL_DEFAULTS | {key: settings[key] for key in given}  # the call's defaults, then the options
         resolved = apply_sampling_preset(preset, arguments, pipe.transformer.num_tokens)
         settings.update({key: resolved[key] for key in pipe.sampling_keys if resolved[key] is not None})
@@ -236,6 +268,8 @@ def model_summary(pipe: MARPipeline, model: str) -> dict:
     transformer = pipe.transformer
     config = transformer.config
     vae = getattr(pipe, "vae", None)
+    if isinstance(pipe, VARPipeline):
+        vae = pipe.vqvae
     components = {}
     for name, component in pipe.components.items():
         if component is None:
@@ -244,9 +278,11 @@ def model_summary(pipe: MARPipeline, model: str) -> dict:
         if isinstance(component, torch.nn.Module):
             entry["parameters"] = sum(p.numel() for p in component.parameters())
         components[name] = entry
+    settings, source = recommended_sampling(pipe)
+    if isinstance(pipe, VARPipeline):
+        return _var_summary(pipe, model, components, settings, source)
     image_size = config.sample_size * pipe.vae_scale_factor if can_decode(pipe) else None
     image_channels = (vae.config.out_channels if vae is not None else config.in_channels) if can_decode(pipe) else None
-    settings, source = recommended_sampling(pipe)
     return {
         "model": model,
         "pipeline": type(pipe).__name__,
@@ -269,4 +305,29 @@ def model_summary(pipe: MARPipeline, model: str) -> dict:
         "scheduler_config": {
             key: value for key, value in dict(pipe.scheduler.config).items() if not key.startswith("_")
         },
+    }
+
+
+def _var_summary(pipe: VARPipeline, model: str, components: dict, settings: dict, source: str) -> dict:
+    """`model_summary` of a VARPipeline: its scales of codebook indices instead of a grid of continuous tokens."""
+    config, size = pipe.transformer.config, pipe.vqvae.config.sample_size
+    return {
+        "model": model,
+        "pipeline": type(pipe).__name__,
+        "space": "vq",
+        "decoder": type(pipe.vqvae).__name__,
+        "components": components,
+        "total_parameters": sum(entry.get("parameters", 0) for entry in components.values()),
+        "token_grid": [config.patch_nums[-1], config.patch_nums[-1]],
+        "patch_nums": list(config.patch_nums),
+        "num_tokens": pipe.transformer.num_tokens,
+        "vocab_size": config.vocab_size,
+        "vq_embed_dim": config.vq_embed_dim,
+        "image_size": [size, size],
+        "image_channels": pipe.vqvae.config.out_channels,
+        "num_classes": config.num_classes,
+        "unconditional_label": config.num_classes,
+        "id2label": {str(key): value for key, value in sorted(pipe.id2label.items())},
+        "recommended_sampling": settings,
+        "recommended_sampling_source": source,
     }

@@ -55,6 +55,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text}")
+    return value
+
+
 def _device(text: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
         raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or mps; got {text!r}")
@@ -75,6 +89,8 @@ _positive_int.__name__ = "integer >= 1"  # argparse names the type in "invalid <
 _num_threads.__name__ = "thread count"
 _non_negative_float.__name__ = "number"
 _positive_float.__name__ = "number"
+_non_negative_int.__name__ = "integer >= 0"
+_unit_float.__name__ = "number"
 _device.__name__ = "device"
 
 
@@ -87,20 +103,38 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """The five sampling options; not given, they take the model folder's recommended values."""
+    """The sampling options of every family; not given, they take the model folder's recommended values. An option
+    of another family than the folder's is refused (`cli.model.FAMILY_OPTIONS`)."""
     parser.add_argument(
-        "--guidance-scale", type=_non_negative_float, metavar="S", help="classifier-free guidance, 1 = off"
+        "--guidance-scale",
+        type=_non_negative_float,
+        metavar="S",
+        help="classifier-free guidance, 1 = off (VAR: 1 + the original's cfg)",
     )
     parser.add_argument(
-        "--guidance-schedule", choices=("linear", "constant"), help="how guidance grows over the steps"
+        "--guidance-schedule", choices=("linear", "constant"), help="how guidance grows over the steps (MAR, AR)"
     )
     parser.add_argument(
         "--num-inference-steps", type=_positive_int, metavar="K", help="masked-autoregressive steps (MAR only)"
     )
     parser.add_argument(
-        "--num-diffusion-steps", type=_positive_int, metavar="S", help="diffusion-head steps per token"
+        "--num-diffusion-steps", type=_positive_int, metavar="S", help="diffusion-head steps per token (MAR, AR)"
     )
-    parser.add_argument("--temperature", type=_positive_float, metavar="T", help="scales each diffusion step's noise")
+    parser.add_argument(
+        "--temperature", type=_positive_float, metavar="T", help="scales each diffusion step's noise (MAR, AR)"
+    )
+    parser.add_argument(
+        "--top-k", type=_non_negative_int, metavar="K", help="keep the K largest logits of a token, 0 = all (VAR only)"
+    )
+    parser.add_argument(
+        "--top-p", type=_unit_float, metavar="P", help="keep the nucleus of probability P, 0 = all (VAR only)"
+    )
+    parser.add_argument(
+        "--more-smooth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="VAR's Gumbel-softmax codes, smoother images (not for FID; VAR only)",
+    )
 
 
 def add_preset_option(parser: argparse.ArgumentParser) -> None:
@@ -117,13 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = ArgumentParser(
         prog="diffusers-mar",
-        description="Generate images with MAR (masked autoregression + per-token diffusion), and inspect models.",
+        description="Generate images with MAR (masked autoregression + per-token diffusion), causal AR or VAR "
+        "(next-scale prediction), and inspect models.",
         epilog=EPILOG,
         formatter_class=formatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{generate,info,evaluate}")
     model_help = (
-        "a MARPipeline or ARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
+        "a MARPipeline, ARPipeline or VARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
         "(default: diffusers_mar.DEFAULT_MODEL, the model folder inside the package)"
     )
 

@@ -131,8 +131,8 @@ def generate_samples(
 ) -> int:
     """Generate this process's missing images of `samples` into `output_dir`; returns how many it generated.
 
-    `sampling` are the pipeline's five sampling arguments. The progress bar (when `show_progress`) counts the
-    images of all processes, estimated from this one's.
+    `sampling` are the pipeline's sampling arguments (its `sampling_keys`). The progress bar (when `show_progress`)
+    counts the images of all processes, estimated from this one's.
     """
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     batches = process_batches(len(samples), batch_size, process_index, num_processes)

@@ -23,6 +23,7 @@ from diffusers.models.autoencoders.vae import Decoder, DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from diffusers_mar.models.loading import StrictLoadingMixin
@@ -156,6 +157,10 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             then saved in the config.
     """
 
+    # Group offloading (diffusers' `enable_group_offload`) of the parts the pipelines call outside `forward`: each one
+    # loads at its own call, as AutoencoderKL's; `phi` is grouped conv by conv as a ModuleList.
+    _group_offload_block_modules = ["encoder", "quant_conv", "embedding", "post_quant_conv", "decoder"]
+
     @register_to_config
     def __init__(
         self,
@@ -244,21 +249,38 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     # Codebook and phi -------------------------------------------------------------------------------------------
 
-    def embed(self, indices: torch.LongTensor) -> torch.Tensor:
+    @apply_forward_hook
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
         r"""
-        Look up the codebook entries of one scale's indices.
+        Look up the codebook entries of one scale's indices, or mix them with weights (VAR's `more_smooth`).
 
         Args:
-            indices (`torch.LongTensor` of shape `(batch_size, side * side)`):
-                Codebook indices in raster order.
+            indices (`torch.LongTensor` of shape `(batch_size, side * side)`, or `torch.Tensor` of shape
+            `(batch_size, side * side, num_vq_embeddings)`):
+                Codebook indices in raster order, or float weights over the codebook per position (`weights @
+                codebook`, as VAR's Gumbel-softmax codes).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, vq_embed_dim, side, side)`.
         """
-        if indices.ndim != 2 or round(indices.shape[1] ** 0.5) ** 2 != indices.shape[1]:
-            raise ValueError(f"`indices` must be (batch_size, side * side), got {tuple(indices.shape)}.")
+        soft = indices.is_floating_point()
+        if (
+            indices.ndim != (3 if soft else 2)
+            or round(indices.shape[1] ** 0.5) ** 2 != indices.shape[1]
+            or (soft and indices.shape[2] != self.config.num_vq_embeddings)
+        ):
+            raise ValueError(
+                "`indices` must be (batch_size, side * side) integers or (batch_size, side * side, "
+                f"{self.config.num_vq_embeddings}) weights, got {indices.dtype} {tuple(indices.shape)}."
+            )
         side = round(indices.shape[1] ** 0.5)
-        return self.embedding(indices).transpose(1, 2).reshape(indices.shape[0], self.vq_embed_dim, side, side)
+        if soft:
+            # The codebook through the layer's own call (not `.weight`), so that offloading hooks load it.
+            codebook = self.embedding(torch.arange(self.config.num_vq_embeddings, device=indices.device))  # (V, C)
+            entries = indices @ codebook.to(indices.dtype).unsqueeze(0)  # (B, n, C), as VAR's `@ weight.unsqueeze(0)`
+        else:
+            entries = self.embedding(indices)  # (B, n, C)
+        return entries.transpose(1, 2).reshape(indices.shape[0], self.vq_embed_dim, side, side)
 
     def apply_phi(self, hidden_states: torch.Tensor, scale_index: int) -> torch.Tensor:
         """`phi_k(h) = (1 - quant_resi) h + quant_resi conv3x3(h)` with the phi of scale `scale_index`."""
@@ -295,7 +317,8 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
         """
         self._check_map(latents, self.patch_nums[-1], "latents")
         batch_size, channels = latents.shape[:2]
-        codebook = self.embedding.weight.float()
+        # The codebook through the layer's own call (not `.weight`), so that offloading hooks load it.
+        codebook = self.embedding(torch.arange(self.config.num_vq_embeddings, device=latents.device)).float()
         codebook_sq = codebook.square().sum(dim=1)  # (V,)
         rest = latents.detach().clone()
         f_hat = torch.zeros_like(rest)
@@ -315,6 +338,7 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             partial_sums.append(f_hat)
         return indices, partial_sums
 
+    @apply_forward_hook
     def encode(self, images: torch.Tensor, return_dict: bool = True) -> VARVQEncoderOutput | tuple:
         r"""
         Encode images to the codebook indices of every scale.
@@ -382,6 +406,7 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             inputs.append(next_map.reshape(batch_size, self.vq_embed_dim, -1).transpose(1, 2))
         return torch.cat(inputs, dim=1)
 
+    @apply_forward_hook
     def next_scale_input(
         self, scale_index: int, f_hat: torch.Tensor, embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -414,6 +439,7 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
 
     # Decoding ---------------------------------------------------------------------------------------------------
 
+    @apply_forward_hook
     def decode_latents(self, f_hat: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         r"""
         Decode a partial sum to images (VAR's `fhat_to_img`).
@@ -433,6 +459,7 @@ class VARVQModel(StrictLoadingMixin, ModelMixin, ConfigMixin):
             return (images,)
         return DecoderOutput(sample=images)
 
+    @apply_forward_hook
     def decode(self, indices: list[torch.LongTensor], return_dict: bool = True) -> DecoderOutput | tuple:
         r"""
         Decode the indices of every scale to images (VAR's `idxBl_to_img(..., same_shape=True, last_one=True)`).

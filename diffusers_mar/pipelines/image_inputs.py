@@ -87,3 +87,18 @@ def token_mask_from_pixels(mask: torch.Tensor, token_size: int, mask_dilation: i
     if mask_dilation > 0:
         tokens = F.max_pool2d(tokens, kernel_size=2 * mask_dilation + 1, stride=1, padding=mask_dilation)
     return tokens.flatten(1)  # (B, L), raster order as `MARTransformer2DModel.patchify`
+
+
+def fit_to_size(image: torch.Tensor, size: int, name: str, resize: bool, is_mask: bool) -> torch.Tensor:
+    """A (B, C, H, W) image or mask in [0, 1] at the model's `size` x `size`: as it is, resized when `resize` (a
+    resized mask pixel is masked when it overlaps a masked pixel; images bicubic, antialiased), else an error."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    if not resize:
+        raise ValueError(
+            f"`{name}` is {image.shape[-2]}x{image.shape[-1]} (HxW) but this model makes {size}x{size} images; resize "
+            "it, or pass `resize=True`."
+        )
+    if is_mask:
+        return F.adaptive_max_pool2d((image >= 0.5).float(), (size, size))
+    return F.interpolate(image, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)

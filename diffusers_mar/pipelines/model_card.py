@@ -14,6 +14,18 @@ from huggingface_hub import ModelCard, ModelCardData
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 TAGS = ["diffusers", "diffusers-mar", "mar", "image-generation", "class-conditional", "autoregressive"]
+MAR_CITATION = """@article{li2024autoregressive,
+  title={Autoregressive Image Generation without Vector Quantization},
+  author={Li, Tianhong and Tian, Yonglong and Li, He and Deng, Mingyang and He, Kaiming},
+  journal={arXiv preprint arXiv:2406.11838},
+  year={2024}
+}"""
+VAR_CITATION = """@inproceedings{tian2024visual,
+  title={Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction},
+  author={Tian, Keyu and Jiang, Yi and Yuan, Zehuan and Peng, Bingyue and Wang, Liwei},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2024}
+}"""
 
 
 def make_model_card(
@@ -28,11 +40,14 @@ def make_model_card(
     base_model: str | None = None,
     datasets: list[str] | None = None,
     pipeline_class: str = "MARPipeline",
+    citation: str = MAR_CITATION,
+    tags: list[str] | None = None,
 ) -> ModelCard:
     """A `ModelCard` from the template: YAML metadata, title, description, a details table, usage, `sections`
-    (Markdown, e.g. evaluation results or the training command) and the citation; the usage loads `pipeline_class`."""
+    (Markdown, e.g. evaluation results or the training command) and the citation (BibTeX, the MAR paper's by
+    default); the usage loads `pipeline_class`. `tags` replace the default ones."""
     metadata = ModelCardData(
-        license=license, library_name="diffusers", tags=list(TAGS), base_model=base_model, datasets=datasets
+        license=license, library_name="diffusers", tags=list(tags or TAGS), base_model=base_model, datasets=datasets
     )
     text = string.Template(TEMPLATE_PATH.read_text()).substitute(
         metadata=metadata.to_yaml(),
@@ -44,6 +59,7 @@ def make_model_card(
         example_label=example_label,
         sampling=", ".join(f"`{key}={value!r}`" for key, value in sampling.items()),
         sections=f"\n{sections.strip()}\n\n" if sections.strip() else "\n",
+        citation=citation,
     )
     return ModelCard(text)
 

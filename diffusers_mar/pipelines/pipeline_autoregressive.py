@@ -1,19 +1,21 @@
-"""AutoregressivePipeline: the shared base of the token-wise generators (`MARPipeline`, `ARPipeline`, ...).
+"""AutoregressivePipeline: the shared base of the token-wise generators with a diffusion head (`MARPipeline`,
+`ARPipeline`, ...).
 
 A token-wise generator makes an image's tokens over several outer steps. At each step its transformer turns the known
 tokens into one condition per token to make, and the per-token diffusion head samples those tokens from their
 conditions: `sample_tokens`, the role of LTH14/mar's `DiffLoss.sample` (and of DiT's `forward_with_cfg`), so that a
-reader sees one call inside each family's outer loop. This base holds what every family does the same way: the
-components and their config, class labels and the null label, the guidance doubling and its schedule, the head's
-sampling, the callback block, decoding and the output. Each family writes its outer loop in its own `__call__`
-(`docs/new_family.md`).
+reader sees one call inside each family's outer loop. On `TokenGeneratorPipeline` (class labels and the null label,
+the recommended sampling settings, guidance's doubled batch and properties, the common checks, saving), this base
+holds what the diffusion-head families do the same way: the components and `token_space`, the guidance schedule over
+the outer steps, the head's sampling, the callback block on the token canvas, decoding and the output. Each family
+writes its outer loop in its own `__call__` (`docs/new_family.md`). A family without a diffusion head (VAR)
+subclasses `TokenGeneratorPipeline` directly.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,24 +23,19 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL, ModelMixin
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 
 from diffusers_mar.models.diffusion_head_mar import MARDiffusionHead
 from diffusers_mar.pipelines.head_scheduler import prepare_call_scheduler
-from diffusers_mar.pipelines.model_card import copy_model_card
-from diffusers_mar.pipelines.sampling_settings import (
-    SAMPLING_KEYS,
-    check_sampling_settings,
-    resolve_sampling_settings,
-)
+from diffusers_mar.pipelines.pipeline_token_generator import TokenGeneratorPipeline
+from diffusers_mar.pipelines.sampling_settings import PAPER_SAMPLING, SAMPLING_KEYS
 from diffusers_mar.pipelines.schedules import guidance_schedule_values, guide, head_calls, prepare_step_noise
 
 logger = logging.get_logger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TOKEN_SPACES = ("pixel", "latent")
 
 
@@ -72,11 +69,12 @@ class HeadSampler(NamedTuple):
     dtype: torch.dtype  # the head's
 
 
-class AutoregressivePipeline(DiffusionPipeline):
+class AutoregressivePipeline(TokenGeneratorPipeline):
     r"""
     Base of the pipelines that generate an image's tokens step by step, each token sampled by a diffusion head.
 
-    This model inherits from [`DiffusionPipeline`]. A family subclasses it, sets `_transformer_class` and
+    This model inherits from [`TokenGeneratorPipeline`] (labels, sampling settings, guidance properties, common
+    checks, saving) and [`DiffusionPipeline`]. A family subclasses it, sets `_transformer_class` and
     `sampling_keys`, and writes its outer loop in `__call__`; see `docs/new_family.md`.
 
     Parameters:
@@ -107,8 +105,9 @@ class AutoregressivePipeline(DiffusionPipeline):
     _optional_components = ["vae"]
     # "latents" is the canvas as diffusers' pipelines offer it, (B, C, H, W); "tokens" the same canvas as (B, L, C).
     _callback_tensor_inputs = ["latents", "tokens", "mask", "condition"]
-    _transformer_class: type[ModelMixin] | None = None  # a family's transformer class
+    _default_callback_tensor_inputs = ["tokens"]
     sampling_keys: tuple[str, ...] = SAMPLING_KEYS  # the `__call__` arguments a family's folder may recommend
+    paper_sampling = PAPER_SAMPLING
 
     # Rows of the head's AdaLN modulation computed in one product per block (`schedules.head_calls`): steps with at
     # most half as many rows share a chunk; larger steps (and all steps, with 1) compute it block by block inside the
@@ -127,121 +126,23 @@ class AutoregressivePipeline(DiffusionPipeline):
         token_space: str | None = None,
     ):
         super().__init__()
-        if not isinstance(transformer, self._transformer_class):
-            owner = _family_of(type(transformer))
-            raise ValueError(
-                f"`transformer` of a {type(self).__name__} must be a {self._transformer_class.__name__}, got a "
-                f"{type(transformer).__name__}: the folder holds a {owner}. Load it with `{owner}.from_pretrained("
-                "folder)` or `DiffusionPipeline.from_pretrained(folder)`."
-            )
+        self.check_transformer(transformer)
         self.register_modules(transformer=transformer, diffusion_head=diffusion_head, scheduler=scheduler, vae=vae)
-        id2label = {int(key): value for key, value in id2label.items()} if id2label else None
-        if sampling is not None:
-            check_sampling_settings(
-                sampling, transformer.num_tokens, scheduler.config.num_train_timesteps, "sampling", self.sampling_keys
-            )
+        self.register_labels_and_sampling(id2label, sampling)
         token_space = token_space or ("latent" if vae is not None else "pixel")
         if token_space not in TOKEN_SPACES:
             raise ValueError(f"`token_space` must be one of {TOKEN_SPACES}; got {token_space!r}.")
         if token_space == "pixel" and isinstance(scheduler, DDPMScheduler | DDIMScheduler):
             check_pixel_clipping(scheduler)
-        self.register_to_config(
-            id2label=id2label, sampling=dict(sampling) if sampling else None, token_space=token_space
-        )
-        self.labels = {}
-        for key, value in (id2label or {}).items():
-            for label in value.split(","):
-                self.labels[label.strip()] = key
-        self.labels = dict(sorted(self.labels.items()))
+        self.register_to_config(token_space=token_space)
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    @classmethod
-    def _get_signature_types(cls) -> dict:
-        # diffusers reads the components' types from `__init__`'s annotations (`from_pipe` switches a model over only
-        # if its type is listed); a family's transformer is its `_transformer_class`.
-        signature_types = super()._get_signature_types()
-        if cls._transformer_class is not None:
-            signature_types["transformer"] = (cls._transformer_class,)
-        return signature_types
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(self.config.id2label or {})
-
-    @property
-    def sampling_defaults(self) -> dict:
-        """The defaults of `__call__`'s sampling arguments: the folder's `sampling`, else the paper's (clipped)."""
-        stored = self.config.get("sampling")
-        settings = resolve_sampling_settings(
-            stored, self.transformer.num_tokens, self.scheduler.config.num_train_timesteps
-        )
-        return {key: settings[key] for key in self.sampling_keys}
-
-    def set_sampling_defaults(self, **settings) -> None:
-        """Store recommended sampling settings (keys among `sampling_keys`) in the config; `save_pretrained` saves
-        them. Keys not given keep their stored value."""
-        check_sampling_settings(
-            settings, self.transformer.num_tokens, self.scheduler.config.num_train_timesteps, keys=self.sampling_keys
-        )
-        self.register_to_config(sampling={**(self.config.get("sampling") or {}), **settings})
-
-    def resolve_sampling_settings(self, **given) -> dict:
-        """The sampling arguments of a call (`sampling_keys`): those given (not None), else `sampling_defaults`."""
+    def sampling_limits(self) -> dict:
         return {
-            **self.sampling_defaults,
-            **{key: given[key] for key in self.sampling_keys if given.get(key) is not None},
+            "num_tokens": self.transformer.num_tokens,
+            "num_train_timesteps": self.scheduler.config.num_train_timesteps,
         }
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale != 1.0
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`DiffusionPipeline.save_pretrained`, keeping the model card (`README.md`) of the folder loaded from."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        copy_model_card(self.config.get("_name_or_path"), save_directory)
-
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        r"""
-        Map class names to class ids.
-
-        Args:
-            label (`str` or `list[str]`):
-                Class names known to `id2label` (any of the comma-separated synonyms).
-
-        Returns:
-            `list[int]`: the class ids.
-        """
-        labels = [label] if isinstance(label, str) else list(label)
-        if not self.labels:
-            raise ValueError("This pipeline has no `id2label`; pass integer `class_labels` instead of names.")
-        unknown = [name for name in labels if name not in self.labels]
-        if unknown:
-            raise ValueError(f"`label` has unknown names {unknown}; allowed names are: {list(self.labels)}.")
-        return [self.labels[name] for name in labels]
-
-    @staticmethod
-    def callback_tensor_inputs(
-        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
-        callback_on_step_end_tensor_inputs: list[str] | None,
-    ) -> list[str]:
-        """The tensors a call puts in `callback_kwargs`: a callback class's own, else those given, else `tokens`."""
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        return callback_on_step_end_tensor_inputs or ["tokens"]
 
     def check_common_inputs(
         self,
@@ -250,47 +151,15 @@ class AutoregressivePipeline(DiffusionPipeline):
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> None:
-        """Validate the arguments every family's `__call__` takes."""
-        num_classes = self.transformer.config.num_classes
-        batch_size = len(class_labels)
-        bad = [label for label in class_labels if not 0 <= label <= num_classes]
-        if bad:
-            raise ValueError(
-                f"`class_labels` must be in [0, {num_classes}] ({num_classes} = unconditional); got {bad}."
-            )
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
-            raise ValueError(
-                f"`generator` must be a `torch.Generator`, a list of them (one per image) or None; got {generator!r}."
-            )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators but the effective batch size is {batch_size} "
-                "(class labels times `num_images_per_label`); pass one generator per image or a single generator."
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        """Validate the arguments every family's `__call__` takes (`TokenGeneratorPipeline.check_common_inputs`), and
+        that images can be decoded."""
+        super().check_common_inputs(class_labels, generator, output_type, callback_on_step_end_tensor_inputs)
         if output_type != "latent" and self.vae is None and self.config.token_space == "latent":
             raise ValueError(
                 f"`output_type={output_type!r}` needs a VAE: this pipeline's tokens are VAE latents "
                 '(`token_space="latent"`) and it has no `vae`. Pass `output_type="latent"`, or load it with '
                 "`vae=AutoencoderKL.from_pretrained(...)`."
             )
-        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has {sorted(unknown)}; allowed: {self._callback_tensor_inputs}."
-            )
-
-    def prepare_labels(self, class_labels: list[int], guidance_scale: float, device: torch.device) -> torch.Tensor:
-        """The transformer's class labels `(B',)`; under guidance the null label's half follows the conditional one.
-        Starts the call's guidance (`guidance_scale`, which a callback may change between outer steps)."""
-        self._guidance_scale = guidance_scale
-        self._guided = self.do_classifier_free_guidance  # the batch is doubled for the whole call
-        labels = torch.tensor(class_labels, device=device)
-        if self._guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])
-        return labels
 
     def prepare_guidance(self, mask_lens: list[int], num_tokens: int, schedule: str) -> None:
         """The guidance schedule of the call's outer steps (`mask_lens`: tokens still unknown after each)."""
@@ -427,14 +296,3 @@ class AutoregressivePipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
-
-
-def _family_of(transformer_class: type) -> str:
-    """The pipeline a folder with this transformer holds: the first family (breadth first) whose transformer it is."""
-    pending = list(AutoregressivePipeline.__subclasses__())
-    while pending:
-        family = pending.pop(0)
-        if family._transformer_class is transformer_class:
-            return family.__name__
-        pending.extend(family.__subclasses__())
-    return "other pipeline"

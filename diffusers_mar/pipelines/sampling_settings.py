@@ -3,7 +3,8 @@
 A pipeline stores the settings its model was made for in its own config (`model_index.json`, key `sampling`), so
 `MARPipeline.from_pretrained(folder)(class_labels=...)` samples as recommended with no other argument. The converter
 and the training script write them; the command line, the benchmarks and the pipeline's defaults read them here.
-Settings a folder does not store fall back to the paper's (`PAPER_SAMPLING`), clipped to what the model allows.
+Settings a folder does not store fall back to the paper's (`PAPER_SAMPLING`; VAR's `VAR_PAPER_SAMPLING`), clipped
+to what the model allows. A family declares its keys (`sampling_keys` of its pipeline, among `SAMPLING_CHECKS`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ PAPER_SAMPLING = {
     "guidance_schedule": "linear",
     "temperature": 1.0,
 }
+
+# `VARPipeline.__call__` arguments a VAR folder may recommend: guidance, top-k / top-p filtering of the logits, and
+# VAR's Gumbel smoothing of the codes (`more_smooth`).
+VAR_SAMPLING_KEYS = ("guidance_scale", "top_k", "top_p", "more_smooth")
+# FoundationVision/VAR's FID setting (README: `cfg=1.5, top_p=0.96, top_k=900, more_smooth=False`). Our guidance scale
+# is `1 + cfg` (`uncond + s (cond - uncond)`, as MAR's and diffusers'; docs/var.md), so cfg 1.5 is 2.5.
+VAR_PAPER_SAMPLING = {"guidance_scale": 2.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}
 
 # `MARPipeline.__call__` arguments of issue 17's faster sampling (orders, schedules, caches), and their defaults.
 FAST_SAMPLING_KEYS = ("order", "outer_schedule", "guidance_cache_interval", "feature_cache_interval")
@@ -78,17 +86,84 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# The check of each sampling key: `check(value, label, settings, limits)` raises a `ValueError` that names the key
+# (`label`) and its allowed values. `limits` bounds the values where the model does: `num_tokens` (outer steps),
+# `num_train_timesteps` (diffusion steps) and `vocab_size` (top-k), each None when unknown. A family declares its keys
+# (`TokenGeneratorPipeline.sampling_keys`); a new key adds its check here.
+
+
+def _check_step_count(key: str):
+    def check(value: object, label: str, settings: dict, limits: dict) -> None:
+        high = limits.get("num_tokens" if key == "num_inference_steps" else "num_train_timesteps")
+        if key == "num_diffusion_steps" and isinstance(value, (list, tuple, str)):
+            steps = settings.get("num_inference_steps")
+            diffusion_step_schedule(value, steps if isinstance(steps, int) else None, high, label)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1 or (high is not None and value > high):
+            allowed = f"[1, {high}]" if high is not None else ">= 1"
+            also = (
+                ", a list with one such int per outer step or a named schedule" if key == "num_diffusion_steps" else ""
+            )
+            raise ValueError(f"{label} must be an int in {allowed}{also}; got {value!r}.")
+
+    return check
+
+
+def _check_guidance_scale(value: object, label: str, settings: dict, limits: dict) -> None:
+    if not (_is_number(value) and value >= 0):
+        raise ValueError(f"{label} must be a finite number >= 0; got {value!r}.")
+
+
+def _check_guidance_schedule(value: object, label: str, settings: dict, limits: dict) -> None:
+    if value not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"{label} must be one of {GUIDANCE_SCHEDULES}; got {value!r}.")
+
+
+def _check_temperature(value: object, label: str, settings: dict, limits: dict) -> None:
+    if not (_is_number(value) and value > 0):
+        raise ValueError(f"{label} must be a finite number > 0; got {value!r}.")
+
+
+def _check_top_k(value: object, label: str, settings: dict, limits: dict) -> None:
+    high = limits.get("vocab_size")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high is not None and value > high):
+        allowed = f"[0, {high}] (the codebook size)" if high is not None else ">= 0"
+        raise ValueError(f"{label} must be an int in {allowed}, 0 = no top-k filtering; got {value!r}.")
+
+
+def _check_top_p(value: object, label: str, settings: dict, limits: dict) -> None:
+    if not (_is_number(value) and 0 <= value <= 1):
+        raise ValueError(f"{label} must be a number in [0, 1], 0 = no top-p filtering; got {value!r}.")
+
+
+def _check_more_smooth(value: object, label: str, settings: dict, limits: dict) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{label} must be True or False; got {value!r}.")
+
+
+SAMPLING_CHECKS = {
+    "num_inference_steps": _check_step_count("num_inference_steps"),
+    "num_diffusion_steps": _check_step_count("num_diffusion_steps"),
+    "guidance_scale": _check_guidance_scale,
+    "guidance_schedule": _check_guidance_schedule,
+    "temperature": _check_temperature,
+    "top_k": _check_top_k,
+    "top_p": _check_top_p,
+    "more_smooth": _check_more_smooth,
+}
+
+
 def check_sampling_settings(
     settings: dict,
     num_tokens: int | None = None,
     num_train_timesteps: int | None = None,
     name: str | None = None,
     keys: tuple[str, ...] = SAMPLING_KEYS,
+    vocab_size: int | None = None,
 ) -> dict:
     """Return `settings` (a subset of `keys`, a family's sampling keys) if every value is usable, else raise a
-    `ValueError` that names the key and its allowed values. `num_tokens` and `num_train_timesteps` bound the step
-    counts when given; `name` (e.g. "sampling") prefixes the keys in messages, for settings stored in a dict rather
-    than given as arguments."""
+    `ValueError` that names the key and its allowed values. `num_tokens`, `num_train_timesteps` and `vocab_size`
+    bound the step counts and top-k when given; `name` (e.g. "sampling") prefixes the keys in messages, for settings
+    stored in a dict rather than given as arguments."""
 
     def label(key: str) -> str:
         return f"`{key}`" if name is None else f"`{name}['{key}']`"
@@ -98,40 +173,27 @@ def check_sampling_settings(
     unknown = sorted(set(settings) - set(keys))
     if unknown:
         raise ValueError(f"`{name or 'sampling'}` has unknown keys {unknown}; allowed keys are {keys}.")
-    bounds = {"num_inference_steps": num_tokens, "num_diffusion_steps": num_train_timesteps}
-    for key, high in bounds.items():
-        value = settings.get(key)
-        if key == "num_diffusion_steps" and isinstance(value, (list, tuple, str)):
-            steps = settings.get("num_inference_steps")
-            diffusion_step_schedule(value, steps if isinstance(steps, int) else None, high, label(key))
-        elif key in settings and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1 or (high is not None and value > high)
-        ):
-            allowed = f"[1, {high}]" if high is not None else ">= 1"
-            also = (
-                ", a list with one such int per outer step or a named schedule" if key == "num_diffusion_steps" else ""
-            )
-            raise ValueError(f"{label(key)} must be an int in {allowed}{also}; got {value!r}.")
-    if "guidance_scale" in settings and not (
-        _is_number(settings["guidance_scale"]) and settings["guidance_scale"] >= 0
-    ):
-        raise ValueError(
-            f"{label('guidance_scale')} must be a finite number >= 0; got {settings['guidance_scale']!r}."
-        )
-    if "guidance_schedule" in settings and settings["guidance_schedule"] not in GUIDANCE_SCHEDULES:
-        raise ValueError(
-            f"{label('guidance_schedule')} must be one of {GUIDANCE_SCHEDULES}; got {settings['guidance_schedule']!r}."
-        )
-    if "temperature" in settings and not (_is_number(settings["temperature"]) and settings["temperature"] > 0):
-        raise ValueError(f"{label('temperature')} must be a finite number > 0; got {settings['temperature']!r}.")
+    limits = {"num_tokens": num_tokens, "num_train_timesteps": num_train_timesteps, "vocab_size": vocab_size}
+    for key, check in SAMPLING_CHECKS.items():
+        if key in settings:
+            check(settings[key], label(key), settings, limits)
     return settings
 
 
-def resolve_sampling_settings(stored: dict | None, num_tokens: int, num_train_timesteps: int = 1000) -> dict:
-    """Every key of `SAMPLING_KEYS`: the stored value, else the paper's clipped to the model's limits."""
-    settings = dict(PAPER_SAMPLING)
-    settings["num_inference_steps"] = min(settings["num_inference_steps"], num_tokens)
-    settings["num_diffusion_steps"] = min(settings["num_diffusion_steps"], num_train_timesteps)
+def resolve_sampling_settings(
+    stored: dict | None,
+    num_tokens: int | None = None,
+    num_train_timesteps: int | None = 1000,
+    paper: dict = PAPER_SAMPLING,
+    vocab_size: int | None = None,
+) -> dict:
+    """Every key of `paper` (a family's paper settings, MAR's by default): the stored value, else the paper's clipped
+    to the model's limits (the steps to `num_tokens` and `num_train_timesteps`, top-k to `vocab_size`)."""
+    settings = dict(paper)
+    limits = {"num_inference_steps": num_tokens, "num_diffusion_steps": num_train_timesteps, "top_k": vocab_size}
+    for key, high in limits.items():
+        if key in settings and high is not None:
+            settings[key] = min(settings[key], high)
     settings.update(stored or {})
     return settings
 

@@ -1,6 +1,7 @@
 """What diffusers checks on each of its own pipelines (`PipelineTesterMixin`, `MemoryTesterMixin` in diffusers'
-`tests/pipelines/testing_utils/`), run on `MARPipeline` and `ARPipeline` (pixel and latent space) and
-`MARInpaintPipeline` with tiny random models on the CPU (issues 12 and 15).
+`tests/pipelines/testing_utils/`), run on `MARPipeline` and `ARPipeline` (pixel and latent space),
+`MARInpaintPipeline`, `VARPipeline` and `VARInpaintPipeline` with tiny random models on the CPU (issues 12 and 15).
+The checks of a diffusion head or its scheduler skip VAR, which has neither (its own are in test_pipeline_var.py).
 
 Every offloading kind and layerwise casting run on the CPU too: the hooks are installed and run as on an accelerator.
 Group offloading goes through the disk, so a layer that ran without its hook would compute with weights that are not
@@ -23,11 +24,20 @@ from diffusers.callbacks import PipelineCallback
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from PIL import Image
 
-from diffusers_mar import DEFAULT_MODEL, ARPipeline, MARInpaintPipeline, MARPipeline, cli
+from diffusers_mar import (
+    DEFAULT_MODEL,
+    ARPipeline,
+    MARInpaintPipeline,
+    MARPipeline,
+    VARInpaintPipeline,
+    VARPipeline,
+    cli,
+)
 from diffusers_mar.schedulers.scheduling_ddpm_mar import mar_alphas_cumprod
-from tests.testing_utils import make_tiny_pipeline, make_tiny_vae
+from tests.testing_utils import make_tiny_pipeline, make_tiny_vae, make_tiny_var_pipeline
 
 FAST = {"num_inference_steps": 4, "num_diffusion_steps": 5}
+VAR_SETTINGS = {"top_k": 16, "top_p": 0.9}  # VAR has no steps to cut; settings other than its defaults
 CPU = torch.device("cpu")
 
 
@@ -45,18 +55,36 @@ class PipelineCase:
         return self.pipeline_class is ARPipeline
 
     @property
+    def var(self) -> bool:
+        return issubclass(self.pipeline_class, VARPipeline)
+
+    @property
     def fast(self) -> dict:
-        """Few steps: an ARPipeline always makes one token per step (no `num_inference_steps`)."""
+        """Few steps: an ARPipeline always makes one token per step (no `num_inference_steps`); VAR has no steps."""
+        if self.var:
+            return VAR_SETTINGS
         return {"num_diffusion_steps": FAST["num_diffusion_steps"]} if self.ar else FAST
 
     @property
     def num_steps(self) -> int:
-        return 16 if self.ar else FAST["num_inference_steps"]
+        return 3 if self.var else 16 if self.ar else FAST["num_inference_steps"]
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The components that are models (offloaded and cast by the tests)."""
+        return ("transformer", "vqvae") if self.var else ("transformer", "diffusion_head")
+
+    def skip_var(self, reason: str) -> None:
+        if self.var:
+            pytest.skip(f"{self.pipeline_class.__name__}: {reason}")
 
     def make(self, seed: int = 0) -> MARPipeline:
-        vae = make_tiny_vae(seed) if self.latent else None
-        pipe = make_tiny_pipeline(seed, vae=vae, ar=self.ar, clip_sample=True)
-        if self.pipeline_class not in (MARPipeline, ARPipeline):
+        if self.var:
+            pipe = make_tiny_var_pipeline(seed)
+        else:
+            vae = make_tiny_vae(seed) if self.latent else None
+            pipe = make_tiny_pipeline(seed, vae=vae, ar=self.ar, clip_sample=True)
+        if self.pipeline_class not in (MARPipeline, ARPipeline, VARPipeline):
             pipe = self.pipeline_class.from_pipe(pipe)
             pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -70,11 +98,16 @@ class PipelineCase:
             mask = np.zeros((size, size), dtype=np.uint8)
             mask[size // 2 :] = 255  # regenerate the bottom half
             inputs.update(image=image, mask_image=mask)
+        if self.pipeline_class is VARInpaintPipeline:
+            image = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), np.uint8)
+            mask = np.zeros((6, 6), dtype=np.uint8)
+            mask[3:] = 255  # regenerate the bottom half
+            inputs.update(image=image, mask_image=mask)
         return {**inputs, **self.fast, **overrides}
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        return (2, 3, 16, 16) if self.latent else (2, 1, 8, 8)
+        return (2, 3, 6, 6) if self.var else (2, 3, 16, 16) if self.latent else (2, 1, 8, 8)
 
 
 CASES = {
@@ -83,6 +116,8 @@ CASES = {
     "inpaint": PipelineCase(MARInpaintPipeline),
     "ar": PipelineCase(ARPipeline),
     "ar_latent": PipelineCase(ARPipeline, latent=True),
+    "var": PipelineCase(VARPipeline),
+    "var_inpaint": PipelineCase(VARInpaintPipeline),
 }
 
 
@@ -115,14 +150,21 @@ def test_output_shape_dict_tuple_equivalence_and_determinism(case):
 
 def test_components_function_and_rebuilding_from_components(case):
     pipe = case.make()
-    assert set(pipe.components) == {"transformer", "diffusion_head", "scheduler", "vae"}
-    assert (pipe.components["vae"] is None) != case.latent
+    if case.var:
+        assert set(pipe.components) == {"transformer", "vqvae"}
+    else:
+        assert set(pipe.components) == {"transformer", "diffusion_head", "scheduler", "vae"}
+        assert (pipe.components["vae"] is None) != case.latent
     rebuilt = case.pipeline_class(**pipe.components)
     rebuilt.set_progress_bar_config(disable=True)
     assert torch.equal(_images(rebuilt, case), _images(pipe, case))
-    other_class = {MARPipeline: MARInpaintPipeline, MARInpaintPipeline: MARPipeline}.get(
-        case.pipeline_class, ARPipeline
-    )
+    siblings = {
+        MARPipeline: MARInpaintPipeline,
+        MARInpaintPipeline: MARPipeline,
+        VARPipeline: VARInpaintPipeline,
+        VARInpaintPipeline: VARPipeline,
+    }
+    other_class = siblings.get(case.pipeline_class, ARPipeline)
     other = other_class.from_pipe(pipe)
     assert all(other.components[name] is component for name, component in pipe.components.items())
 
@@ -200,7 +242,7 @@ def test_save_load_local(case, tmp_path, safe_serialization):
     loaded = DiffusionPipeline.from_pretrained(tmp_path)  # the class comes from model_index.json
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is case.pipeline_class
-    assert loaded.config.sampling == case.fast and loaded.config.token_space == pipe.config.token_space
+    assert loaded.config.sampling == case.fast and loaded.config.get("token_space") == pipe.config.get("token_space")
     for name, component in pipe.components.items():
         assert type(loaded.components[name]) is type(component)
     expected = _images(pipe, case)
@@ -211,6 +253,7 @@ def test_save_load_local(case, tmp_path, safe_serialization):
 
 
 def test_save_load_optional_components(case, tmp_path):
+    case.skip_var("no optional component (no VAE to leave out)")
     pipe = case.make()
     pipe.vae = None  # a latent-space pipeline without its VAE still makes latents
     expected = _images(pipe, case, output_type="latent")
@@ -227,12 +270,12 @@ def test_save_load_optional_components(case, tmp_path):
 def test_variants_save_load_and_missing_variant_error(case, tmp_path):
     pipe = case.make()
     pipe.save_pretrained(tmp_path / "variant", variant="fp16")
-    for name in ("transformer", "diffusion_head", *(["vae"] if case.latent else [])):
+    for name in (*case.models, *(["vae"] if case.latent else [])):
         files = [path.name for path in (tmp_path / "variant" / name).iterdir() if path.suffix == ".safetensors"]
         assert files and all(".fp16." in file for file in files), files
     loaded = case.pipeline_class.from_pretrained(tmp_path / "variant", variant="fp16")
     loaded.set_progress_bar_config(disable=True)
-    for name in ("transformer", "diffusion_head"):
+    for name in case.models:
         assert all(
             torch.equal(p, q) for p, q in zip(pipe.components[name].parameters(), loaded.components[name].parameters())
         )
@@ -282,6 +325,7 @@ def callback_case(case) -> PipelineCase:
 
 
 def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
+    callback_case.skip_var("its callback tensors (latents, indices, logits) are checked in test_pipeline_var.py")
     case, pipe = callback_case, callback_case.make()
     seen = []
 
@@ -316,6 +360,7 @@ def test_callback_inputs_subset_all_and_changed_canvas(callback_case):
 
 
 def test_callback_interrupts_and_pipeline_callback_classes(callback_case):
+    callback_case.skip_var("no token canvas or mask; its interrupt is checked in test_pipeline_var.py")
     case, pipe = callback_case, callback_case.make()
     steps = []
 
@@ -448,6 +493,7 @@ def test_callback_cfg(callback_case):
 def test_karras_schedulers_shape(case):
     # diffusers' `PipelineTesterMixin.test_karras_schedulers_shape`; its `num_inference_steps` (the scheduler's
     # steps) is our `num_diffusion_steps`, and EDM, which does not follow the head's process, is refused.
+    case.skip_var("no scheduler (no diffusion head)")
     pipe = case.make()
 
     # make sure that PNDM does not need warm-up
@@ -494,6 +540,7 @@ class GuidanceCutoffCallback(PipelineCallback):
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
 def test_a_callback_class_that_changes_guidance_takes_effect_at_the_next_step(callback_case, schedule, monkeypatch):
+    callback_case.skip_var("no guidance schedule of the head; test_pipeline_var.py checks it at the next scale")
     case, pipe = callback_case, callback_case.make()
     scales = []
     sample_tokens = pipe.sample_tokens
@@ -526,7 +573,8 @@ def test_model_cpu_offload_gives_the_same_images(case):
     offloaded = [n for n in offloaded if n not in pipe._exclude_from_cpu_offload]
     assert "transformer" in offloaded and "diffusion_head" not in offloaded
     assert all(isinstance(pipe.components[n]._hf_hook, accelerate.hooks.CpuOffload) for n in offloaded)
-    assert not hasattr(pipe.diffusion_head, "_hf_hook")
+    assert case.var or not hasattr(pipe.diffusion_head, "_hf_hook")
+    assert not case.var or offloaded == ["transformer", "vqvae"]
     assert torch.equal(_images(pipe, case), expected)
     pipe.enable_model_cpu_offload(device="cpu")  # twice, as diffusers checks
     assert torch.equal(_images(pipe, case), expected)
@@ -541,7 +589,7 @@ def test_sequential_cpu_offload_gives_the_same_images(case):
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in pipe._exclude_from_cpu_offload:
             accelerate.cpu_offload(component, CPU, offload_buffers=len(component._parameters) > 0)
-    assert pipe.transformer.device.type == "meta" and pipe.diffusion_head.device.type == "cpu"
+    assert pipe.transformer.device.type == "meta" and (case.var or pipe.diffusion_head.device.type == "cpu")
     assert torch.equal(_images(pipe, case), expected)
     assert torch.equal(_images(pipe, case), expected)
 
@@ -569,7 +617,7 @@ def test_group_offloading_of_each_model_gives_the_same_images(case, tmp_path, of
     expected = _images(case.make(), case)
     pipe = case.make()
     kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
-    for name in ("transformer", "diffusion_head"):
+    for name in case.models:
         path = str(tmp_path / name)
         pipe.components[name].enable_group_offload(CPU, CPU, offload_type, offload_to_disk_path=path, **kwargs)
     assert torch.equal(_images(pipe, case), expected)
@@ -593,9 +641,9 @@ def test_pipeline_level_group_offloading_gives_the_same_images(case, tmp_path, o
 def test_layerwise_casting_inference_is_close_to_the_plain_run(case):
     pipe = case.make().to(torch.bfloat16)
     expected, other_seed = _images(pipe, case), _images(pipe, case, seed=5)
-    for model in (pipe.transformer, pipe.diffusion_head):
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-    blocks = pipe.transformer.blocks if case.ar else pipe.transformer.encoder_blocks
+    for name in case.models:
+        pipe.components[name].enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    blocks = pipe.transformer.blocks if case.ar or case.var else pipe.transformer.encoder_blocks
     assert blocks[0].attn.to_qkv.weight.dtype == torch.float8_e4m3fn
     images = _images(pipe, case)
     assert torch.isfinite(images).all()
