@@ -58,7 +58,6 @@ from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
-import diffusers_mar
 from diffusers_mar import (
     ARPipeline,
     ARTransformer2DModel,
@@ -66,6 +65,7 @@ from diffusers_mar import (
     MARDiffusionHead,
     MARPipeline,
     MARTransformer2DModel,
+    VARPipeline,
     VARTransformer2DModel,
     VARVQModel,
     get_preset_config,
@@ -112,8 +112,6 @@ VAR_DIGITS_CONFIG = CONFIGS_DIR / "var-digits.json"
 VAR_PRESETS = {p.stem: p for p in sorted(CONFIGS_DIR.glob("var-d*.json")) if re.fullmatch(r"var-d\d+(-s)?", p.stem)}
 PRESETS = {"mar": MAR_PRESETS, "ar": AR_PRESETS, "var": VAR_PRESETS}
 TRANSFORMERS = {"mar": MARTransformer2DModel, "ar": ARTransformer2DModel, "var": VARTransformer2DModel}
-# VARPipeline is written beside this script's VAR family; until it lands, the VAR folder is written by hand.
-VARPipeline = getattr(diffusers_mar, "VARPipeline", None)
 PIPELINES = {"mar": MARPipeline, "ar": ARPipeline, "var": VARPipeline}
 PIPELINE_NAMES = {"mar": "MARPipeline", "ar": "ARPipeline", "var": "VARPipeline"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -743,22 +741,6 @@ class Models:
         """The trained networks, in the order of their EMA: the transformer, then the diffusion head (MAR, AR)."""
         return [m for m in (self.transformer, self.diffusion_head) if m is not None]
 
-    def save_var_folder(self, path: Path) -> None:
-        """A `VARPipeline` folder written by hand (`transformer/`, `vqvae/`, `model_index.json`), for as long as
-        `diffusers_mar` has no `VARPipeline`; the same layout its `save_pretrained` writes."""
-        path.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
-        self.vqvae.save_pretrained(path / "vqvae", safe_serialization=True)
-        index = {
-            "_class_name": "VARPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "id2label": self.id2label,
-            "sampling": self.sampling,
-            "transformer": ["diffusers_mar", "VARTransformer2DModel"],
-            "vqvae": ["diffusers_mar", "VARVQModel"],
-        }
-        (path / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
     def pipeline(self) -> MARPipeline:
         """A `MARPipeline` (`ARPipeline` for the AR family, with its `training_order`; `VARPipeline` for VAR) of the
         current weights, with the recommended sampling settings in its config."""
@@ -1030,6 +1012,10 @@ def build_var_models(
         sampling = dict(config["sampling"])
     if args.sample_guidance_scale is not None:
         sampling["guidance_scale"] = args.sample_guidance_scale
+    try:  # the pipeline checks its settings (keys, ranges) and that the tokenizer fits the transformer
+        VARPipeline(transformer, vqvae, id2label=data.id2label, sampling=sampling)
+    except ValueError as error:
+        raise ValueError(f"The recommended sampling of {config_name!r}: {error}") from None
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -1168,10 +1154,7 @@ def ema_weights(models: Models, emas: list[EMAModel]):
 def save_pipeline(path: Path, models: Models, emas: list[EMAModel], card: ModelCard) -> None:
     """Write a `MARPipeline` folder with the EMA weights and the model card (main process only)."""
     with ema_weights(models, emas):
-        if models.vqvae is not None and VARPipeline is None:
-            models.save_var_folder(path)
-        else:
-            models.pipeline().save_pretrained(path, safe_serialization=True)
+        models.pipeline().save_pretrained(path, safe_serialization=True)
     card.save(path / "README.md")
 
 
@@ -1325,11 +1308,7 @@ def log_samples(
 ) -> None:
     """Sample `--num_sample_images` images (classes 0, 1, ...) with the EMA weights and the pipeline's own generator
     (the training randomness is untouched); save `samples/step-N.png`, one row per class, and log them to
-    tensorboard. The CPU thread count follows the command line's `--num-threads auto` while sampling. VAR samples
-    only once `diffusers_mar` has its `VARPipeline`."""
-    if models.vqvae is not None and VARPipeline is None:
-        logger.info("No VARPipeline in diffusers_mar yet: no sample grid.")
-        return
+    tensorboard. The CPU thread count follows the command line's `--num-threads auto` while sampling."""
     num_classes = models.transformer.config.num_classes
     class_labels = [i % num_classes for i in range(args.num_sample_images)]
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)

@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from diffusers_mar import VARTransformer2DModel, VARVQModel
+from diffusers_mar import VARPipeline, VARTransformer2DModel, VARVQModel
 from tests.testing_utils import REPO_ROOT
 from tests.training.test_train_mar import FAST, fresh_accelerate_state, run_two_processes  # noqa: F401
 from training import train_mar
@@ -221,13 +221,29 @@ def test_two_cpu_processes_train_var_on_digits(tmp_path, vqvae_dir):
     assert VARTransformer2DModel.from_pretrained(output_dir / "transformer").config.patch_nums == [1, 2, 3, 4]
 
 
-@pytest.mark.skipif(train_mar.VARPipeline is None, reason="diffusers_mar has no VARPipeline yet")
 def test_the_folder_loads_as_a_var_pipeline_that_samples(tmp_path, vqvae_dir):
     output_dir = run(tmp_path, vqvae_dir, "--max_train_steps=2", "--num_sample_images=2")
-    pipe = train_mar.VARPipeline.from_pretrained(output_dir)
+    pipe = VARPipeline.from_pretrained(output_dir)
     assert isinstance(pipe.transformer, VARTransformer2DModel) and isinstance(pipe.vqvae, VARVQModel)
     assert pipe.id2label[3] == "3"
     pipe.set_progress_bar_config(disable=True)
     image = pipe([3], generator=torch.manual_seed(0)).images[0]
     assert image.size == (8, 8)
     assert (output_dir / "samples" / "step-0000002.png").is_file()
+
+
+def test_fine_tuning_a_var_pipeline_with_more_classes(tmp_path, vqvae_dir):
+    base = run(tmp_path, vqvae_dir, "--max_train_steps=1", name="base")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    argv = [a for a in VAR_FAST if not a.startswith("--override")]
+    extra = [f"--pretrained_model={base}", "--num_classes=12", "--max_train_steps=1", f"--output_dir={tmp_path / 't'}"]
+    output_dir = train_mar.main(parse_args([*argv, *extra]))
+    tuned, pretrained = VARPipeline.from_pretrained(output_dir), VARPipeline.from_pretrained(base)
+    assert tuned.transformer.config.num_classes == 12 and tuned.transformer.class_embedding.weight.shape[0] == 13
+    assert tuned.sampling_defaults == pretrained.sampling_defaults
+    for (name, a), (_, b) in zip(tuned.vqvae.state_dict().items(), pretrained.vqvae.state_dict().items()):
+        assert torch.equal(a, b), name  # the pipeline's own tokenizer, frozen
+    with pytest.raises(ValueError, match="holds a VARPipeline; --model_family mar fine-tunes a MARPipeline"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        mar = [a for a in FAST if not a.startswith("--override")]
+        train_mar.main(parse_args([*mar, f"--pretrained_model={base}", f"--output_dir={tmp_path / 'm'}"]))
