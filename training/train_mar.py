@@ -74,7 +74,7 @@ from diffusers_mar.atomic_files import atomic_write
 from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
 from diffusers_mar.file_kinds import describe_file
 from diffusers_mar.image_grid import auto_scale, make_grid
-from diffusers_mar.pipelines.model_card import make_model_card
+from diffusers_mar.pipelines.model_card import VAR_CITATION, make_model_card
 from diffusers_mar.pipelines.pipeline_autoregressive import vae_scale_factor
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
 from diffusers_mar.threads import SMALL_MODEL_PARAMETERS, cpu_threads, resolve_num_threads
@@ -113,6 +113,7 @@ VAR_PRESETS = {p.stem: p for p in sorted(CONFIGS_DIR.glob("var-d*.json")) if re.
 PRESETS = {"mar": MAR_PRESETS, "ar": AR_PRESETS, "var": VAR_PRESETS}
 TRANSFORMERS = {"mar": MARTransformer2DModel, "ar": ARTransformer2DModel, "var": VARTransformer2DModel}
 PIPELINES = {"mar": MARPipeline, "ar": ARPipeline, "var": VARPipeline}
+VAR_TAGS = ["diffusers", "diffusers-mar", "var", "image-generation", "class-conditional", "autoregressive"]
 PIPELINE_NAMES = {"mar": "MARPipeline", "ar": "ARPipeline", "var": "VARPipeline"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PIPELINE_ITEMS = ("transformer", "diffusion_head", "scheduler", "vae", "vqvae", "README.md", "model_index.json")
@@ -123,14 +124,6 @@ SAMPLE_FLAGS = {
     "num_diffusion_steps": "sample_num_diffusion_steps",
     "temperature": "sample_temperature",
 }
-
-
-VAR_CITATION = """@article{tian2024visual,
-  title={Visual Autoregressive Modeling: Scalable Image Generation via Next-Scale Prediction},
-  author={Tian, Keyu and Jiang, Yi and Yuan, Zehuan and Peng, Bingyue and Wang, Liwei},
-  journal={arXiv preprint arXiv:2404.02905},
-  year={2024}
-}"""
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -1202,7 +1195,9 @@ def model_card(
         "al. 2024, original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, trained with "
         "`training/train_mar.py`."
     )
+    family_card = {}
     if args.model_family == "var":
+        family_card = {"citation": VAR_CITATION, "tags": VAR_TAGS}
         title = f"VAR trained on {data.name}"
         description = (
             "A class-conditional next-scale prediction model (*Visual Autoregressive Modeling: Scalable Image "
@@ -1211,7 +1206,6 @@ def model_card(
             f"`training/train_mar.py --model_family var` on the indices of the tokenizer {args.pretrained_vqvae or ''}"
             f" (label smoothing {args.label_smoothing})."
         )
-        sections += f"\n\nVAR citation:\n\n```bibtex\n{VAR_CITATION}\n```"
     return make_model_card(
         title=title,
         description=description,
@@ -1223,6 +1217,7 @@ def model_card(
         base_model=base_model,
         datasets=[args.dataset_name] if hub else None,
         pipeline_class=PIPELINE_NAMES[args.model_family],
+        **family_card,
     )
 
 
