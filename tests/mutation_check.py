@@ -49,6 +49,8 @@ STUB_GUIDANCE_TEST = (
 VAR_TESTS = "tests/models/test_models_transformer_var.py"
 
 VAR_VQ_TESTS = "tests/models/test_models_vq_model_var.py"
+VAR_LOSS_TESTS = "tests/training/test_var_loss.py"
+VQVAE_TRAIN_TESTS = "tests/training/test_train_vqvae.py"
 VAR_PIPELINE = "diffusers_mar/pipelines/pipeline_var.py"
 VAR_PIPELINE_TESTS = "tests/pipelines/test_pipeline_var.py"
 VAR_INPAINT_TESTS = "tests/pipelines/test_pipeline_var_inpaint.py"
@@ -402,6 +404,49 @@ MUTATIONS = [
         'for name, chunk in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):',
         'for name, chunk in zip(("to_k", "to_q", "to_v"), value.chunk(3, dim=0)):',
         (VAR_VQ_TESTS,),
+    ),
+    # VAR training (issue 26): the objective, the optimiser's recipe, the tokenizer's quantiser and restarts
+    Mutation(
+        "var-label-smoothing",
+        "training/var_loss.py",
+        "        label_smoothing=label_smoothing,",
+        "        label_smoothing=0.0,",
+        (VAR_LOSS_TESTS,),
+    ),
+    Mutation(
+        "var-progressive-weight",
+        "training/var_loss.py",
+        "weights[begin:end] *= min(max(prog_wp, 0.0), 1.0)",
+        "weights[:end] *= min(max(prog_wp, 0.0), 1.0)",
+        (VAR_LOSS_TESTS,),
+    ),
+    Mutation(
+        "var-no-decay-level-embedding",
+        "training/var_loss.py",
+        'NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "level_embedding", "log_scale", "adaln_table")',
+        'NO_DECAY_NAMES = ("start_pos_embed", "pos_embed", "log_scale", "adaln_table")',
+        (VAR_LOSS_TESTS,),
+    ),
+    Mutation(
+        "var-lr-lin0-plateau",
+        "training/var_loss.py",
+        'flat = 0.15 if schedule == "lin" else 0.05',
+        "flat = 0.15",
+        (VAR_LOSS_TESTS, "tests/training/test_train_var.py::test_the_optimiser_follows_the_original_recipe"),
+    ),
+    Mutation(
+        "vq-commitment-on-the-encoder",
+        "training/vqvae_loss.py",
+        "vq = vq + beta * F.mse_loss(f_hat.detach(), latents.float()) + F.mse_loss(f_hat, detached.float())",
+        "vq = vq + beta * F.mse_loss(f_hat, detached.float()) + F.mse_loss(f_hat.detach(), latents.float())",
+        (VQVAE_TRAIN_TESTS,),
+    ),
+    Mutation(
+        "vq-restart-dead-codes-only",
+        "training/vqvae_loss.py",
+        "restarted = dead.nonzero().flatten()",
+        "restarted = torch.arange(dead.numel())",
+        (VQVAE_TRAIN_TESTS,),
     ),
     # VAR's sampling (pipeline_var.py): guidance, top-k / top-p, the Gumbel codes, the editing masks
     Mutation(

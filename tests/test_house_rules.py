@@ -70,8 +70,8 @@ def _function_lengths(folder: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("folder", ["diffusers_mar", "conversion", "training"])
 def test_no_function_is_over_120_lines_of_code(folder):
-    # Issue 13: the training script's `main` (one linear loop, as nanoGPT's) aims at about 250 lines instead.
-    limits = {"training/train_mar.py::main": 250}
+    # Issue 13: the training scripts' `main` (one linear loop, as nanoGPT's) aim at about 250 lines instead.
+    limits = {"training/train_mar.py::main": 250, "training/train_vqvae.py::main": 250}
     lengths = _function_lengths(folder)
     assert lengths  # the walk found the functions
     too_long = {name: n for name, n in lengths.items() if n > limits.get(name, MAX_FUNCTION_LINES)}

@@ -40,8 +40,11 @@ CACHE_INFO = "cache_info.json"
 # What each model flag takes: a folder that `from_pretrained` reads (or a Hub id), never a single file.
 EXPECTED_FOLDERS = {
     "--pretrained_model": "a MARPipeline or ARPipeline folder (with model_index.json, as `save_pretrained` and "
-    "train_mar.py write; convert an original checkpoint with conversion/convert_mar_to_diffusers.py)",
+    "train_mar.py write; convert an original checkpoint with conversion/convert_mar_to_diffusers.py), or a "
+    "VARPipeline folder",
     "--pretrained_vae": "an AutoencoderKL folder (config.json and weights, as `save_pretrained` writes)",
+    "--pretrained_vqvae": "a VARVQModel folder (config.json and weights, as `save_pretrained` and train_vqvae.py "
+    "write; convert VAR's vae_ch160v4096z32.pth with conversion/convert_var_to_diffusers.py)",
 }
 
 

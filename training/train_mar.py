@@ -15,6 +15,13 @@ teacher forcing over every position, the Diffusion Loss on every token, `--order
 annealing from random to raster between `--anneal_start` and `--anneal_end`, fractions of training); it writes an
 `ARPipeline` folder. Data, optimisation, EMA, checkpoints and resume are the same code.
 
+`--model_family var` trains VAR's next-scale transformer (`VARTransformer2DModel`, loss in `training/var_loss.py`) on
+the indices of a frozen `VARVQModel` (`--pretrained_vqvae`, e.g. one trained by `training/train_vqvae.py`), with the
+recipe of FoundationVision/VAR `train.py`: label smoothing 0.1, weight decay 0.05 (and its no-decay rule), gradient
+clipping at 2.0, `lr = blr * global_batch / 256` with the `lin0` schedule of `utils/lr_control.py`, optional
+progressive training, no EMA (`--ema_decay` 0: the saved weights are the trained ones). It writes a `VARPipeline`
+folder.
+
 See `training/README.md` for the launch commands.
 """
 
@@ -58,16 +65,19 @@ from diffusers_mar import (
     MARDiffusionHead,
     MARPipeline,
     MARTransformer2DModel,
+    VARPipeline,
+    VARTransformer2DModel,
+    VARVQModel,
     get_preset_config,
 )
 from diffusers_mar.atomic_files import atomic_write
 from diffusers_mar.configs import AR_PRESETS, MAR_PRESETS
 from diffusers_mar.file_kinds import describe_file
 from diffusers_mar.image_grid import auto_scale, make_grid
-from diffusers_mar.pipelines.model_card import make_model_card
+from diffusers_mar.pipelines.model_card import VAR_CITATION, make_model_card
 from diffusers_mar.pipelines.pipeline_autoregressive import vae_scale_factor
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
-from diffusers_mar.threads import cpu_threads, resolve_num_threads
+from diffusers_mar.threads import SMALL_MODEL_PARAMETERS, cpu_threads, resolve_num_threads
 from training.ar_loss import AR_ORDERS, ARTrainingModule
 from training.data import (
     DIGITS,
@@ -83,6 +93,13 @@ from training.data import (
 )
 from training.launch import StopRequest, check_launch, launch_command, resume_argv, run_script
 from training.mar_loss import MARTrainingModule, weight_decay_param_groups
+from training.var_loss import (
+    VAR_LR_SCHEDULES,
+    VARTrainingModule,
+    var_learning_rate_factor,
+    var_weight_decay_at,
+    var_weight_decay_param_groups,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -90,11 +107,16 @@ SCRIPT = "training/train_mar.py"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DIGITS_CONFIG = CONFIGS_DIR / "mar-digits.json"
 AR_DIGITS_CONFIG = CONFIGS_DIR / "ar-digits.json"
-PRESETS = {"mar": MAR_PRESETS, "ar": AR_PRESETS}
-TRANSFORMERS = {"mar": MARTransformer2DModel, "ar": ARTransformer2DModel}
-PIPELINES = {"mar": MARPipeline, "ar": ARPipeline}
+VAR_DIGITS_CONFIG = CONFIGS_DIR / "var-digits.json"
+# VAR's transformer sizes, as configs beside this script (FoundationVision/VAR README: depth d, width 64 d, d heads).
+VAR_PRESETS = {p.stem: p for p in sorted(CONFIGS_DIR.glob("var-d*.json")) if re.fullmatch(r"var-d\d+(-s)?", p.stem)}
+PRESETS = {"mar": MAR_PRESETS, "ar": AR_PRESETS, "var": VAR_PRESETS}
+TRANSFORMERS = {"mar": MARTransformer2DModel, "ar": ARTransformer2DModel, "var": VARTransformer2DModel}
+PIPELINES = {"mar": MARPipeline, "ar": ARPipeline, "var": VARPipeline}
+VAR_TAGS = ["diffusers", "diffusers-mar", "var", "image-generation", "class-conditional", "autoregressive"]
+PIPELINE_NAMES = {"mar": "MARPipeline", "ar": "ARPipeline", "var": "VARPipeline"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-PIPELINE_ITEMS = ("transformer", "diffusion_head", "scheduler", "vae", "README.md", "model_index.json")
+PIPELINE_ITEMS = ("transformer", "diffusion_head", "scheduler", "vae", "vqvae", "README.md", "model_index.json")
 # `--sample_*` flag of each sampling setting it overrides.
 SAMPLE_FLAGS = {
     "guidance_scale": "sample_guidance_scale",
@@ -151,16 +173,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--model_family",
         type=str,
         default="mar",
-        choices=["mar", "ar"],
-        help="mar: MAR's masked encoder-decoder; ar: the paper's causal AR (ARTransformer2DModel, ARPipeline).",
+        choices=["mar", "ar", "var"],
+        help="mar: MAR's masked encoder-decoder; ar: the paper's causal AR (ARTransformer2DModel, ARPipeline); var: "
+        "VAR's next-scale prediction on a VARVQModel's indices (VARTransformer2DModel, VARPipeline).",
     )
     model.add_argument(
         "--model_config",
         type=str,
         default=None,
-        help=f"{' | '.join([*MAR_PRESETS, *AR_PRESETS])} | path to a JSON with 'transformer' and 'diffusion_head' "
-        f"configs (default: mar-large or ar-large; digits: {DIGITS_CONFIG.relative_to(CONFIGS_DIR.parents[1])} "
-        f"or {AR_DIGITS_CONFIG.name}).",
+        help=f"{' | '.join([*MAR_PRESETS, *AR_PRESETS, *VAR_PRESETS])} | path to a JSON with 'transformer' and "
+        f"'diffusion_head' configs (VAR: 'transformer' and optionally 'initialization') (default: mar-large, "
+        f"ar-large or var-d16; digits: {DIGITS_CONFIG.relative_to(CONFIGS_DIR.parents[1])}, {AR_DIGITS_CONFIG.name} "
+        f"or {VAR_DIGITS_CONFIG.name}).",
     )
     model.add_argument(
         "--override",
@@ -174,6 +198,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model", type=str, default=None, help="A MARPipeline folder or Hub id to fine-tune."
     )
     model.add_argument("--pretrained_vae", type=str, default=None, help="An AutoencoderKL folder or Hub id.")
+    model.add_argument(
+        "--pretrained_vqvae",
+        type=str,
+        default=None,
+        help="VAR: the frozen tokenizer, a VARVQModel folder or Hub id (train_vqvae.py's or a converted one).",
+    )
     model.add_argument("--gradient_checkpointing", action="store_true")
 
     # MAR objective
@@ -190,25 +220,66 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     objective.add_argument(
         "--anneal_end", type=float, default=None, help="AR, --order anneal: fraction where r reaches 0 (raster)."
     )
+    objective.add_argument("--label_smoothing", type=float, default=None, help="VAR only (default 0.1).")
+    objective.add_argument(
+        "--prog_fraction",
+        type=float,
+        default=None,
+        help="VAR only: progressive training over this fraction of training (the original's --pg; default 0: off).",
+    )
+    objective.add_argument(
+        "--prog_start", type=int, default=None, help="VAR only: the first progressive stage (--pg0; default 4)."
+    )
+    objective.add_argument(
+        "--prog_warmup_epochs",
+        type=float,
+        default=None,
+        help="VAR only: warm-up of each new stage's weight (--pgwp; default num_epochs / 300).",
+    )
 
     # Optimisation
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=64, help="Per device.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--num_epochs", type=int, default=400)
+    optim.add_argument("--num_epochs", type=int, default=None, help="Default 400 (VAR: 250).")
     optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs.")
     optim.add_argument("--learning_rate", type=float, default=None, help="Absolute rate; overrides --blr.")
     optim.add_argument("--blr", type=float, default=1e-4, help="Base rate: lr = blr * global batch / 256.")
     optim.add_argument("--min_lr", type=float, default=0.0, help="Floor of the cosine schedule.")
-    optim.add_argument("--lr_scheduler", type=str, default="constant", choices=["constant", "cosine"])
-    optim.add_argument("--lr_warmup_epochs", type=float, default=100.0)
+    optim.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default=None,
+        help="MAR/AR: constant (default) | cosine. VAR: lin0 (default) | lin | lin00 | cos | exp | linT (VAR's "
+        "utils/lr_control.py; linT with T = --prog_fraction is the default in progressive training).",
+    )
+    optim.add_argument(
+        "--lr_warmup_epochs", type=float, default=None, help="Default 100 (VAR: num_epochs / 50, as the original)."
+    )
+    optim.add_argument(
+        "--lr_warmup_start", type=float, default=None, help="VAR only: lr factor at step 0 (--wp0; default 0.005)."
+    )
+    optim.add_argument(
+        "--lr_end", type=float, default=None, help="VAR only: lr factor at the last step (--wpe; default 0.01)."
+    )
     optim.add_argument("--lr_warmup_steps", type=int, default=None, help="Overrides --lr_warmup_epochs.")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.95)
-    optim.add_argument("--adam_weight_decay", type=float, default=0.02)
+    optim.add_argument("--adam_weight_decay", type=float, default=None, help="Default 0.02 (VAR: 0.05).")
+    optim.add_argument(
+        "--weight_decay_end",
+        type=float,
+        default=None,
+        help="VAR only: cosine from --adam_weight_decay to this (--twde; default: constant).",
+    )
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
-    optim.add_argument("--max_grad_norm", type=float, default=3.0)
-    optim.add_argument("--ema_decay", type=float, default=0.9999)
+    optim.add_argument("--max_grad_norm", type=float, default=None, help="Default 3.0 (VAR: 2.0).")
+    optim.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="Default 0.9999 (VAR: 0, the original has no EMA: the saved weights are the trained ones).",
+    )
     optim.add_argument(
         "--ema_warmup",
         action="store_true",
@@ -290,6 +361,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         apply_overrides(load_model_config(model_config_source(args)[1]), args.overrides, args.model_family)
     check_local_path("--pretrained_model", args.pretrained_model)
     check_local_path("--pretrained_vae", args.pretrained_vae)
+    check_local_path("--pretrained_vqvae", args.pretrained_vqvae)
     positive = {
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -325,8 +397,40 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The recipe of each family where they differ: LTH14/mar main_mar.py, FoundationVision/VAR utils/arg_util.py.
+FAMILY_DEFAULTS = {
+    "mar": {"num_epochs": 400, "adam_weight_decay": 0.02, "max_grad_norm": 3.0, "ema_decay": 0.9999},
+    "var": {"num_epochs": 250, "adam_weight_decay": 0.05, "max_grad_norm": 2.0, "ema_decay": 0.0},
+}
+FAMILY_DEFAULTS["ar"] = FAMILY_DEFAULTS["mar"]
+VAR_FLAGS = (
+    "pretrained_vqvae",
+    "label_smoothing",
+    "prog_fraction",
+    "prog_start",
+    "prog_warmup_epochs",
+    "lr_warmup_start",
+    "lr_end",
+    "weight_decay_end",
+)
+
+
 def check_family_args(args: argparse.Namespace) -> None:
-    """The AR flags go with `--model_family ar`; fill in their defaults (random order, anneal over [0.25, 0.75])."""
+    """Each family's flags go with it; fill in the family's defaults (AR: random order, anneal over [0.25, 0.75];
+    VAR: the original's recipe)."""
+    for name, value in FAMILY_DEFAULTS[args.model_family].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    var_flags = [name for name in VAR_FLAGS if getattr(args, name) is not None]
+    if args.model_family != "var" and var_flags:
+        raise ValueError(f"--{var_flags[0]} applies to --model_family var only.")
+    if args.model_family == "var":
+        check_var_args(args)
+    else:
+        args.lr_scheduler = args.lr_scheduler or "constant"
+        if args.lr_scheduler not in ("constant", "cosine"):
+            raise ValueError(f"--lr_scheduler must be constant or cosine for --model_family {args.model_family}.")
+        args.lr_warmup_epochs = 100.0 if args.lr_warmup_epochs is None else args.lr_warmup_epochs
     ar_flags = [name for name in ("order", "anneal_start", "anneal_end") if getattr(args, name) is not None]
     if args.model_family != "ar":
         if ar_flags:
@@ -344,6 +448,45 @@ def check_family_args(args: argparse.Namespace) -> None:
             f"Need 0 <= --anneal_start <= --anneal_end <= 1 (fractions of training); got {args.anneal_start} and "
             f"{args.anneal_end}."
         )
+
+
+def check_var_args(args: argparse.Namespace) -> None:
+    """The VAR flags and their defaults (FoundationVision/VAR utils/arg_util.py): smoothing 0.1, warm-up over
+    num_epochs / 50, lr from 0.005x to 0.01x of the peak, `lin0` (`linT` in progressive training), stage warm-up over
+    num_epochs / 300."""
+    for flag in ("cached_latents_dir", "pretrained_vae"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag} does not apply to --model_family var: it trains on a VARVQModel's indices.")
+    if args.pretrained_vqvae is None and args.pretrained_model is None:
+        raise ValueError(
+            "--model_family var needs a tokenizer: --pretrained_vqvae (a VARVQModel folder, e.g. written by "
+            "training/train_vqvae.py) or --pretrained_model (a VARPipeline folder)."
+        )
+    unused = ["sample_num_inference_steps", "sample_num_diffusion_steps", "sample_temperature"]
+    unused = [flag for flag in unused if getattr(args, flag) is not None]
+    if unused:
+        raise ValueError(f"--{unused[0]} does not apply to --model_family var.")
+    args.label_smoothing = 0.1 if args.label_smoothing is None else args.label_smoothing
+    args.prog_fraction = 0.0 if args.prog_fraction is None else args.prog_fraction
+    args.prog_start = 4 if args.prog_start is None else args.prog_start
+    args.prog_warmup_epochs = args.num_epochs / 300 if args.prog_warmup_epochs is None else args.prog_warmup_epochs
+    args.lr_warmup_epochs = args.num_epochs / 50 if args.lr_warmup_epochs is None else args.lr_warmup_epochs
+    args.lr_warmup_start = 0.005 if args.lr_warmup_start is None else args.lr_warmup_start
+    args.lr_end = 0.01 if args.lr_end is None else args.lr_end
+    args.weight_decay_end = args.adam_weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    if args.lr_scheduler is None:
+        args.lr_scheduler = f"lin{args.prog_fraction:g}" if args.prog_fraction > 0 else "lin0"
+    try:
+        var_learning_rate_factor(args.lr_scheduler, 10, 1, 20)
+    except ValueError:
+        raise ValueError(
+            f"--lr_scheduler {args.lr_scheduler!r} is not a VAR schedule; choose one of {VAR_LR_SCHEDULES} or linT "
+            "(T a fraction, e.g. lin0.8)."
+        ) from None
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise ValueError(f"--label_smoothing must be in [0, 1); got {args.label_smoothing}.")
+    if not 0.0 <= args.prog_fraction <= 1.0:
+        raise ValueError(f"--prog_fraction must be in [0, 1]; got {args.prog_fraction}.")
 
 
 def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool) -> None:
@@ -380,18 +523,31 @@ def model_config_source(args: argparse.Namespace) -> tuple[str, str]:
     if args.model_config is not None:
         return args.model_config, args.model_config
     if args.dataset_name == DIGITS:
-        path = AR_DIGITS_CONFIG if args.model_family == "ar" else DIGITS_CONFIG
+        path = {"ar": AR_DIGITS_CONFIG, "var": VAR_DIGITS_CONFIG}.get(args.model_family, DIGITS_CONFIG)
         return str(path.relative_to(CONFIGS_DIR.parents[1])), str(path)
+    if args.model_family == "var":
+        return "var-d16", "var-d16"
     return f"{args.model_family}-large", f"{args.model_family}-large"
 
 
 def load_model_config(name: str) -> dict:
-    """A preset or a JSON file: `{"transformer": {...}, "diffusion_head": {...}, "sampling": {...}}`."""
+    """A preset or a JSON file: `{"transformer": {...}, "diffusion_head": {...}, "sampling": {...}}` (VAR:
+    `{"transformer": {...}, "initialization": {...}, "sampling": {...}}`)."""
     if name in MAR_PRESETS or name in AR_PRESETS:
         config = get_preset_config(name)
         config.pop("paper", None)
         return config
-    config = json.loads(Path(name).read_text())
+    config = json.loads(Path(VAR_PRESETS.get(name, name)).read_text())
+    if "diffusion_head" not in config and "transformer" in config:  # a VAR config
+        unknown = set(config) - {"transformer", "initialization", "sampling"}
+        if unknown:
+            raise ValueError(
+                f"--model_config {name!r} (VAR) may hold 'transformer', 'initialization' and 'sampling'; unknown "
+                f"keys: {sorted(unknown)}."
+            )
+        config.setdefault("initialization", {})
+        config.setdefault("sampling", {})
+        return config
     unknown = set(config) - {"transformer", "diffusion_head", "sampling"}
     if unknown or "transformer" not in config or "diffusion_head" not in config:
         raise ValueError(
@@ -412,30 +568,45 @@ def _config_type_error(value: object, hint: object) -> str | None:
     elif isinstance(value, int):
         fits = int in allowed or float in allowed
     else:
-        fits = any(isinstance(value, kind) for kind in allowed if isinstance(kind, type) and kind is not type(None))
+        # A generic alias (`list[int]`) is checked by its origin (`list`).
+        origins = [typing.get_origin(kind) or kind for kind in allowed]
+        fits = any(isinstance(value, kind) for kind in origins if isinstance(kind, type) and kind is not type(None))
     names = " or ".join("null" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
     return None if fits else f"must be {'an' if names[0] in 'aeiou' else 'a'} {names}; got {value!r}"
 
 
 def apply_overrides(config: dict, overrides: list[str], family: str = "mar") -> dict:
     """Apply `--override COMPONENT.KEY=VALUE` (VALUE parsed as JSON) and check every key and value type against the
-    model classes of `family` ("mar" or "ar")."""
+    model classes of `family` ("mar", "ar" or "var")."""
     overridden = set()
+    components = (
+        ("transformer", "initialization", "sampling") if family == "var" else ("transformer", "diffusion_head")
+    )
+    components = tuple(dict.fromkeys([*components, "sampling"]))
+    if family == "var" and "diffusion_head" in config:
+        raise ValueError("--model_config holds a diffusion_head: it is a MAR or AR config, not a VAR one.")
+    if family != "var" and "diffusion_head" not in config:
+        raise ValueError(f"--model_config is a VAR config (no diffusion_head); --model_family {family} needs one.")
     for override in overrides:
         key, sep, value = override.partition("=")
         component, dot, field = key.partition(".")
-        if not sep or not dot or component not in ("transformer", "diffusion_head", "sampling"):
+        if not sep or not dot or component not in components:
             raise ValueError(
-                f"--override {override!r} must read COMPONENT.KEY=VALUE with COMPONENT transformer, "
-                "diffusion_head or sampling."
+                f"--override {override!r} must read COMPONENT.KEY=VALUE with COMPONENT {', '.join(components)}."
             )
         try:
             config[component][field] = json.loads(value)
         except json.JSONDecodeError:
             config[component][field] = value
         overridden.add((component, field))
-    for component, cls in (("transformer", TRANSFORMERS[family]), ("diffusion_head", MARDiffusionHead)):
-        hints = typing.get_type_hints(cls.__init__)
+    checked = [("transformer", TRANSFORMERS[family].__init__)]
+    checked.append(
+        ("initialization", VARTransformer2DModel.initialize_weights)
+        if family == "var"
+        else ("diffusion_head", MARDiffusionHead.__init__)
+    )
+    for component, function in checked:
+        hints = {k: v for k, v in typing.get_type_hints(function).items() if k != "return"}
         unknown = set(config[component]) - set(hints)
         if unknown:
             raise ValueError(f"Unknown {component} config keys {sorted(unknown)}; allowed: {sorted(hints)}.")
@@ -444,6 +615,8 @@ def apply_overrides(config: dict, overrides: list[str], family: str = "mar") -> 
             if error is not None:
                 source = "--override" if (component, field) in overridden else "--model_config"
                 raise ValueError(f"{source}: {component}.{field} {error}.")
+    if family == "var":
+        return config  # the VAR pipeline checks its own settings
     try:
         check_sampling_settings(config["sampling"], name="sampling")
         if family == "ar" and "num_inference_steps" in config["sampling"]:
@@ -509,16 +682,22 @@ def reinit_class_embedding(transformer: MARTransformer2DModel, num_classes: int)
 
 @dataclass
 class TokenSpace:
-    """What the tokens are: latents of `vae` (a `grid_size`^2 grid of `channels`) or pixels (`vae` None)."""
+    """What the tokens are: latents of `vae` (a `grid_size`^2 grid of `channels`), pixels (`vae` None), or the
+    indices of every scale of the tokenizer `vqvae` (VAR; `channels` are then the images')."""
 
     vae: AutoencoderKL | None
     resolution: int
     grid_size: int
     channels: int
     cache_info: dict | None
+    vqvae: VARVQModel | None = None
 
     @property
     def description(self) -> str:
+        if self.vqvae is not None:
+            config = self.vqvae.config
+            scales = "-".join(str(side) for side in config.patch_nums)
+            return f"VQ indices of {config.num_vq_embeddings} codes, scales {scales} ({self.channels}-channel images)"
         if self.vae is None:
             return f"pixel space ({self.channels}x{self.resolution}x{self.resolution})"
         size = f"{self.channels}x{self.grid_size}x{self.grid_size}"
@@ -541,17 +720,25 @@ class TrainData:
 class Models:
     """The networks to train and what the saved pipeline needs besides them."""
 
-    transformer: MARTransformer2DModel
-    diffusion_head: MARDiffusionHead
+    transformer: MARTransformer2DModel | VARTransformer2DModel
+    diffusion_head: MARDiffusionHead | None
     vae: AutoencoderKL | None
     id2label: dict[int, str] | None
     sampling: dict
     config_name: str
     training_order: str | None = None  # AR: `--order`, recorded in the pipeline's config
+    vqvae: VARVQModel | None = None  # VAR: the frozen tokenizer
+
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        """The trained networks, in the order of their EMA: the transformer, then the diffusion head (MAR, AR)."""
+        return [m for m in (self.transformer, self.diffusion_head) if m is not None]
 
     def pipeline(self) -> MARPipeline:
-        """A `MARPipeline` (`ARPipeline` for the AR family, with its `training_order`) of the current weights, with
-        the recommended sampling settings in its config."""
+        """A `MARPipeline` (`ARPipeline` for the AR family, with its `training_order`; `VARPipeline` for VAR) of the
+        current weights, with the recommended sampling settings in its config."""
+        if self.vqvae is not None:
+            return VARPipeline(self.transformer, self.vqvae, id2label=self.id2label, sampling=self.sampling)
         # Pixels are bounded, so x0_hat is clipped as in pixel-space DDPM; the unbounded latents keep the original's
         # `clip_denoised=False`. Early in training this turns saturated pixel samples into clean ones (docs/training.md).
         scheduler = MARDDPMScheduler(clip_sample=self.vae is None)
@@ -595,8 +782,32 @@ def setup_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
+def resolve_var_token_space(args: argparse.Namespace, pretrained: DiffusionPipeline | None) -> TokenSpace:
+    """VAR: the frozen tokenizer (`--pretrained_vqvae`, else the pretrained pipeline's); the resolution is its."""
+    if args.pretrained_vqvae is not None:
+        vqvae = VARVQModel.from_pretrained(args.pretrained_vqvae)
+    else:
+        vqvae = pretrained.vqvae
+    vqvae.requires_grad_(False).eval()
+    resolution, channels = vqvae.config.sample_size, vqvae.config.in_channels
+    if args.resolution not in (None, resolution):
+        raise ValueError(
+            f"--resolution {args.resolution} differs from the tokenizer's sample_size {resolution}; leave it out "
+            "(VAR trains at its tokenizer's resolution)."
+        )
+    wanted = 1 if args.dataset_name == DIGITS else len(args.image_mode)
+    if channels != wanted:
+        raise ValueError(
+            f"The tokenizer takes {channels}-channel images but the data gives {wanted}-channel ones"
+            + ("." if args.dataset_name == DIGITS else f" (--image_mode {args.image_mode}).")
+        )
+    return TokenSpace(None, resolution, vqvae.config.patch_nums[-1], channels, None, vqvae)
+
+
 def resolve_token_space(args: argparse.Namespace, pretrained: MARPipeline | None) -> TokenSpace:
     """The VAE (or none), the resolution and the token grid; fine-tuning takes the resolution from the model."""
+    if args.model_family == "var":
+        return resolve_var_token_space(args, pretrained)
     is_digits = args.dataset_name == DIGITS
     cache_info = CachedLatentsDataset.read_info(args.cached_latents_dir) if args.cached_latents_dir else None
     vae = None
@@ -689,6 +900,8 @@ def build_models(
 ) -> Models:
     """The transformer and the head (all processes build the same initial weights) and the sampling settings."""
     set_seed(args.seed)
+    if args.model_family == "var":
+        return build_var_models(args, data, space, pretrained)
     num_train_timesteps = MARDDPMScheduler().config.num_train_timesteps
     if pretrained is not None:
         transformer, diffusion_head = pretrained.transformer, pretrained.diffusion_head
@@ -746,21 +959,86 @@ def build_models(
     return Models(transformer, diffusion_head, space.vae, data.id2label, sampling, config_name, training_order)
 
 
+def build_var_models(
+    args: argparse.Namespace, data: TrainData, space: TokenSpace, pretrained: DiffusionPipeline | None
+) -> Models:
+    """VAR: the transformer on the tokenizer's scales and codebook, initialised as the original for training from
+    scratch (the config's `initialization`: `VARTransformer2DModel.initialize_weights`' arguments)."""
+    vqvae = space.vqvae
+    fixed = {
+        "patch_nums": list(vqvae.config.patch_nums),
+        "vocab_size": vqvae.config.num_vq_embeddings,
+        "vq_embed_dim": vqvae.vq_embed_dim,
+    }
+    if pretrained is not None:
+        transformer = pretrained.transformer
+        changed = {}
+        for key, value in fixed.items():
+            have = list(transformer.config[key]) if key == "patch_nums" else transformer.config[key]
+            if have != value:
+                changed[key] = (have, value)
+        if changed:
+            raise ValueError(f"--pretrained_vqvae does not fit --pretrained_model's transformer: {changed}.")
+        if data.num_classes != transformer.config.num_classes:
+            logger.info(
+                f"Re-initialising the class embedding for {data.num_classes} classes "
+                f"(was {transformer.config.num_classes})."
+            )
+            transformer = reinit_class_embedding(transformer, data.num_classes)
+        sampling, config_name = dict(getattr(pretrained, "sampling_defaults", None) or {}), args.pretrained_model
+    else:
+        config_name, config_path = model_config_source(args)
+        config = apply_overrides(load_model_config(config_path), args.overrides, "var")
+        config_name = " ".join([config_name, *args.overrides])
+        transformer_config = dict(config["transformer"])
+        for key, value in fixed.items():
+            given = transformer_config.get(key, value)
+            if (list(given) if key == "patch_nums" else given) != value:
+                raise ValueError(
+                    f"The model config has transformer.{key}={given} but the tokenizer gives {value}; drop it from "
+                    "the config (VAR takes it from --pretrained_vqvae)."
+                )
+            transformer_config[key] = value
+        transformer_config["num_classes"] = data.num_classes
+        transformer = VARTransformer2DModel.from_config(transformer_config)
+        transformer.initialize_weights(**config["initialization"])
+        sampling = dict(config["sampling"])
+    if args.sample_guidance_scale is not None:
+        sampling["guidance_scale"] = args.sample_guidance_scale
+    try:  # the pipeline checks its settings (keys, ranges) and that the tokenizer fits the transformer
+        VARPipeline(transformer, vqvae, id2label=data.id2label, sampling=sampling)
+    except ValueError as error:
+        raise ValueError(f"The recommended sampling of {config_name!r}: {error}") from None
+    transformer.train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return Models(transformer, None, None, data.id2label, sampling, config_name, vqvae=vqvae)
+
+
 def load_pretrained(args: argparse.Namespace) -> MARPipeline | None:
     """The pipeline of `--pretrained_model` (the class its model_index.json names), which must be of the family."""
     if args.pretrained_model is None:
         return None
     pretrained = DiffusionPipeline.from_pretrained(args.pretrained_model)
-    if not isinstance(pretrained, PIPELINES[args.model_family]):  # the families are siblings: one check
+    if type(pretrained).__name__ != PIPELINE_NAMES[args.model_family]:  # the families are siblings: one check
         raise ValueError(
             f"--pretrained_model {args.pretrained_model!r} holds a {type(pretrained).__name__}; --model_family "
-            f"{args.model_family} fine-tunes a {PIPELINES[args.model_family].__name__}."
+            f"{args.model_family} fine-tunes a {PIPELINE_NAMES[args.model_family]}."
         )
     return pretrained
 
 
 def make_training_module(args: argparse.Namespace, models: Models) -> torch.nn.Module:
     """The networks under one module whose `forward` is the loss of the family (MAR's or the causal AR's)."""
+    if args.model_family == "var":  # the schedule's step counts are set once the data loader is prepared
+        return VARTrainingModule(
+            models.transformer,
+            models.vqvae,
+            label_smoothing=args.label_smoothing,
+            label_drop_prob=args.label_drop_prob,
+            prog_fraction=args.prog_fraction,
+            prog_start=args.prog_start,
+        )
     common = {"label_drop_prob": args.label_drop_prob, "diffusion_batch_mul": args.diffusion_batch_mul}
     if args.model_family == "ar":
         return ARTrainingModule(
@@ -787,6 +1065,30 @@ def make_schedule(args: argparse.Namespace, num_processes: int, batches_per_epoc
     )
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     return Schedule(global_batch, base_lr, steps_per_epoch, max_train_steps, num_epochs, warmup_steps)
+
+
+def set_learning_rate(
+    args: argparse.Namespace,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    base_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+) -> None:
+    """The learning rate (and, for VAR, the weight decay) of optimizer step `step` in every parameter group."""
+    if args.model_family != "var":
+        lr = learning_rate_at(step, base_lr, warmup_steps, total_steps, args.lr_scheduler, args.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return
+    # As in FoundationVision/VAR utils/lr_control.py lr_wd_annealing: each group's decay times its `wd_sc`.
+    factor = var_learning_rate_factor(
+        args.lr_scheduler, step, warmup_steps, total_steps, args.lr_warmup_start, args.lr_end
+    )
+    weight_decay = var_weight_decay_at(step, total_steps, args.adam_weight_decay, args.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor
+        group["weight_decay"] = weight_decay * group["wd_sc"]
 
 
 def learning_rate_at(
@@ -816,12 +1118,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def clear_run_outputs(output_dir: Path, logging_dir: str) -> None:
-    """Remove what a run of this script writes (`--overwrite_output_dir`); other files stay."""
+def clear_run_outputs(output_dir: Path, logging_dir: str, items: tuple[str, ...] = PIPELINE_ITEMS) -> None:
+    """Remove what a run of this script writes (`--overwrite_output_dir`; `items`: the final folder's); other files
+    stay."""
     for path in sorted(output_dir.iterdir()):
-        ours = path.name in (*PIPELINE_ITEMS, "samples", logging_dir, "pipeline.tmp") or path.name.startswith(
-            "checkpoint-"
-        )
+        ours = path.name in (*items, "samples", logging_dir, "pipeline.tmp") or path.name.startswith("checkpoint-")
         if ours:
             logger.info(f"--overwrite_output_dir: removing {path}")
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -830,7 +1131,7 @@ def clear_run_outputs(output_dir: Path, logging_dir: str) -> None:
 @contextlib.contextmanager
 def ema_weights(models: Models, emas: list[EMAModel]):
     """The EMA weights in both networks, in eval mode, for the duration of the block; then the training weights."""
-    modules = [models.transformer, models.diffusion_head]
+    modules = models.networks
     for ema, module in zip(emas, modules):
         ema.store(module.parameters())
         ema.copy_to(module.parameters())
@@ -865,7 +1166,12 @@ def model_card(
     )
     ema = f"decay {args.ema_decay}{', with warm-up' if args.ema_warmup else ''}"
     transformer_params = sum(p.numel() for p in models.transformer.parameters())
-    head_params = sum(p.numel() for p in models.diffusion_head.parameters())
+    if models.vqvae is not None:
+        vqvae_params = sum(p.numel() for p in models.vqvae.parameters())
+        parameters = f"transformer {transformer_params:,}, tokenizer {vqvae_params:,} (frozen)"
+    else:
+        head_params = sum(p.numel() for p in models.diffusion_head.parameters())
+        parameters = f"transformer {transformer_params:,}, diffusion head {head_params:,}"
     details = {
         "data": f"{data.name} ({len(data.dataset)} images, {data.num_classes} classes, {space.description})",
         "model": models.config_name,
@@ -873,8 +1179,8 @@ def model_card(
         "training": f"{global_step} optimizer steps ({global_step / schedule.steps_per_epoch:.2f} epochs), "
         f"global batch {schedule.global_batch}",
         "final loss": final_loss,
-        "weights": f"exponential moving average ({ema})",
-        "parameters": f"transformer {transformer_params:,}, diffusion head {head_params:,}",
+        "weights": f"exponential moving average ({ema})" if args.ema_decay > 0 else "the trained weights (no EMA)",
+        "parameters": parameters,
     }
     hub = not (Path(args.dataset_name).exists() or args.dataset_name == DIGITS) if args.dataset_name else False
     family_text = "MAR model"
@@ -882,19 +1188,36 @@ def model_card(
         anneal = f" from {args.anneal_start} to {args.anneal_end} of training" if args.order == "anneal" else ""
         family_text = f"causal AR model (`ARPipeline`, trained with --order {args.order}{anneal})"
     base_model = args.pretrained_model if args.pretrained_model and not Path(args.pretrained_model).exists() else None
+    sections = f"## Training\n\nTraining command (from the repository root):\n\n```bash\n{args.command}\n```"
+    title = f"{'Causal AR' if args.model_family == 'ar' else 'MAR'} trained on {data.name}"
+    description = (
+        f"A class-conditional {family_text} (*Autoregressive Image Generation without Vector Quantization*, Li et "
+        "al. 2024, original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, trained with "
+        "`training/train_mar.py`."
+    )
+    family_card = {}
+    if args.model_family == "var":
+        family_card = {"citation": VAR_CITATION, "tags": VAR_TAGS}
+        title = f"VAR trained on {data.name}"
+        description = (
+            "A class-conditional next-scale prediction model (*Visual Autoregressive Modeling: Scalable Image "
+            "Generation via Next-Scale Prediction*, Tian et al. 2024, original code "
+            "[FoundationVision/VAR](https://github.com/FoundationVision/VAR)) for `diffusers-mar`, trained with "
+            f"`training/train_mar.py --model_family var` on the indices of the tokenizer {args.pretrained_vqvae or ''}"
+            f" (label smoothing {args.label_smoothing})."
+        )
     return make_model_card(
-        title=f"{'Causal AR' if args.model_family == 'ar' else 'MAR'} trained on {data.name}",
-        description=f"A class-conditional {family_text} (*Autoregressive Image Generation without Vector "
-        "Quantization*, Li et al. 2024, original code [LTH14/mar](https://github.com/LTH14/mar)) for `diffusers-mar`, "
-        "trained with `training/train_mar.py`.",
+        title=title,
+        description=description,
         details=details,
         sampling=models.sampling,
         repo_id=args.hub_model_id or "path/to/this-folder",
-        sections=f"## Training\n\nTraining command (from the repository root):\n\n```bash\n{args.command}\n```",
+        sections=sections,
         license=args.license,
         base_model=base_model,
         datasets=[args.dataset_name] if hub else None,
-        pipeline_class=PIPELINES[args.model_family].__name__,
+        pipeline_class=PIPELINE_NAMES[args.model_family],
+        **family_card,
     )
 
 
@@ -932,12 +1255,12 @@ def save_checkpoint(
     output_dir: Path,
     global_step: int,
     training_state: dict,
-    models: Models,
-    emas: list[EMAModel],
-    card: ModelCard,
+    write_folder: typing.Callable[[Path], None],
     checkpoints_total_limit: int | None,
+    folder_name: str = "pipeline",
 ) -> Path:
-    """Write `checkpoint-N`: `accelerator.save_state`, `training_state.json` and `pipeline/` (EMA weights, `card`)."""
+    """Write `checkpoint-N`: `accelerator.save_state`, `training_state.json` and `pipeline/` (`write_folder(path)`
+    writes it: the EMA weights and the card; `folder_name` names it, e.g. `vqvae` for train_vqvae.py)."""
     # Written as checkpoint-N.tmp and renamed once complete: a killed run never leaves a half checkpoint.
     final = output_dir / f"checkpoint-{global_step}"
     tmp = output_dir / f"checkpoint-{global_step}.tmp"
@@ -947,7 +1270,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / "training_state.json").write_text(json.dumps({"global_step": global_step, **training_state}, indent=2))
-        save_pipeline(tmp / "pipeline", models, emas, card)
+        write_folder(tmp / folder_name)
         stale = final.with_name(final.name + ".old")  # a checkpoint of the same step from before a resume
         if final.exists():
             os.replace(final, stale)
@@ -990,7 +1313,11 @@ def log_samples(
         pipeline.set_progress_bar_config(disable=True)
         # One thread for a small model on the CPU: on a busy machine its samples take seconds instead of a minute
         # (docs/benchmarks.md, "CPU threads of the command line"). The training's thread count is back after.
-        num_threads = resolve_num_threads("auto", pipeline, accelerator.device.type)
+        if models.vqvae is None:
+            num_threads = resolve_num_threads("auto", pipeline, accelerator.device.type)
+        else:  # the same rule on the transformer alone
+            small = sum(p.numel() for p in models.transformer.parameters()) < SMALL_MODEL_PARAMETERS
+            num_threads = 1 if accelerator.device.type == "cpu" and small else torch.get_num_threads()
         logger.info(f"Sampling {len(class_labels)} images for {path} ({num_threads} CPU thread(s)) ...")
         with cpu_threads(num_threads):
             images = pipeline(class_labels, generator=generator, output_type="np").images
@@ -1030,9 +1357,7 @@ def main(args: argparse.Namespace) -> Path:
         if args.ema_warmup
         else {"use_ema_warmup": False, "min_decay": args.ema_decay, "update_after_step": -1}
     )
-    emas = [
-        EMAModel(m.parameters(), decay=args.ema_decay, **ema_kwargs) for m in (model.transformer, model.diffusion_head)
-    ]
+    emas = [EMAModel(m.parameters(), decay=args.ema_decay, **ema_kwargs) for m in models.networks]
 
     # 4. Data loader, batch sizes, learning rate
     train_dataloader = torch.utils.data.DataLoader(
@@ -1050,8 +1375,13 @@ def main(args: argparse.Namespace) -> Path:
             f"The dataset has {len(data.dataset)} images, fewer than one batch of --train_batch_size "
             f"{args.train_batch_size} on each of {accelerator.num_processes} process(es)."
         )
+    param_groups = (
+        var_weight_decay_param_groups(model.transformer, args.adam_weight_decay)
+        if args.model_family == "var"
+        else weight_decay_param_groups(model.transformer, model.diffusion_head, args.adam_weight_decay)
+    )
     optimizer = torch.optim.AdamW(
-        weight_decay_param_groups(model.transformer, model.diffusion_head, args.adam_weight_decay),
+        param_groups,
         lr=0.0,  # set at every step by `learning_rate_at`
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
@@ -1064,11 +1394,17 @@ def main(args: argparse.Namespace) -> Path:
         accelerator.register_for_checkpointing(ema)
     if vae is not None:
         vae.to(accelerator.device)
+    if models.vqvae is not None:
+        models.vqvae.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
-    models.transformer, models.diffusion_head = unwrapped.transformer, unwrapped.diffusion_head
+    models.transformer = unwrapped.transformer
+    models.diffusion_head = getattr(unwrapped, "diffusion_head", None)
     schedule = make_schedule(args, accelerator.num_processes, len(train_dataloader))
     global_batch, base_lr, steps_per_epoch = schedule.global_batch, schedule.base_lr, schedule.steps_per_epoch
     max_train_steps, num_epochs, warmup_steps = schedule.max_train_steps, schedule.num_epochs, schedule.warmup_steps
+    if isinstance(unwrapped, VARTrainingModule):  # progressive training follows the step (resume is exact)
+        unwrapped.total_steps, unwrapped.warmup_steps = max_train_steps, warmup_steps
+        unwrapped.stage_warmup_steps = args.prog_warmup_epochs * steps_per_epoch
 
     # 5. Output folder, trackers, resume
     if accelerator.is_main_process:
@@ -1136,13 +1472,12 @@ def main(args: argparse.Namespace) -> Path:
                         if vae is not None:
                             shift = vae.config.shift_factor or 0.0
                             latents = (latents - shift) * vae.config.scaling_factor
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate_at(
-                            global_step, base_lr, warmup_steps, max_train_steps, args.lr_scheduler, args.min_lr
-                        )
-                    # The order annealing follows the step: resume is exact.
+                    set_learning_rate(args, optimizer, global_step, base_lr, warmup_steps, max_train_steps)
+                    # The order annealing and the progressive stage follow the step: resume is exact.
                     if isinstance(unwrapped, ARTrainingModule):
                         unwrapped.progress = global_step / max_train_steps
+                    if isinstance(unwrapped, VARTrainingModule):
+                        unwrapped.step = global_step
                     loss = model(latents, class_labels)
                     accelerator.backward(loss)
                     grad_norm = None
@@ -1158,7 +1493,7 @@ def main(args: argparse.Namespace) -> Path:
                     continue
                 if not math.isfinite(step_loss):
                     raise RuntimeError(f"The loss is {step_loss} at step {global_step}; stopping.")
-                for ema, module in zip(emas, (unwrapped.transformer, unwrapped.diffusion_head)):
+                for ema, module in zip(emas, models.networks):
                     ema.step(module.parameters())
                 global_step += 1
                 elapsed = time.perf_counter() - step_start
@@ -1168,7 +1503,10 @@ def main(args: argparse.Namespace) -> Path:
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "images_per_second": global_batch / elapsed,
                     "epoch": global_step / steps_per_epoch,
+                    **getattr(unwrapped, "metrics", {}),  # VAR: the original's Lm, Lt, Accm, Acct (this process's)
                 }
+                if args.model_family == "var":
+                    logs["weight_decay"] = max(group["weight_decay"] for group in optimizer.param_groups)
                 recent.append(step_loss)
                 accelerator.log(logs, step=global_step)
                 progress_bar.update(1)
@@ -1185,7 +1523,12 @@ def main(args: argparse.Namespace) -> Path:
                         "recent_losses": list(recent),
                     }
                     save_checkpoint(
-                        accelerator, output_dir, global_step, state, models, emas, card, args.checkpoints_total_limit
+                        accelerator,
+                        output_dir,
+                        global_step,
+                        state,
+                        lambda path, card=card: save_pipeline(path, models, emas, card),
+                        args.checkpoints_total_limit,
                     )
                 if stopping:
                     logger.info(f"Stopped at step {global_step} (Ctrl-C).")
