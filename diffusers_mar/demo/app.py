@@ -120,7 +120,9 @@ def generate_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry, outputs_d
             exact = name == NO_PRESET
             return [gr.update(interactive=exact, value=defaults[key] if exact else None) for key in preset_steps]
 
-        preset.change(on_preset, preset, [settings[key] for key in preset_steps], queue=False)
+        preset.change(
+            on_preset, preset, [settings[key] for key in preset_steps], queue=False, api_visibility="private"
+        )
 
     inputs = {labels, per_label, seed, *settings.values(), *(c for c in (preset, order) if c is not None)}
     outputs = {"live": image, "status": status, "python": python, "cli": cli}
@@ -143,7 +145,7 @@ def generate_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry, outputs_d
             raise refusal(gr, error) from None
 
     event = start.click(run, inputs, [image, status, python, cli, download], api_name="generate", **queue)
-    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False)
+    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False, api_visibility="private")
 
 
 def inpaint_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
@@ -214,7 +216,7 @@ def inpaint_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
 
     inputs = [editor, label, seed, guidance, dilation, resize]
     event = start.click(run, inputs, [kept, result, status], api_name="inpaint", **queue)
-    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False)
+    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False, api_visibility="private")
 
 
 def compare_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
@@ -260,7 +262,7 @@ def compare_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
         return {component: outputs[key] for key, component in names.items() if key in outputs}
 
     event = start.click(run, [labels, per_label, seed, preset], list(names.values()), api_name="compare", **queue)
-    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False)
+    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False, api_visibility="private")
 
 
 def model_tab(gr, model: DemoModel) -> None:

@@ -91,6 +91,7 @@ class TokenFrames:
         self.grid_size = pipe.transformer.grid_size
         self.previous = initial
 
+    @torch.no_grad()
     def render(self, pipe, tokens: torch.Tensor, unknown: torch.Tensor, outlined: torch.Tensor) -> Image.Image:
         latents = pipe.transformer.unpatchify(tokens.float())  # (B, C, H, W)
         images = pipe.decode_output(latents, output_type="np", return_dict=False)[0]  # (B, H, W, C) in [0, 1]
@@ -130,6 +131,7 @@ class DecodedFrames:
     def __init__(self, pipe, layout: GridLayout, initial: object = None):
         self.layout = layout
 
+    @torch.no_grad()
     def update(self, pipe, callback_kwargs: dict) -> list[Image.Image]:
         images = pipe.decode_output(callback_kwargs["latents"].float(), output_type="np", return_dict=False)[0]
         return [self.layout.grid([Image.fromarray(image) for image in to_uint8(images)])]

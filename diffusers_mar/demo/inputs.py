@@ -175,7 +175,10 @@ def drawn_mask(layers: list[PIL.Image.Image], size: tuple[int, int]) -> np.ndarr
         if layer is None:
             continue
         alpha = np.asarray(layer.convert("RGBA"))[..., 3] > 0
-        if alpha.shape != mask.shape:  # a layer of another size than the image: scale it onto the image
-            alpha = F.interpolate(torch.from_numpy(alpha).float()[None, None], size=mask.shape)[0, 0].numpy() > 0
+        if alpha.shape != mask.shape:  # a layer of another size: onto the image, a pixel painted if any under it is
+            alpha = torch.from_numpy(alpha).float()[None, None]
+            larger = alpha.shape[-2] >= mask.shape[0] and alpha.shape[-1] >= mask.shape[1]
+            alpha = F.adaptive_max_pool2d(alpha, mask.shape) if larger else F.interpolate(alpha, size=mask.shape)
+            alpha = alpha[0, 0].numpy() > 0
         mask |= alpha
     return mask
