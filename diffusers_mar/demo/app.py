@@ -39,10 +39,13 @@ def refusal(gr, error: Exception) -> Exception:
 
 
 def stopper(gr, runs: RunRegistry):
-    """A Stop button's function: cancel the pipeline call of the session that clicked (Gradio cancels the event)."""
+    """A Stop button's function: cancel the pipeline call of the session that clicked (Gradio cancels the event);
+    the line for the tab's status."""
 
-    def stop(request: gr.Request) -> None:
-        runs.cancel(request.session_hash)
+    def stop(request: gr.Request) -> str:
+        if runs.cancel(request.session_hash):
+            return "Cancelled: the pipeline stops after its current step."
+        return "Stopped (no run was going on)."
 
     return stop
 
@@ -145,7 +148,7 @@ def generate_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry, outputs_d
             raise refusal(gr, error) from None
 
     event = start.click(run, inputs, [image, status, python, cli, download], api_name="generate", **queue)
-    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False, api_visibility="private")
+    stop.click(stopper(gr, runs), None, status, cancels=[event], queue=False, api_visibility="private")
 
 
 def inpaint_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
@@ -216,7 +219,7 @@ def inpaint_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
 
     inputs = [editor, label, seed, guidance, dilation, resize]
     event = start.click(run, inputs, [kept, result, status], api_name="inpaint", **queue)
-    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False, api_visibility="private")
+    stop.click(stopper(gr, runs), None, status, cancels=[event], queue=False, api_visibility="private")
 
 
 def compare_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
@@ -262,7 +265,7 @@ def compare_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
         return {component: outputs[key] for key, component in names.items() if key in outputs}
 
     event = start.click(run, [labels, per_label, seed, preset], list(names.values()), api_name="compare", **queue)
-    stop.click(stopper(gr, runs), None, None, cancels=[event], queue=False, api_visibility="private")
+    stop.click(stopper(gr, runs), None, status, cancels=[event], queue=False, api_visibility="private")
 
 
 def model_tab(gr, model: DemoModel) -> None:
