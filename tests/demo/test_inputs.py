@@ -69,6 +69,7 @@ def test_a_request_holds_the_options_given_and_the_call_they_resolve_to(mar_mode
     request = generation_request(pipe, "seven 2", 3.0, 4.0, {"num_inference_steps": 2.0, "temperature": 1})
     assert (request.labels, request.num_images_per_label, request.seed, request.num_images) == ((7, 2), 3, 4, 6)
     assert request.options == {"num_inference_steps": 2, "temperature": 1.0}  # types as the command line parses
+    assert [type(value) for value in request.options.values()] == [int, float]
     assert request.call == {**pipe.sampling_defaults, "num_inference_steps": 2, "temperature": 1.0}
     fast = generation_request(pipe, "1", 1, 0, {"num_inference_steps": None, "guidance_scale": 1.0}, "fast")
     assert fast.options == {"guidance_scale": 1.0, "sampling_preset": "fast"}

@@ -93,6 +93,14 @@ def upload(url: str, name: str, data: bytes) -> httpx.Response:
     return httpx.post(f"{url}/gradio_api/upload", files={"files": (name, data)}, timeout=60)
 
 
+def png_file(url: str, image: PIL.Image.Image) -> dict:
+    """`image` uploaded as a PNG, as Gradio's file data."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path = upload(url, "image.png", buffer.getvalue()).json()[0]
+    return {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": "image.png"}
+
+
 def test_the_settings_are_safe_by_default_and_open_only_on_request():
     settings = launch_settings(Path("/outputs"))
     assert (settings["server_name"], settings["share"], settings["allowed_paths"]) == (
@@ -178,6 +186,12 @@ def test_a_refused_input_shows_our_message(server):
     assert event == "error" and message["error"].startswith("class labels: unknown class name 'banana'; known names")
     event, message = call_api(server["url"], "digits_sample", [1797])
     assert (event, message["error"]) == ("error", "the digits sample must be a whole number in [0, 1796]; got 1797")
+    # A pipeline's ValueError: its message too.
+    background = png_file(server["url"], PIL.Image.new("RGB", (8, 8)))
+    layer = png_file(server["url"], PIL.Image.new("RGBA", (8, 8), (255, 0, 0, 255)))
+    editor = {"background": background, "layers": [layer], "composite": None, "id": None}
+    event, message = call_api(server["url"], "inpaint", [editor, 3, 0, -1.0, 0, False])
+    assert (event, message["error"]) == ("error", "`guidance_scale` must be a finite number >= 0; got -1.0.")
 
 
 def test_an_unexpected_failure_shows_one_line_without_its_details(server, monkeypatch, capsys):
