@@ -321,6 +321,7 @@ def launch_demo(models: list[DemoModel], host: str | None = None, port: int | No
         _, local_url, share_url = demo.launch(theme=theme, **launch_settings(outputs_dir, host, port, share))
         names = ", ".join(f"{model.name} ({type(model.pipe).__name__})" for model in models)
         print(f"diffusers-mar demo: serving {names} on {local_url}", flush=True)
+        print(f"diffusers-mar demo: uploads and outputs in {outputs_dir}, deleted when it stops", flush=True)
         if share_url:
             print(f"diffusers-mar demo: public link (--share) {share_url}", flush=True)
         print("diffusers-mar demo: Ctrl-C stops it", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,12 +81,20 @@ def app(browser, tmp_path_factory):
                 process.kill()
                 pytest.fail(f"the demo did not start:\n{log.read_text()}", pytrace=False)
             time.sleep(0.2)
-        url = next(line for line in log.read_text().splitlines() if " on http://" in line).split(" on ")[-1]
+        lines = log.read_text().splitlines()
+        url = next(line for line in lines if " on http://" in line).split(" on ")[-1]
+        outputs = Path(
+            next(line for line in lines if "uploads and outputs in " in line).split(" in ")[1].split(",")[0]
+        )
         try:
             yield url
         finally:
-            process.terminate()
-            process.wait(30)
+            process.send_signal(signal.SIGINT)  # Ctrl-C
+            try:
+                assert process.wait(60) == 0, log.read_text()
+            finally:
+                process.kill()
+        assert outputs.is_dir() is False  # its folder went with it
 
 
 @pytest.fixture

@@ -51,6 +51,7 @@ def server(mar_folder, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {**WIDENING, "GRADIO_EXAMPLES_CACHE": str(cache)}.items():
             patch.setenv(name, value)
+        patch.delenv("GRADIO_TEMP_DIR", raising=False)  # restored after the module (`use_outputs_dir` sets it)
         outputs_dir = make_outputs_dir()
         use_outputs_dir(outputs_dir)
         models = [load_model(str(mar_folder)), load_model(DEFAULT_MODEL)]
@@ -67,6 +68,7 @@ def server(mar_folder, tmp_path_factory):
             }
         finally:
             demo.close()
+            shutil.rmtree(outputs_dir, ignore_errors=True)
 
 
 def free_port() -> int:
