@@ -119,9 +119,10 @@ def generate_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry, outputs_d
     if preset is not None:
         preset_steps = ("num_inference_steps", "num_diffusion_steps")
 
-        def on_preset(name):  # the preset sets the step counts (docs/usage.md)
+        def on_preset(name):  # the preset sets the step counts (docs/usage.md); empty: not given
             exact = name == NO_PRESET
-            return [gr.update(interactive=exact, value=defaults[key] if exact else None) for key in preset_steps]
+            values = [defaults[key] if exact and isinstance(defaults[key], int) else None for key in preset_steps]
+            return [gr.update(interactive=exact, value=value) for value in values]
 
         preset.change(
             on_preset, preset, [settings[key] for key in preset_steps], queue=False, api_visibility="private"

@@ -73,3 +73,9 @@ def test_a_model_knows_its_family_inpainting_and_card(mar_model, ar_model):
     assert ar_model.adapter is FAMILIES["ARPipeline"] and ar_model.inpaint_pipe is None
     assert mar_model.card == "This model folder has no model card (README.md)."
     assert not mar_model.is_default and mar_model.name == mar_model.source
+
+
+def test_without_a_readable_model_index_the_loaded_pipeline_names_the_family(ar_folder, monkeypatch):
+    monkeypatch.setattr(demo_model, "pipeline_class_name", lambda model: None)  # e.g. a Hub id not reachable yet
+    model = demo_model.load_model(str(ar_folder))
+    assert model.adapter is FAMILIES["ARPipeline"]
