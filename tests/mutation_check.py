@@ -3,9 +3,9 @@
 Each entry of `MUTATIONS` is a one-line change that breaks a piece of the numerics or of the bookkeeping that no
 original code guards on its own (guidance in every family, the mask and outer schedules, the scheduler's temperature
 and variance, the KV cache, orders, the FID / IS / precision-recall formulas, the EMA and learning-rate schedule, the
-converter's key map, inpainting's keep-mask, ...). The script applies each one to a temporary copy of the repository
-and runs the tests that should catch it; a mutation that leaves them passing *survives*, and a survivor is a gap in
-the suite.
+converter's key map, inpainting's keep-mask, the demo's frames and server, ...). The script applies each one to a
+temporary copy of the repository and runs the tests that should catch it; a mutation that leaves them passing
+*survives*, and a survivor is a gap in the suite.
 
     python tests/mutation_check.py                 # every mutation, report and exit 1 if any survives
     python tests/mutation_check.py --list          # the names
@@ -243,6 +243,35 @@ MUTATIONS = [
         'return self.dropout(self.fc2(F.gelu(self.fc1(hidden_states), approximate="tanh")))',
         "return self.dropout(self.fc2(F.gelu(self.fc1(hidden_states))))",
         (VAR_TESTS,),
+    ),
+    # The demo (issue 27): its live frames, its generators, its inputs and its server
+    Mutation(
+        "demo-next-tokens-outlined",
+        "diffusers_mar/demo/frames.py",
+        "made = previous_unknown & ~unknown  # the tokens this step made",
+        "made = unknown & ~previous_unknown  # the tokens this step made",
+        ("tests/demo/test_frames.py",),
+    ),
+    Mutation(
+        "demo-generator-per-image",
+        "diffusers_mar/demo/actions.py",
+        "generators = [torch.Generator().manual_seed(request.seed + i) for i in range(request.num_images)]",
+        "generators = [torch.Generator().manual_seed(request.seed) for i in range(request.num_images)]",
+        ("tests/demo/test_commands.py",),
+    ),
+    Mutation(
+        "demo-upscaled-mask-any-pixel",
+        "diffusers_mar/demo/inputs.py",
+        "mask = mask.reshape(resolution, factor, resolution, factor).any(axis=(1, 3))",
+        "mask = mask.reshape(resolution, factor, resolution, factor).all(axis=(1, 3))",
+        ("tests/demo/test_inputs.py",),
+    ),
+    Mutation(
+        "demo-listens-on-localhost",
+        "diffusers_mar/demo/security.py",
+        '"server_name": host or DEFAULT_HOST,',
+        '"server_name": host or "0.0.0.0",',
+        ("tests/demo/test_security.py",),
     ),
     # Evaluation metrics
     Mutation(

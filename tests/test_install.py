@@ -21,7 +21,7 @@ PUBLIC_MODULES = sorted(
     for _, name, _ in pkgutil.walk_packages(diffusers_mar.__path__, "diffusers_mar.")
     if not name.endswith("__main__")
 )
-EXTRAS_ONLY = ("transformers", "datasets", "scipy", "sklearn", "torchsde", "tensorboard", "torchvision")
+EXTRAS_ONLY = ("transformers", "datasets", "scipy", "sklearn", "torchsde", "tensorboard", "torchvision", "gradio")
 
 
 def run_hidden(hidden: tuple[str, ...], code: str) -> subprocess.CompletedProcess:

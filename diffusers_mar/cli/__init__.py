@@ -1,5 +1,5 @@
 """The `diffusers-mar` command line: `generate` a labelled image grid with a MARPipeline, `info` about a model,
-`evaluate` a model (FID / IS / precision-recall, docs/evaluation.md).
+`evaluate` a model (FID / IS / precision-recall, docs/evaluation.md), `demo` (the Gradio app, docs/demo.md).
 
 Exit codes: 0 success; 2 bad input (a wrong argument, a model, label or output path that cannot be used, as
 argparse does); 1 a failure while loading or running the model, or a model missing from the installation.
@@ -7,8 +7,8 @@ Every check that does not need the model (output paths, device, dtype, numbers) 
 all checks run before anything is generated, so a failing command leaves no output file behind and replaces none.
 
 Modules: `parser` (options and their types), `model` (loading, labels, settings, the summary of `info`), `outputs`
-(paths, atomic saving), `commands` (the subcommands), `evaluate` (evaluation), `errors` (exit codes,
-`CLIError`).
+(paths, atomic saving), `commands` (the subcommands), `evaluate` (evaluation), `demo` (the Gradio app), `errors`
+(exit codes, `CLIError`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import sys
 import traceback
 
 from diffusers_mar.cli.commands import cmd_generate, cmd_info
+from diffusers_mar.cli.demo import cmd_demo
 from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 from diffusers_mar.cli.evaluate import cmd_evaluate
 from diffusers_mar.cli.model import label_text, load_pipeline, model_summary, parse_class_labels, recommended_sampling
 from diffusers_mar.cli.outputs import save_image
 from diffusers_mar.cli.parser import build_parser
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "evaluate": cmd_evaluate}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "evaluate": cmd_evaluate, "demo": cmd_demo}
 
 __all__ = [
     "EXIT_FAILURE",

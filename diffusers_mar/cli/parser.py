@@ -85,6 +85,13 @@ def _device(text: str) -> str:
     return text
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [1, 65535]; got {text}")
+    return value
+
+
 _positive_int.__name__ = "integer >= 1"  # argparse names the type in "invalid <name> value" messages
 _num_threads.__name__ = "thread count"
 _non_negative_float.__name__ = "number"
@@ -92,6 +99,7 @@ _positive_float.__name__ = "number"
 _non_negative_int.__name__ = "integer >= 0"
 _unit_float.__name__ = "number"
 _device.__name__ = "device"
+_port.__name__ = "port"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -156,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=formatter,
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="{generate,info,evaluate}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{generate,info,evaluate,demo}")
     model_help = (
         "a MARPipeline, ARPipeline or VARPipeline folder (saved with save_pretrained) or a Hugging Face Hub id "
         "(default: diffusers_mar.DEFAULT_MODEL, the model folder inside the package)"
@@ -236,7 +244,41 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     info.set_defaults(parser=info)
     add_evaluate_parser(subparsers, model_help)
+    add_demo_parser(subparsers)
     return parser
+
+
+def add_demo_parser(subparsers) -> None:
+    """`diffusers-mar demo`: the Gradio app (the `demo` extra) on one or more models."""
+    demo = subparsers.add_parser(
+        "demo",
+        help="serve a Gradio app: generate with a live image, inpaint, exact against fast, the model card",
+        description=(
+            "Serve the Gradio demo (pip install 'diffusers-mar[demo]') on one or more pipeline folders or Hub ids,\n"
+            "each with its own queue. It listens on 127.0.0.1 unless --host is given and makes a public link only\n"
+            "with --share. Ctrl-C stops it."
+        ),
+        epilog=EPILOG + "\nexample:\n  diffusers-mar demo\nDocumentation: docs/demo.md\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--model",
+        nargs="+",
+        default=[DEFAULT_MODEL],
+        metavar="PATH_OR_HUB_ID",
+        help="pipeline folders or Hub ids (default: diffusers_mar.DEFAULT_MODEL, the shipped digits model)",
+    )
+    demo.add_argument("--port", type=_port, metavar="N", help="the port (default: the first free one from 7860)")
+    demo.add_argument(
+        "--host", metavar="H", help="the address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)"
+    )
+    demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    demo.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    demo.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
+    demo.add_argument(
+        "--num-threads", type=_num_threads, default="auto", metavar="N", help="CPU threads (as for generate)"
+    )
+    demo.set_defaults(parser=demo)
 
 
 def add_evaluate_parser(subparsers, model_help: str) -> None:
