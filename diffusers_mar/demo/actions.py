@@ -151,7 +151,7 @@ def inpaint(
     to regenerate greyed out (`kept`) and the result, both shown upscaled."""
     pipe = model.inpaint_pipe
     if pipe is None:
-        raise CLIError(f"{model.adapter.name} models have no inpainting pipeline; load a MAR model to inpaint")
+        raise CLIError(f"{model.adapter.name} models have no inpainting pipeline; load a MAR or VAR model to inpaint")
     if background is None:
         raise CLIError("upload an image or load a digits sample first")
     mask = drawn_mask(layers or [], background.size)
@@ -163,9 +163,9 @@ def inpaint(
     resolution = image_size(pipe)
     image, mask = fit_to_model(background, mask, resolution, "L" if channels == 1 else "RGB", bool(resize))
     request = generation_request(model.pipe, str(label), 1, seed, {"guidance_scale": guidance_scale})
-    dilation = int(mask_dilation or 0)
-    if dilation < 0 or dilation > pipe.transformer.grid_size:
-        raise CLIError(f"mask dilation must be in [0, {pipe.transformer.grid_size}] tokens; got {mask_dilation!r}")
+    dilation, grid_size = int(mask_dilation or 0), resolution // pipe.token_size  # tokens per side (VAR: last scale)
+    if dilation < 0 or dilation > grid_size:
+        raise CLIError(f"mask dilation must be in [0, {grid_size}] tokens; got {mask_dilation!r}")
     mask_image = PIL.Image.fromarray(mask.astype(np.uint8) * 255, "L")
     call = {
         "image": image,
@@ -184,7 +184,7 @@ def inpaint(
     if images is None:
         return {"status": "Cancelled."}
     scale = display_scale(resolution)
-    tokens = pipe.prepare_mask(mask_image, dilation)[0].reshape(pipe.transformer.grid_size, -1).numpy() > 0.5
+    tokens = pipe.prepare_mask(mask_image, dilation)[0].reshape(grid_size, -1).numpy() > 0.5
     pixels = to_uint8(np.asarray(image, dtype=np.float32).reshape(resolution, resolution, -1)[None] / 255.0)
     token_size = pipe.token_size
     kept = render_canvas(pixels, tokens[None], np.zeros_like(tokens)[None], token_size, scale)[0]

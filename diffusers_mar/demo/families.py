@@ -2,7 +2,7 @@
 which settings to show, and how to inpaint. A folder of a family that no adapter serves is refused with a message
 that names the families the demo knows (`family_for`), before its weights are loaded.
 
-Adding a family (VAR, for example) is one call, in the family's own module or in the application that serves it:
+Adding a family is one call, in the family's own module or in the application that serves it; VAR's (below):
 
     register_family(FamilyAdapter("VAR", ("VARPipeline", "VARInpaintPipeline"), frames=DecodedFrames,
                                   inpaint=VARInpaintPipeline.from_pipe))
@@ -20,6 +20,7 @@ from diffusers_mar.cli.errors import CLIError
 from diffusers_mar.demo.frames import DecodedFrames, TokenFrames
 from diffusers_mar.pipelines.pipeline_ar import ORDERS
 from diffusers_mar.pipelines.pipeline_mar_inpaint import MARInpaintPipeline
+from diffusers_mar.pipelines.pipeline_var_inpaint import VARInpaintPipeline
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 
 __all__ = ["FAMILIES", "DecodedFrames", "FamilyAdapter", "TokenFrames", "family_for", "register_family"]
@@ -83,3 +84,8 @@ register_family(
     )
 )
 register_family(FamilyAdapter("AR", ("ARPipeline",), frames=TokenFrames, orders=ORDERS))
+register_family(
+    FamilyAdapter(
+        "VAR", ("VARPipeline", "VARInpaintPipeline"), frames=DecodedFrames, inpaint=VARInpaintPipeline.from_pipe
+    )
+)

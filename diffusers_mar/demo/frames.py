@@ -40,7 +40,9 @@ class GridLayout:
 
 
 def image_size(pipe) -> int:
-    """Side in pixels of the images a token-grid pipeline makes."""
+    """Side in pixels of the images a pipeline makes (a token grid through its VAE, or VAR's VQ-VAE)."""
+    if getattr(pipe, "vqvae", None) is not None:
+        return pipe.vqvae.config.sample_size
     return pipe.transformer.config.sample_size * pipe.vae_scale_factor
 
 

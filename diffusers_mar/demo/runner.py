@@ -68,9 +68,11 @@ class PipelineRun:
             with self.lock:
                 if self._cancel.is_set():
                     return
-                kwargs = {"callback_on_step_end": self._callback, "callback_on_step_end_tensor_inputs": ["tokens"]}
-                if self.frames is not None:
-                    kwargs["callback_on_step_end_tensor_inputs"] = list(self.frames.tensor_inputs)
+                # Without frames the callback only watches for a cancel: the family's cheapest default input.
+                inputs = (
+                    self.frames.tensor_inputs if self.frames is not None else self.pipe._default_callback_tensor_inputs
+                )
+                kwargs = {"callback_on_step_end": self._callback, "callback_on_step_end_tensor_inputs": list(inputs)}
                 previous = torch.get_num_threads()
                 torch.set_num_threads(self.num_threads)
                 start = time.perf_counter()

@@ -348,10 +348,18 @@ class VARPipeline(TokenGeneratorPipeline):
                 scale_input = torch.cat([scale_input, scale_input]) if self._guided else scale_input
 
         # 5. Decode
+        return self.decode_output(f_hat, output_type, return_dict=return_dict)
+
+    def decode_output(
+        self, latents: torch.Tensor, output_type: str, generator: object = None, return_dict: bool = True
+    ) -> ImagePipelineOutput | tuple:
+        """The running latent `f_hat` `(B, vq_embed_dim, h, w)` -> the call's output of `output_type` (the same
+        signature as the other families' `decode_output`, so that callers such as the demo decode any family;
+        `generator` is unused: the decoder does not sample)."""
         if output_type == "latent":
-            image = f_hat
+            image = latents
         else:
-            image = self.vqvae.decode_latents(f_hat.to(self.vqvae.dtype)).sample  # [-1, 1]
+            image = self.vqvae.decode_latents(latents.to(self.vqvae.dtype)).sample  # [-1, 1]
             image = self.image_processor.postprocess(image.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

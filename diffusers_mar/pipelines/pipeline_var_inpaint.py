@@ -66,6 +66,11 @@ class VARInpaintPipeline(VARPipeline):
         """Side in pixels of one token of the last (finest) scale."""
         return self.vae_scale_factor
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images (the VQ-VAE's `in_channels`), as `MARInpaintPipeline.image_channels`."""
+        return self.vqvae.config.in_channels
+
     def prepare_mask(
         self, mask_image: PipelineImageInput, mask_dilation: int = 0, resize: bool = False
     ) -> torch.Tensor:

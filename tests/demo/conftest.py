@@ -6,7 +6,7 @@ import pytest
 
 from diffusers_mar import ARPipeline, MARPipeline
 from diffusers_mar.demo.model import load_model
-from tests.testing_utils import make_tiny_pipeline, make_tiny_vae
+from tests.testing_utils import make_tiny_pipeline, make_tiny_vae, make_tiny_var_pipeline
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Few steps, so that a generation takes a fraction of a second.
@@ -39,6 +39,19 @@ def latent_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("latent")
     pipe.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def var_folder(tmp_path_factory):
+    pipe = make_tiny_var_pipeline(sampling={"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0, "more_smooth": False})
+    folder = tmp_path_factory.mktemp("var")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def var_model(var_folder):
+    return load_model(str(var_folder))
 
 
 @pytest.fixture(scope="session")

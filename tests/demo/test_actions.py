@@ -60,7 +60,7 @@ def test_inpainting_refusals(mar_model, ar_model):
     image = PIL.Image.new("RGB", (8, 8))
     nothing, something = np.zeros((8, 8), dtype=bool), np.ones((8, 8), dtype=bool)
     cases = [
-        (ar_model, image, something, {}, "AR models have no inpainting pipeline; load a MAR model to inpaint"),
+        (ar_model, image, something, {}, "AR models have no inpainting pipeline; load a MAR or VAR model to inpaint"),
         (mar_model, None, something, {}, "upload an image or load a digits sample first"),
         (mar_model, image, nothing, {}, "paint the part to regenerate on the image first (the brush of the editor)"),
         (mar_model, image, something, {"label": 12}, "class labels: class id 12 is out of range"),
@@ -110,3 +110,25 @@ def test_the_model_tab_describes_the_shipped_model():
     assert info["config"]["transformer"]["num_classes"] == 10
     assert model.is_default and model.name == "shipped digits model"
     assert "not on this one" not in actions.quality_table(model.is_default)
+
+
+def test_generate_shows_a_var_folder_scale_by_scale(var_model, tmp_path):
+    request = generation_request(var_model.pipe, "1 2", 1, 0, {})
+    updates = list(actions.generate(var_model, request, RunRegistry(), "s", tmp_path))
+    frames = [update["live"] for update in updates[1:-1]]
+    assert len(frames) == len(var_model.pipe.transformer.config.patch_nums)  # one decoded frame per scale
+    assert np.array_equal(np.asarray(updates[-1]["grid"]), np.asarray(frames[-1]))
+    assert "VARPipeline" in updates[0]["python"] and updates[0]["cli"].startswith("diffusers-mar generate --model ")
+
+
+def test_inpainting_a_var_folder_keeps_the_unpainted_tokens_of_the_last_scale(var_model):
+    pipe = var_model.inpaint_pipe
+    side = pipe.resolution
+    rng = np.random.default_rng(0)
+    shown = PIL.Image.fromarray(rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8))
+    painted = np.zeros((side, side), dtype=bool)
+    painted[side - pipe.token_size :, :] = True  # the last row of tokens
+    outputs = inpaint(var_model, shown, painted, guidance_scale=2.0)
+    grid = side // pipe.token_size
+    assert outputs["status"].startswith(f"Regenerated {grid} of {grid * grid} tokens")
+    assert outputs["result"].size[0] == outputs["result"].size[1] >= side

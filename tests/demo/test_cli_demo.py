@@ -49,12 +49,12 @@ def test_demo_loads_every_model_then_serves_them(launches, mar_folder, ar_folder
 
 
 def test_no_server_starts_for_a_model_that_cannot_be_served(launches, mar_folder, tmp_path, capsys):
-    var = tmp_path / "var"
-    shutil.copytree(mar_folder, var)
-    index = json.loads((var / "model_index.json").read_text())
-    (var / "model_index.json").write_text(json.dumps({**index, "_class_name": "VARPipeline"}))
-    assert cli.main(["demo", "--model", str(mar_folder), str(var)]) == 2
-    assert "holds a VARPipeline, which the demo does not know" in capsys.readouterr().err
+    xyz = tmp_path / "xyz"
+    shutil.copytree(mar_folder, xyz)
+    index = json.loads((xyz / "model_index.json").read_text())
+    (xyz / "model_index.json").write_text(json.dumps({**index, "_class_name": "XYZPipeline"}))
+    assert cli.main(["demo", "--model", str(mar_folder), str(xyz)]) == 2
+    assert "holds a XYZPipeline, which the demo does not know" in capsys.readouterr().err
     assert cli.main(["demo", "--model", str(tmp_path / "missing")]) == 2
     assert "argument --model: no such folder" in capsys.readouterr().err
     assert launches == []

@@ -14,7 +14,7 @@ from diffusers_mar.demo import model as demo_model
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 
 
-def test_the_demo_knows_mar_and_ar():
+def test_the_demo_knows_mar_ar_and_var():
     assert FAMILIES["MARPipeline"] is FAMILIES["MARInpaintPipeline"]
     mar, ar = FAMILIES["MARPipeline"], FAMILIES["ARPipeline"]
     assert (mar.name, mar.frames, mar.presets, mar.orders) == ("MAR", TokenFrames, tuple(SAMPLING_PRESETS), ())
@@ -25,44 +25,52 @@ def test_the_demo_knows_mar_and_ar():
         ("raster", "random"),
         None,
     )
+    var = FAMILIES["VARPipeline"]
+    assert FAMILIES["VARInpaintPipeline"] is var and (var.name, var.frames, var.presets) == ("VAR", DecodedFrames, ())
 
 
 def test_an_unknown_family_is_refused_with_the_known_ones_and_how_to_add_it():
     with pytest.raises(CLIError) as error:
-        family_for("VARPipeline", "some/var-model")
+        family_for("XYZPipeline", "some/xyz-model")
     assert error.value.exit_code == EXIT_USAGE and error.value.argument == "--model"
     assert error.value.args[0] == (
-        "'some/var-model' holds a VARPipeline, which the demo does not know: it shows ARPipeline, MARInpaintPipeline, "
-        "MARPipeline. A family joins the demo with one adapter, diffusers_mar.demo.register_family(FamilyAdapter(...)) "
-        "(docs/demo.md, 'Adding a family')"
+        "'some/xyz-model' holds a XYZPipeline, which the demo does not know: it shows ARPipeline, MARInpaintPipeline, "
+        "MARPipeline, VARInpaintPipeline, VARPipeline. A family joins the demo with one adapter, "
+        "diffusers_mar.demo.register_family(FamilyAdapter(...)) (docs/demo.md, 'Adding a family')"
     )
 
 
 @pytest.fixture
-def var_folder(mar_folder, tmp_path):
+def xyz_folder(mar_folder, tmp_path):
     """A pipeline folder whose model_index.json names a family the demo does not know (MAR weights inside)."""
-    folder = tmp_path / "var"
+    folder = tmp_path / "xyz"
     shutil.copytree(mar_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "VARPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "XYZPipeline"}))
     return folder
 
 
-def test_a_folder_of_an_unknown_family_is_refused_before_loading(var_folder, monkeypatch):
+def test_a_folder_of_an_unknown_family_is_refused_before_loading(xyz_folder, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(demo_model, "load_pipeline", no_loading)
-    with pytest.raises(CLIError, match="holds a VARPipeline, which the demo does not know"):
-        demo_model.load_model(str(var_folder))
+    with pytest.raises(CLIError, match="holds a XYZPipeline, which the demo does not know"):
+        demo_model.load_model(str(xyz_folder))
 
 
 def test_registering_one_adapter_adds_a_family(var_folder, monkeypatch):
-    monkeypatch.setitem(FAMILIES, "VARPipeline", None)  # removed again after the test
-    adapter = register_family(FamilyAdapter("VAR", ("VARPipeline",), frames=DecodedFrames))
+    monkeypatch.setitem(FAMILIES, "VARPipeline", None)  # restored after the test
+    adapter = register_family(FamilyAdapter("VAR-test", ("VARPipeline",), frames=DecodedFrames))
     model = demo_model.load_model(str(var_folder))
     assert model.adapter is adapter and model.inpaint_pipe is None
     assert model.adapter.frames is DecodedFrames
+
+
+def test_a_var_folder_is_served_with_its_inpainting(var_model):
+    assert var_model.adapter is FAMILIES["VARPipeline"]
+    assert type(var_model.inpaint_pipe).__name__ == "VARInpaintPipeline"
+    assert var_model.inpaint_pipe.transformer is var_model.pipe.transformer
 
 
 def test_a_model_knows_its_family_inpainting_and_card(mar_model, ar_model):

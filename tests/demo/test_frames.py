@@ -141,3 +141,12 @@ def test_decoded_frames_decode_the_running_latents(latent_model):
     final = to_uint8(output)  # the last step's running latents are the output's
     assert all(np.array_equal(frame, image) for frame, image in zip(frames[-1], final))
     assert not np.array_equal(frames[0][0], frames[-1][0])
+
+
+def test_var_frames_decode_the_running_latent_of_each_scale(var_model):
+    pipe = var_model.pipe
+    frames, _, output = run_with_frames(var_model, DecodedFrames(pipe, Cells()))
+    assert len(frames) == pipe.num_timesteps == len(pipe.transformer.config.patch_nums)  # one per scale
+    final = to_uint8(output)  # the last scale's running latent is the output's
+    assert all(np.array_equal(frame, image) for frame, image in zip(frames[-1], final))
+    assert not np.array_equal(frames[0][0], frames[-1][0])  # the coarse scale is another picture

@@ -57,10 +57,11 @@ def test_settings_are_checked_as_the_command_line_checks_them(mar_model, ar_mode
     too_many = refusal(generation_request, pipe, "1 2 3", MAX_IMAGES // 2, 0, {})
     assert too_many == f"3 labels x 32 images per label = 96 images; the demo makes at most {MAX_IMAGES} per run"
     assert refusal(generation_request, ar_model.pipe, "1", 1, 0, {}, "fast") == (
-        "sampling preset: applies to MARPipeline folders only"
+        "sampling preset: does not apply to an ARPipeline folder: it applies to MARPipeline folders only"
     )
     assert refusal(generation_request, pipe, "1", 1, 0, {}, order="raster") == (
-        "order: applies to ARPipeline folders only (MAR draws a random order per image)"
+        "order: does not apply to a MARPipeline folder: it applies to ARPipeline folders only (MAR draws a random "
+        "order per image, VAR has none)"
     )
 
 
