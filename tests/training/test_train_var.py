@@ -202,6 +202,20 @@ def test_the_presets_are_the_original_sizes():
     assert train_mar.load_model_config("var-d16")["initialization"]["init_adaln_gamma"] == 1e-3
 
 
+def test_the_training_presets_agree_with_the_package_presets():
+    # The sizes and recommended settings live twice: the package's `VAR_PRESETS` (conversion, docs) and the training
+    # JSONs (which add the initialisation and dropout); this keeps them from drifting apart.
+    from diffusers_mar import get_preset_config
+
+    for name in train_mar.VAR_PRESETS:
+        package = get_preset_config(name.removesuffix("-s"))
+        config = train_mar.load_model_config(name)
+        for key, value in config["transformer"].items():
+            if key in package["transformer"]:
+                assert value == pytest.approx(package["transformer"][key]), (name, key)
+        assert config["sampling"] == package["sampling"], name
+
+
 @pytest.mark.slow
 def test_two_cpu_processes_train_var_on_digits(tmp_path, vqvae_dir):
     output_dir = tmp_path / "out"
