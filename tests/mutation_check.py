@@ -58,6 +58,13 @@ VAR_INPAINT_TESTS = "tests/pipelines/test_pipeline_var_inpaint.py"
 MUTATIONS = [
     # Guidance, in every family
     Mutation(
+        "var-release-kv-cache",
+        "diffusers_mar/pipelines/pipeline_var.py",
+        "kv_cache = logits = codes = embeddings = scale_input = next_map = None",
+        "logits = codes = embeddings = scale_input = next_map = None",
+        ("tests/pipelines/test_pipeline_var.py",),
+    ),
+    Mutation(
         "var-converter-top-k-clip",
         "conversion/convert_var_to_diffusers.py",
         'sampling["top_k"] = min(sampling["top_k"], vocab_size)',

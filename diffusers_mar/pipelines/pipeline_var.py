@@ -347,7 +347,9 @@ class VARPipeline(TokenGeneratorPipeline):
                 scale_input = next_map.flatten(2).transpose(1, 2)  # (B, n', C)
                 scale_input = torch.cat([scale_input, scale_input]) if self._guided else scale_input
 
-        # 5. Decode
+        # 5. Decode, with the loop's tensors released first: the KV cache (1.4 GB for d16 at batch 8) would otherwise
+        # stay alive under the decoder's peak (docs/benchmarks.md, bench_var.py)
+        kv_cache = logits = codes = embeddings = scale_input = next_map = None
         return self.decode_output(f_hat, output_type, return_dict=return_dict)
 
     def decode_output(
