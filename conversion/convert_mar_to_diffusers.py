@@ -55,6 +55,7 @@ from conversion.checkpoints import (  # noqa: E402
     load_state_dict_strict,
     select_mar_weights,
 )
+from conversion.command_line import run_converter
 from conversion.folder import check_output_dir, save_pipeline_folder  # noqa: E402
 from conversion.hub import push_folder_to_hub  # noqa: E402
 from conversion.kl_vae import (  # noqa: E402
@@ -438,26 +439,10 @@ def convert(args: argparse.Namespace) -> Path:
     return output_dir
 
 
-def _report(message: object) -> None:
-    print(f"{PROG}: error: " + re.sub(r"\s*\n\s*", " ", str(message).strip()), file=sys.stderr)  # one line
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line; exit codes: 0 done, 2 bad input (nothing written), 1 a failure while running. Errors are one
-    line on stderr, `convert_mar_to_diffusers.py: error: ...`."""
-    args = parse_args(argv)
-    try:
-        convert(args)
-    except VerificationError as error:
-        _report(error)
-        return 1
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
-        _report(error.args[0] if error.args else error)
-        return 2
-    except OSError as error:
-        _report(error)
-        return 1
-    return 0
+    line on stderr, `convert_mar_to_diffusers.py: error: ...` (`conversion/command_line.py`)."""
+    return run_converter(PROG, parse_args, convert, argv)
 
 
 if __name__ == "__main__":
