@@ -55,7 +55,7 @@ from conversion.checkpoints import (  # noqa: E402
     load_state_dict_strict,
     select_mar_weights,
 )
-from conversion.command_line import run_converter
+from conversion.command_line import DTYPES, add_output_arguments, check_output_arguments, run_converter
 from conversion.folder import check_output_dir, save_pipeline_folder  # noqa: E402
 from conversion.hub import push_folder_to_hub  # noqa: E402
 from conversion.kl_vae import (  # noqa: E402
@@ -87,7 +87,6 @@ from diffusers_mar import (  # noqa: E402
 )
 from diffusers_mar.pipelines.pipeline_autoregressive import vae_scale_factor  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROG = "convert_mar_to_diffusers.py"  # errors start with it, as argparse's and `diffusers-mar`'s do
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,45 +266,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Decoder heads (default: `--num_attention_heads`).",
     )
     parser.add_argument("--use_non_ema", action="store_true", help="Convert `model` instead of `model_ema`.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Stored dtype (default fp32).")
-    parser.add_argument(
-        "--safe_serialization",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Write safetensors (default) or, with --no-safe_serialization, torch .bin files.",
-    )
-    parser.add_argument(
-        "--trust_checkpoint",
-        action="store_true",
-        help="Allow `torch.load(weights_only=False)` for files that pickle other objects (trusted sources only).",
-    )
     parser.add_argument("--vae_norm_num_groups", type=int, default=32, help="GroupNorm groups of the VAE (KL-16: 32).")
-    parser.add_argument(
-        "--id2label_path", default=None, help="JSON class names; default: ImageNet names for 1000-class models."
+    add_output_arguments(
+        parser,
+        "user/mar-base",
+        "With --verify: a LTH14/mar checkout; the converted model must reproduce the original model's outputs.",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Replace a non-empty `--output_dir` that holds a pipeline folder."
-    )
-    parser.add_argument(
-        "--verify", action="store_true", help="Reload the saved folder and compare outputs (see docs/conversion.md)."
-    )
-    parser.add_argument(
-        "--original_repo",
-        default=None,
-        help="With --verify: a LTH14/mar checkout; the converted model must reproduce the original model's outputs.",
-    )
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub as `--repo_id`.")
-    parser.add_argument("--repo_id", default=None, help="Hub repo id, e.g. `user/mar-base`.")
-    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
-    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in token or HF_TOKEN).")
     args = parser.parse_args(argv)
-    if args.push_to_hub and not args.repo_id:
-        parser.error("`--push_to_hub` needs `--repo_id` (e.g. `user/mar-base`).")
+    check_output_arguments(parser, args, "user/mar-base")
     for flag in ("num_attention_heads", "decoder_num_attention_heads", "vae_norm_num_groups"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"`--{flag}` must be >= 1; got {getattr(args, flag)}.")
-    if args.original_repo is not None and not args.verify:
-        parser.error("`--original_repo` is used by `--verify`; add `--verify`.")
     if args.original_repo is not None and not (Path(args.original_repo) / "models" / "mar.py").is_file():
         parser.error(f"`--original_repo` {args.original_repo!r} is not a LTH14/mar checkout (no models/mar.py).")
     return args

@@ -55,7 +55,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from conversion.checkpoints import load_checkpoint, load_id2label, load_state_dict_strict
-from conversion.command_line import run_converter
+from conversion.command_line import DTYPES, add_output_arguments, check_output_arguments, run_converter
 from conversion.folder import check_output_dir, save_pipeline_folder
 from conversion.hub import push_folder_to_hub
 from conversion.original_var import build_original_var, is_var_checkout
@@ -288,7 +288,6 @@ def transformer_config_from_state_dict(
 # The command line: the official tokenizer and transformer checkpoints -> a VARPipeline folder
 
 PROG = "convert_var_to_diffusers.py"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRESET_TITLES = {name: "VAR-" + name.split("-")[1] for name in VAR_PRESETS}
 
 
@@ -450,48 +449,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Scale sides (default: the official 256 or 512 px schedule with the checkpoint's token count).",
     )
     parser.add_argument("--vae_norm_num_groups", type=int, default=32, help="GroupNorm groups of the tokenizer (32).")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="Stored dtype (default fp32).")
-    parser.add_argument(
-        "--safe_serialization",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Write safetensors (default) or, with --no-safe_serialization, torch .bin files.",
+    add_output_arguments(
+        parser,
+        "user/var-d16",
+        "With --verify: a FoundationVision/VAR checkout; the folder must reproduce the official models and sampler "
+        "(`autoregressive_infer_cfg`).",
     )
-    parser.add_argument(
-        "--trust_checkpoint",
-        action="store_true",
-        help="Allow `torch.load(weights_only=False)` for files that pickle other objects (trusted sources only).",
-    )
-    parser.add_argument(
-        "--id2label_path", default=None, help="JSON class names; default: ImageNet names for 1000-class models."
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Replace a non-empty `--output_dir` that holds a pipeline folder."
-    )
-    parser.add_argument(
-        "--verify", action="store_true", help="Reload the saved folder and compare it (see docs/conversion.md)."
-    )
-    parser.add_argument(
-        "--original_repo",
-        default=None,
-        help="With --verify: a FoundationVision/VAR checkout; the folder must reproduce the official models and "
-        "sampler (`autoregressive_infer_cfg`).",
-    )
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the folder to the Hub as `--repo_id`.")
-    parser.add_argument("--repo_id", default=None, help="Hub repo id, e.g. `user/var-d16`.")
-    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
-    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in token or HF_TOKEN).")
     args = parser.parse_args(argv)
-    if args.push_to_hub and not args.repo_id:
-        parser.error("`--push_to_hub` needs `--repo_id` (e.g. `user/var-d16`).")
+    check_output_arguments(parser, args, "user/var-d16")
     if args.vae_norm_num_groups < 1:
         parser.error(f"`--vae_norm_num_groups` must be >= 1; got {args.vae_norm_num_groups}.")
     if args.patch_nums is not None and (
         min(args.patch_nums) < 1 or any(b <= a for a, b in zip(args.patch_nums, args.patch_nums[1:]))
     ):
         parser.error(f"`--patch_nums` must be increasing sides >= 1; got {args.patch_nums}.")
-    if args.original_repo is not None and not args.verify:
-        parser.error("`--original_repo` is used by `--verify`; add `--verify`.")
     if args.original_repo is not None and not is_var_checkout(args.original_repo):
         parser.error(
             f"`--original_repo` {args.original_repo!r} is not a FoundationVision/VAR checkout (no models/var.py)."
