@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,32 +94,66 @@ def _two_process_launch() -> list[str]:
 
 
 def run_two_processes(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run `accelerate launch` of two processes with `args` (output captured); on a timeout, kill the whole process
-    group (the workers too, so they cannot slow the next tests) and fail with what they printed.
+    """Run `accelerate launch` of two processes with `args` (output captured); on a timeout, kill every process of the
+    launch (the workers too, so they cannot slow the next tests or hold the output open) and fail with what they
+    printed.
 
     Launches run one at a time across pytest-xdist workers (a lock file): two at once on a 2-core machine can pick
     the same port between `free_port` and the bind, and then four processes wait on each other's collectives (a CI
     run hung that way for 300 s)."""
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"  # in the environment of the launcher and of every worker
     with open(Path(tempfile.gettempdir()) / "diffusers-mar-tests-launch.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         process = subprocess.Popen(
             [*_two_process_launch(), *args],
-            env=child_env(),
+            env={**child_env(), LAUNCH_MARKER: marker},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            start_new_session=True,
             **kwargs,
         )
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
+            # torch's launcher starts each worker in a session of its own, and a worker whose launcher died keeps the
+            # output pipes open: kill every process of this launch, found by the marker in its environment.
+            kill_marked_processes(marker)
+            stdout, stderr = process.communicate(timeout=60)
             pytest.fail(
                 f"Two launched processes ran past {timeout} s; they printed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
             )
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+LAUNCH_MARKER = "DIFFUSERS_MAR_TEST_LAUNCH"
+
+
+def kill_marked_processes(marker: str) -> list[int]:
+    """SIGKILL every process whose environment holds `LAUNCH_MARKER=marker`; returns their pids."""
+    needle, killed = f"{LAUNCH_MARKER}={marker}".encode(), []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+                killed.append(int(environ.parent.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    return killed
+
+
+def test_a_timed_out_launch_kills_workers_in_sessions_of_their_own():
+    # torch's launcher starts workers with start_new_session; one left behind kept a mutation-check run waiting on
+    # its output pipes until the 20-minute limit.
+    marker = f"test-{time.monotonic_ns()}"
+    env = {**os.environ, LAUNCH_MARKER: marker}
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        assert kill_marked_processes(marker) == [sleeper.pid]
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL and other.poll() is None
+    finally:
+        other.kill()
+        sleeper.kill()
 
 
 def test_two_cpu_processes_train_digits_and_write_a_loadable_pipeline(tmp_path):
