@@ -1579,11 +1579,12 @@ def main(args: argparse.Namespace) -> Path:
     return output_dir
 
 
-def resume_hint(args: argparse.Namespace) -> str:
-    """What to print on Ctrl-C: the last complete checkpoint and the command that continues from it."""
+def resume_hint(args: argparse.Namespace, script: str = SCRIPT) -> str:
+    """What to print on Ctrl-C: the last complete checkpoint and the command that continues from it (`script`: the
+    training script, also train_vqvae.py's)."""
     checkpoints = list_checkpoints(args.output_dir)
     saved = f"The last complete checkpoint is {checkpoints[-1]}." if checkpoints else "No checkpoint was saved yet."
-    return f"{saved} Resume with:\n  {launch_command(SCRIPT, resume_argv(args.argv))}"
+    return f"{saved} Resume with:\n  {launch_command(script, resume_argv(args.argv))}"
 
 
 if __name__ == "__main__":

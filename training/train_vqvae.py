@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -43,17 +44,17 @@ from tqdm.auto import tqdm
 
 from diffusers_mar import VARVQModel
 from training.data import DIGITS, check_image_folder, check_local_path
-from training.launch import StopRequest, launch_command, resume_argv, run_script
+from training.launch import StopRequest, launch_command, run_script
 from training.train_mar import (
     TokenSpace,
     _config_type_error,
     check_output_dir,
     clear_run_outputs,
     learning_rate_at,
-    list_checkpoints,
     load_checkpoint,
     load_data,
     make_schedule,
+    resume_hint,
     save_checkpoint,
     setup_accelerator,
     stop_requested,
@@ -656,11 +657,7 @@ def main(args: argparse.Namespace) -> Path:
     return output_dir
 
 
-def resume_hint(args: argparse.Namespace) -> str:
-    checkpoints = list_checkpoints(args.output_dir)
-    saved = f"The last complete checkpoint is {checkpoints[-1]}." if checkpoints else "No checkpoint was saved yet."
-    return f"{saved} Resume with:\n  {launch_command(SCRIPT, resume_argv(args.argv))}"
-
-
 if __name__ == "__main__":
-    sys.exit(run_script("train_vqvae.py", parse_args, main, on_interrupt=resume_hint))
+    sys.exit(
+        run_script("train_vqvae.py", parse_args, main, on_interrupt=functools.partial(resume_hint, script=SCRIPT))
+    )
