@@ -182,18 +182,29 @@ def test_inpaint_keeps_the_pixels_outside_the_drawn_mask(page):
     page.get_by_role("tab", name="Inpaint / edit").click()
     page.locator("#load-sample").click()  # digit 0 of scikit-learn's digits, shown 256x256
     page.wait_for_function("() => document.querySelector('#inpaint-label')?.innerText.includes('0')")
-    time.sleep(1)  # the editor draws the image
-    canvas = page.locator("#editor canvas").first.bounding_box()
-    zoom = float(page.locator("#editor").get_by_text("%").first.inner_text().strip("%")) / 100
-    x, y, half = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2, 128 * zoom
-    # Strokes over the bottom token row (image rows 192-255; the brush's radius is 16 image pixels).
-    page.mouse.move(x - half + 4, y + 0.8 * half)
-    page.mouse.down()
-    for row in (0.8, 0.9, 0.8):
-        page.mouse.move(x - half + 4, y + row * half, steps=4)
-        page.mouse.move(x + half - 4, y + row * half, steps=12)
-    page.mouse.up()
-    page.locator("#inpaint").click()
+    for attempt in range(3):
+        # The editor draws the image first; on a busy machine strokes made before that are lost, the demo then
+        # answers "paint the part to regenerate" and the strokes are made again.
+        time.sleep(1 + 2 * attempt)
+        canvas = page.locator("#editor canvas").first.bounding_box()
+        zoom = float(page.locator("#editor").get_by_text("%").first.inner_text().strip("%")) / 100
+        x, y, half = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2, 128 * zoom
+        # Strokes over the bottom token row (image rows 192-255; the brush's radius is 16 image pixels).
+        page.mouse.move(x - half + 4, y + 0.8 * half)
+        page.mouse.down()
+        for row in (0.8, 0.9, 0.8):
+            page.mouse.move(x - half + 4, y + row * half, steps=4)
+            page.mouse.move(x + half - 4, y + row * half, steps=12)
+        page.mouse.up()
+        page.locator("#inpaint").click()
+        page.wait_for_function(
+            "() => (document.getElementById('inpaint-status')?.innerText || '').includes('Regenerated') || "
+            "document.body.innerText.includes('paint the part to regenerate')",
+            timeout=300_000,  # a busy 2-core machine (the slow suite runs two at once) can take minutes
+        )
+        if "Regenerated" in page.locator("#inpaint-status").inner_text():
+            break
+        page.get_by_text("paint the part to regenerate").first.wait_for(state="detached", timeout=30_000)
     status = wait_for_text(page, "inpaint-status", "Regenerated")
     assert status.startswith("Regenerated 4 of 16 tokens")  # the bottom token row
     kept, result = fetch_image(page, "#kept"), fetch_image(page, "#result")
