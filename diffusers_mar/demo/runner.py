@@ -68,9 +68,11 @@ class PipelineRun:
             with self.lock:
                 if self._cancel.is_set():
                     return
-                # Without frames the callback only watches for a cancel: the family's cheapest default input.
+                # Without frames the callback only watches for a cancel: it asks for the family's default input.
                 inputs = (
-                    self.frames.tensor_inputs if self.frames is not None else self.pipe._default_callback_tensor_inputs
+                    self.frames.tensor_inputs
+                    if self.frames is not None
+                    else self.pipe.callback_tensor_inputs(None, None)
                 )
                 kwargs = {"callback_on_step_end": self._callback, "callback_on_step_end_tensor_inputs": list(inputs)}
                 previous = torch.get_num_threads()
