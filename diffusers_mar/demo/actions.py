@@ -68,7 +68,8 @@ def generate(
     model: DemoModel, request: GenerationRequest, runs: RunRegistry, session: str, outputs_dir: Path
 ) -> Iterator[dict]:
     """Run `request`, yielding the live frame at every outer step, then the grid, its PNG (in `outputs_dir`) and the
-    time. Closing the iterator early (Gradio's cancel) stops the pipeline after its current step."""
+    time. A cancelled run (the Stop button, `RunRegistry.cancel`) ends it after the pipeline's current step with a
+    'Cancelled after N step(s).' status; closing the iterator early (the browser went away) cancels the run too."""
     pipe = model.pipe
     layout = grid_layout(pipe, [label_text(pipe, label) for label in request.labels], request.num_images_per_label)
     frames = model.adapter.frames(pipe, layout)

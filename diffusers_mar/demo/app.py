@@ -39,8 +39,10 @@ def refusal(gr, error: Exception) -> Exception:
 
 
 def stopper(gr, runs: RunRegistry):
-    """A Stop button's function: cancel the pipeline call of the session that clicked (Gradio cancels the event);
-    the line for the tab's status."""
+    """A Stop button's function: cancel the pipeline call of the session that clicked; the line for the tab's status.
+    The tab's event is not cancelled through Gradio (`cancels=`): its function sees the cancelled run after the
+    pipeline's current step and ends normally with its own status line. A Gradio cancel races with that ending, and
+    a lost race marks the tab's outputs with Gradio's 'Error' badge."""
 
     def stop(request: gr.Request) -> str:
         if runs.cancel(request.session_hash):
@@ -149,7 +151,7 @@ def generate_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry, outputs_d
             raise refusal(gr, error) from None
 
     event = start.click(run, inputs, [image, status, python, cli, download], api_name="generate", **queue)
-    stop.click(stopper(gr, runs), None, status, cancels=[event], queue=False, api_visibility="private")
+    stop.click(stopper(gr, runs), None, status, queue=False, api_visibility="private")
 
 
 def inpaint_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
@@ -220,7 +222,7 @@ def inpaint_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
 
     inputs = [editor, label, seed, guidance, dilation, resize]
     event = start.click(run, inputs, [kept, result, status], api_name="inpaint", **queue)
-    stop.click(stopper(gr, runs), None, status, cancels=[event], queue=False, api_visibility="private")
+    stop.click(stopper(gr, runs), None, status, queue=False, api_visibility="private")
 
 
 def compare_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
@@ -266,7 +268,7 @@ def compare_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
         return {component: outputs[key] for key, component in names.items() if key in outputs}
 
     event = start.click(run, [labels, per_label, seed, preset], list(names.values()), api_name="compare", **queue)
-    stop.click(stopper(gr, runs), None, status, cancels=[event], queue=False, api_visibility="private")
+    stop.click(stopper(gr, runs), None, status, queue=False, api_visibility="private")
 
 
 def model_tab(gr, model: DemoModel) -> None:
