@@ -150,7 +150,7 @@ def generate_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry, outputs_d
         except Exception as error:
             raise refusal(gr, error) from None
 
-    event = start.click(run, inputs, [image, status, python, cli, download], api_name="generate", **queue)
+    start.click(run, inputs, [image, status, python, cli, download], api_name="generate", **queue)
     stop.click(stopper(gr, runs), None, status, queue=False, api_visibility="private")
 
 
@@ -221,7 +221,7 @@ def inpaint_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
         return outputs.get("kept"), outputs.get("result"), outputs["status"]
 
     inputs = [editor, label, seed, guidance, dilation, resize]
-    event = start.click(run, inputs, [kept, result, status], api_name="inpaint", **queue)
+    start.click(run, inputs, [kept, result, status], api_name="inpaint", **queue)
     stop.click(stopper(gr, runs), None, status, queue=False, api_visibility="private")
 
 
@@ -267,7 +267,7 @@ def compare_tab(gr, model: DemoModel, queue: dict, runs: RunRegistry) -> None:
             raise refusal(gr, error) from None
         return {component: outputs[key] for key, component in names.items() if key in outputs}
 
-    event = start.click(run, [labels, per_label, seed, preset], list(names.values()), api_name="compare", **queue)
+    start.click(run, [labels, per_label, seed, preset], list(names.values()), api_name="compare", **queue)
     stop.click(stopper(gr, runs), None, status, queue=False, api_visibility="private")
 
 
