@@ -527,6 +527,35 @@ MUTATIONS = [
         'scale_keep = F.interpolate(keep, size=(p, p), mode="bilinear", align_corners=False).ge(0.5)',
         (VAR_INPAINT_TESTS,),
     ),
+    # The validation loss of train_mar.py
+    Mutation(
+        "validation-disturbs-training-rng",
+        "training/train_mar.py",
+        "        with torch.random.fork_rng(devices=devices):",
+        "        with contextlib.nullcontext():",
+        ("tests/training/test_validation.py",),
+    ),
+    Mutation(
+        "validation-in-train-mode",
+        "training/train_mar.py",
+        "    module.eval()  # no dropout, no label drop: the loss of the class-conditional model",
+        "    module.train()",
+        ("tests/training/test_validation.py",),
+    ),
+    Mutation(
+        "validation-split-per-seed",
+        "training/train_mar.py",
+        "torch.randperm(len(labels), generator=torch.Generator().manual_seed(VALIDATION_SEED))",
+        "torch.randperm(len(labels))",
+        ("tests/training/test_validation.py",),
+    ),
+    Mutation(
+        "var-validation-progressive",
+        "training/var_loss.py",
+        "prog_si, prog_wp = self.stage if self.training else (-1, 1.0)",
+        "prog_si, prog_wp = self.stage",
+        (VAR_LOSS_TESTS,),
+    ),
 ]
 
 

@@ -116,6 +116,7 @@ PIPELINES = {"mar": MARPipeline, "ar": ARPipeline, "var": VARPipeline}
 VAR_TAGS = ["diffusers", "diffusers-mar", "var", "image-generation", "class-conditional", "autoregressive"]
 PIPELINE_NAMES = {"mar": "MARPipeline", "ar": "ARPipeline", "var": "VARPipeline"}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+VALIDATION_FILE = "validation_loss.json"  # the validation curve, [{"step", "epoch", "loss"}, ...]
 PIPELINE_ITEMS = ("transformer", "diffusion_head", "scheduler", "vae", "vqvae", "README.md", "model_index.json")
 # `--sample_*` flag of each sampling setting it overrides.
 SAMPLE_FLAGS = {
@@ -145,6 +146,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--label_column", type=str, default="label")
     data.add_argument("--cache_dir", type=str, default=None, help="Cache folder of `datasets`.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Keep only the first N images.")
+    data.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.0,
+        help="Hold out this share of the images (a fixed split: the same for every --seed) and log the loss on them "
+        "with the EMA weights every --validation_steps (0: no validation).",
+    )
+    data.add_argument(
+        "--validation_steps", type=int, default=500, help="Validation loss every N steps, and at the end."
+    )
     data.add_argument(
         "--resolution",
         type=int,
@@ -385,6 +396,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--ema_decay must be in [0, 1]; got {args.ema_decay}.")
     if args.sample_steps < 0:
         raise ValueError(f"--sample_steps must be >= 0; got {args.sample_steps}.")
+    if not 0.0 <= args.validation_fraction <= 0.5:
+        raise ValueError(f"--validation_fraction must be in [0, 0.5]; got {args.validation_fraction}.")
+    if args.validation_steps < 1:
+        raise ValueError(f"--validation_steps must be >= 1; got {args.validation_steps}.")
     if args.dataset_name == DIGITS and args.image_mode != "RGB":
         raise ValueError("--image_mode does not apply to digits (they are single-channel).")
     for key, flag in SAMPLE_FLAGS.items():
@@ -714,6 +729,7 @@ class TrainData:
     id2label: dict[int, str] | None
     random_flip: bool
     name: str
+    validation: torch.utils.data.Dataset | None = None  # the held-out images (--validation_fraction)
 
 
 @dataclass
@@ -892,7 +908,31 @@ def load_data(
         id2label = pretrained.id2label or None
     random_flip = (not is_digits) if args.random_flip is None else args.random_flip
     name = args.dataset_name or args.train_data_dir or args.cached_latents_dir
-    return TrainData(dataset, labels, num_classes, id2label, random_flip, name)
+    # train_vqvae.py shares this loader and has no validation flags (its card has reconstruction errors instead).
+    dataset, labels, validation = split_validation(dataset, labels, getattr(args, "validation_fraction", 0.0))
+    return TrainData(dataset, labels, num_classes, id2label, random_flip, name, validation)
+
+
+VALIDATION_SEED = 0  # the split and the validation loss's randomness: the same for every --seed, so runs compare
+
+
+def split_validation(
+    dataset: torch.utils.data.Dataset, labels: list[int], fraction: float
+) -> tuple[torch.utils.data.Dataset, list[int], torch.utils.data.Dataset | None]:
+    """`(training set, its labels, held-out set)`: `round(fraction * len)` images (at least one) of a fixed random
+    permutation are held out; `fraction` 0 holds out none."""
+    if fraction <= 0:
+        return dataset, labels, None
+    permutation = torch.randperm(len(labels), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
+    count = max(1, round(fraction * len(labels)))
+    if count >= len(labels):
+        raise ValueError(f"--validation_fraction {fraction} leaves no training images of {len(labels)}.")
+    held, kept = sorted(permutation[:count]), sorted(permutation[count:])
+    return (
+        torch.utils.data.Subset(dataset, kept),
+        [labels[i] for i in kept],
+        torch.utils.data.Subset(dataset, held),
+    )
 
 
 def build_models(
@@ -1028,6 +1068,55 @@ def load_pretrained(args: argparse.Namespace) -> MARPipeline | None:
     return pretrained
 
 
+@torch.no_grad()
+def batch_latents(batch: dict, vae, random_flip: bool, device: torch.device) -> torch.Tensor:
+    """The model's input of a batch: pixels (randomly flipped), or VAE latents (a posterior sample, scaled)."""
+    batch_size = batch["class_labels"].shape[0]
+    flip = torch.rand(batch_size) < 0.5 if random_flip else torch.zeros(batch_size, dtype=torch.bool)
+    flip = flip.to(device)[:, None, None, None]
+    if "moments" in batch:
+        moments = torch.where(flip, batch["moments"][:, 1], batch["moments"][:, 0]).to(device)
+        latents = DiagonalGaussianDistribution(moments.float()).sample()
+    else:
+        pixels = batch["pixel_values"].float().to(device)
+        pixels = torch.where(flip, pixels.flip(-1), pixels)
+        latents = vae.encode(pixels).latent_dist.sample() if vae is not None else pixels
+    if vae is not None:
+        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    return latents
+
+
+@torch.no_grad()
+def validation_loss(module: torch.nn.Module, loader, vae, device: torch.device) -> float:
+    """The training loss on the held-out images, averaged per image, in eval mode (no dropout or label drop), with
+    the module's weights as they are (the caller swaps in the EMA weights). Its randomness (masks, orders, noise, label drop) is the same at every call
+    (`VALIDATION_SEED`) and leaves the training's generators where they were, so a resume stays exact."""
+    devices = [device] if device.type == "cuda" else []
+    total, count, was_training = 0.0, 0, module.training
+    module.eval()  # no dropout, no label drop: the loss of the class-conditional model
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(VALIDATION_SEED)
+            for batch in loader:
+                class_labels = batch["class_labels"].long().to(device)
+                latents = batch_latents(batch, vae, False, device)
+                total += float(module(latents, class_labels)) * class_labels.shape[0]
+                count += class_labels.shape[0]
+    finally:
+        module.train(was_training)
+    return total / count
+
+
+def record_validation(output_dir: Path, step: int, epoch: float, loss: float) -> list[dict]:
+    """Append `loss` at `step` to `validation_loss.json` in the output folder (atomically; entries of later steps,
+    left by a run this one resumed before them, are dropped); the curve so far."""
+    path = output_dir / VALIDATION_FILE
+    curve = json.loads(path.read_text()) if path.exists() else []
+    curve = [entry for entry in curve if entry["step"] < step] + [{"step": step, "epoch": epoch, "loss": loss}]
+    atomic_write(path, lambda file: file.write(json.dumps(curve, indent=1).encode()))
+    return curve
+
+
 def make_training_module(args: argparse.Namespace, models: Models) -> torch.nn.Module:
     """The networks under one module whose `forward` is the loss of the family (MAR's or the causal AR's)."""
     if args.model_family == "var":  # the schedule's step counts are set once the data loader is prepared
@@ -1122,7 +1211,9 @@ def clear_run_outputs(output_dir: Path, logging_dir: str, items: tuple[str, ...]
     """Remove what a run of this script writes (`--overwrite_output_dir`; `items`: the final folder's); other files
     stay."""
     for path in sorted(output_dir.iterdir()):
-        ours = path.name in (*items, "samples", logging_dir, "pipeline.tmp") or path.name.startswith("checkpoint-")
+        ours = path.name in (*items, "samples", logging_dir, "pipeline.tmp", VALIDATION_FILE) or path.name.startswith(
+            "checkpoint-"
+        )
         if ours:
             logger.info(f"--overwrite_output_dir: removing {path}")
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -1151,6 +1242,15 @@ def save_pipeline(path: Path, models: Models, emas: list[EMAModel], card: ModelC
     card.save(path / "README.md")
 
 
+def validation_text(curve: list[dict], num_images: int) -> str:
+    """The card's line for a validation curve: the last value and the best one, with their steps."""
+    best = min(curve, key=lambda entry: entry["loss"])
+    return (
+        f"{curve[-1]['loss']:.4f} at step {curve[-1]['step']} (best {best['loss']:.4f} at step {best['step']}; "
+        f"{num_images} held-out images, `{VALIDATION_FILE}`)"
+    )
+
+
 def model_card(
     args: argparse.Namespace,
     data: TrainData,
@@ -1159,6 +1259,7 @@ def model_card(
     schedule: Schedule,
     global_step: int,
     recent_losses: list[float],
+    validation_curve: list[dict] | None = None,
 ) -> ModelCard:
     """The card of the pipeline folder after `global_step` steps (from `diffusers_mar`'s one template)."""
     final_loss = (
@@ -1179,6 +1280,7 @@ def model_card(
         "training": f"{global_step} optimizer steps ({global_step / schedule.steps_per_epoch:.2f} epochs), "
         f"global batch {schedule.global_batch}",
         "final loss": final_loss,
+        **({"validation loss": validation_text(validation_curve, len(data.validation))} if validation_curve else {}),
         "weights": f"exponential moving average ({ema})" if args.ema_decay > 0 else "the trained weights (no EMA)",
         "parameters": parameters,
     }
@@ -1370,6 +1472,11 @@ def main(args: argparse.Namespace) -> Path:
         # generator that the training step uses.
         generator=torch.Generator().manual_seed(args.seed),
     )
+    validation_loader = None
+    if data.validation is not None:  # evaluated on the main process only, unsharded
+        validation_loader = torch.utils.data.DataLoader(
+            data.validation, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
+        )
     if len(data.dataset) < args.train_batch_size * accelerator.num_processes:
         raise ValueError(
             f"The dataset has {len(data.dataset)} images, fewer than one batch of --train_batch_size "
@@ -1420,9 +1527,13 @@ def main(args: argparse.Namespace) -> Path:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
 
     global_step, recent = 0, collections.deque(maxlen=100)  # losses of the last steps, for the model card
+    validation_curve: list[dict] = []
     if args.resume_from_checkpoint is not None:
         global_step, losses = load_checkpoint(accelerator, args.resume_from_checkpoint, output_dir, emas, global_batch)
         recent.extend(losses)
+        curve_path = output_dir / VALIDATION_FILE
+        if validation_loader is not None and curve_path.exists():
+            validation_curve = [e for e in json.loads(curve_path.read_text()) if e["step"] <= global_step]
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -1451,27 +1562,10 @@ def main(args: argparse.Namespace) -> Path:
             loader.set_epoch(epoch)
             for batch in loader:
                 with accelerator.accumulate(model):
-                    with torch.no_grad():
-                        class_labels = batch["class_labels"].long()
-                        batch_size = class_labels.shape[0]
-                        # Training randomness (flips, posterior samples, orders, masks, noise) is drawn here, in the
-                        # step, from the global generators that `save_state` records: a resume continues it exactly.
-                        flip = (
-                            torch.rand(batch_size) < 0.5 if random_flip else torch.zeros(batch_size, dtype=torch.bool)
-                        )
-                        flip = flip.to(accelerator.device)
-                        if "moments" in batch:
-                            moments = torch.where(
-                                flip[:, None, None, None], batch["moments"][:, 1], batch["moments"][:, 0]
-                            )
-                            latents = DiagonalGaussianDistribution(moments.float()).sample()
-                        else:
-                            pixels = batch["pixel_values"].float()
-                            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-                            latents = vae.encode(pixels).latent_dist.sample() if vae is not None else pixels
-                        if vae is not None:
-                            shift = vae.config.shift_factor or 0.0
-                            latents = (latents - shift) * vae.config.scaling_factor
+                    # Training randomness (flips, posterior samples, orders, masks, noise) is drawn in the step,
+                    # from the global generators that `save_state` records: a resume continues it exactly.
+                    class_labels = batch["class_labels"].long()
+                    latents = batch_latents(batch, vae, random_flip, accelerator.device)
                     set_learning_rate(args, optimizer, global_step, base_lr, warmup_steps, max_train_steps)
                     # The order annealing and the progressive stage follow the step: resume is exact.
                     if isinstance(unwrapped, ARTrainingModule):
@@ -1513,10 +1607,21 @@ def main(args: argparse.Namespace) -> Path:
                 progress_bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}")
                 step_loss = 0.0
 
+                if validation_loader is not None and (
+                    global_step % args.validation_steps == 0 or global_step == max_train_steps
+                ):
+                    if accelerator.is_main_process:
+                        with ema_weights(models, emas):
+                            value = validation_loss(unwrapped, validation_loader, vae, accelerator.device)
+                        epoch_now = global_step / steps_per_epoch
+                        validation_curve = record_validation(output_dir, global_step, epoch_now, value)
+                        accelerator.log({"validation_loss": value}, step=global_step)
+                        logger.info(f"Step {global_step}: validation loss {value:.4f}")
+                    accelerator.wait_for_everyone()
                 # Ctrl-C: every process saves this step's checkpoint and stops here (a collective left alone hangs).
                 stopping = stop_requested(stop_request, accelerator)
                 if stopping or global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
-                    card = model_card(args, data, space, models, schedule, global_step, list(recent))
+                    card = model_card(args, data, space, models, schedule, global_step, list(recent), validation_curve)
                     state = {
                         "global_batch": global_batch,
                         "num_processes": accelerator.num_processes,
@@ -1549,7 +1654,10 @@ def main(args: argparse.Namespace) -> Path:
         if staging.exists():
             shutil.rmtree(staging)
         save_pipeline(
-            staging, models, emas, model_card(args, data, space, models, schedule, global_step, list(recent))
+            staging,
+            models,
+            emas,
+            model_card(args, data, space, models, schedule, global_step, list(recent), validation_curve),
         )
         # model_index.json moves last: until then the folder is not a loadable pipeline.
         for name in PIPELINE_ITEMS:

@@ -243,8 +243,9 @@ class VARTrainingModule(nn.Module):
             return self.vqvae.encode(pixels.float()).indices
 
     def forward(self, pixels: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """The scalar loss of a batch of images `(B, C, H, W)` in [-1, 1]; labels drop in train mode only."""
-        prog_si, prog_wp = self.stage
+        """The scalar loss of a batch of images `(B, C, H, W)` in [-1, 1]; labels drop, and progressive training
+        leaves scales out, in train mode only (eval mode, as the validation loss: every scale, no label drop)."""
+        prog_si, prog_wp = self.stage if self.training else (-1, 1.0)
         output = var_loss(
             self.transformer,
             self.vqvae,

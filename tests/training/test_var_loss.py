@@ -106,6 +106,25 @@ def test_label_drop_replaces_labels_by_the_unconditional_class_in_training_only(
     torch.testing.assert_close(eval_loss, expected)
 
 
+def test_progressive_training_leaves_scales_out_in_train_mode_only():
+    # The validation loss (eval mode) covers every scale whatever the progressive stage of the step.
+    transformer, vqvae = tiny_models()
+    module = VARTrainingModule(transformer, vqvae, label_drop_prob=0.0, prog_fraction=0.5, prog_start=1)
+    module.total_steps, module.warmup_steps, module.step = 100, 10, 0
+    assert module.stage[0] == 1  # the first stage of training: scales 1 and 2 of 3
+    pixels = torch.rand(4, 1, 6, 6) * 2 - 1
+    labels = torch.arange(4)
+    transformer.eval()
+    indices = vqvae.encode(pixels).indices
+    full = var_loss(transformer, vqvae, indices, labels, label_drop_prob=0.0).loss
+    staged = var_loss(transformer, vqvae, indices, labels, label_drop_prob=0.0, prog_si=1, prog_wp=1.0).loss
+    assert not torch.allclose(full, staged)
+    torch.testing.assert_close(module.eval()(pixels, labels), full)
+    module.train()
+    transformer.eval()  # no dropout in the tiny model either way; the module's mode alone decides the stage
+    torch.testing.assert_close(module(pixels, labels), staged)
+
+
 def test_token_weights_are_one_over_all_tokens_and_progressive_training_weights_the_newest_scale():
     torch.testing.assert_close(token_loss_weights([1, 2, 3]), torch.full((14,), 1 / 14))
     expected = torch.tensor([1 / 14] + [0.25 / 14] * 4)
