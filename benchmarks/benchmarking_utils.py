@@ -353,11 +353,16 @@ def ours_call(
     return lambda: pipe(labels, generator=torch.Generator().manual_seed(0), **call)
 
 
-def official_call(args: argparse.Namespace, model: torch.nn.Module, timer: Timer, batch_size: int, steps: int):
-    """The measured call of the official `sample_tokens`, with `timer` accumulating "encoder" and "decoder"."""
+def official_call(
+    args: argparse.Namespace, model: torch.nn.Module, timer: Timer | None, batch_size: int, steps: int
+) -> Callable[[], torch.Tensor]:
+    """The measured call of the official `sample_tokens` (it returns the tokens), with `timer` accumulating "encoder"
+    and "decoder" (None: no hooks, nothing but the call). bfloat16 runs under CUDA autocast, as the official
+    evaluation does."""
     device = args.device
-    model.forward_mae_encoder = timer.wrap("encoder", model.forward_mae_encoder)
-    model.forward_mae_decoder = timer.wrap("decoder", model.forward_mae_decoder)
+    if timer is not None:
+        model.forward_mae_encoder = timer.wrap("encoder", model.forward_mae_encoder)
+        model.forward_mae_decoder = timer.wrap("decoder", model.forward_mae_decoder)
     labels = torch.tensor([i % 1000 for i in range(batch_size)], device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
 
@@ -365,7 +370,7 @@ def official_call(args: argparse.Namespace, model: torch.nn.Module, timer: Timer
         np.random.seed(0)
         torch.manual_seed(0)
         with torch.no_grad(), autocast:
-            model.sample_tokens(
+            return model.sample_tokens(
                 batch_size, num_iter=steps, cfg=args.guidance_scale, cfg_schedule="linear", labels=labels
             )
 

@@ -527,6 +527,14 @@ MUTATIONS = [
         'scale_keep = F.interpolate(keep, size=(p, p), mode="bilinear", align_corners=False).ge(0.5)',
         (VAR_INPAINT_TESTS,),
     ),
+    # The one-shot GPU table's planning
+    Mutation(
+        "gpu-table-prediction",
+        "benchmarks/bench_gpu.py",
+        '            work = row["batch_size"] * row["steps"] * (row["diffusion_steps"] + 4)',
+        '            work = row["batch_size"] * row["steps"] * row["diffusion_steps"]',
+        ("tests/benchmarks/test_bench_gpu.py",),
+    ),
     # The validation loss of train_mar.py
     Mutation(
         "validation-disturbs-training-rng",
