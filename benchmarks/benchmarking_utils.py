@@ -579,11 +579,12 @@ def reports_cli_errors(prog: str):
     return decorate
 
 
-def load_digits_pipeline(model: str) -> MARPipeline:
-    """Load `model` with the CLI's error messages; raises `CLIError` (exit 2) unless it has the 10 digit classes."""
+def load_digits_pipeline(model: str, dtype: str = "float32") -> MARPipeline:
+    """Load `model` in `dtype` with the CLI's error messages; raises `CLIError` (exit 2) unless it has the 10 digit
+    classes."""
     from diffusers_mar.cli import CLIError, load_pipeline
 
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model, dtype=dtype)
     if pipe.transformer.config.num_classes != NUM_CLASSES:
         raise CLIError(f"the model has {pipe.transformer.config.num_classes} classes, not {NUM_CLASSES}", "--model")
     pipe.set_progress_bar_config(disable=True)

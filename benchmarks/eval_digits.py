@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timestep-spacing", choices=TIMESTEP_SPACINGS, help="the head scheduler's (default: the model's, linspace)"
     )
     parser.add_argument("--seed", type=int, default=0, help="generation seed (the classifier always uses 0)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the networks' dtype (default float32)"
+    )
     args = parser.parse_args(argv)
     check_common_arguments(parser, args)
     return args
@@ -127,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_digits_pipeline(args.model)
+    pipe = load_digits_pipeline(args.model, args.dtype)
     set_head_scheduler(pipe, args.scheduler, args.timestep_spacing)
     recommended = pipe.sampling_defaults
     steps = recommended["num_inference_steps"]
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": public_argv([args.model])[0] if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
         "num_parameters": sum(p.numel() for p in pipe.transformer.parameters())
         + sum(p.numel() for p in pipe.diffusion_head.parameters()),
-        "machine": machine_description(threads=args.threads),
+        "machine": machine_description(dtype=args.dtype, threads=args.threads),
         "command": recorded_command(__file__, argv),
     }
     report = markdown_report(results, baselines, context)

@@ -535,6 +535,14 @@ MUTATIONS = [
         '            work = row["batch_size"] * row["steps"] * row["diffusion_steps"]',
         ("tests/benchmarks/test_bench_gpu.py",),
     ),
+    # --dtype auto
+    Mutation(
+        "dtype-auto-flags",
+        "diffusers_mar/cli/model.py",
+        'BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")',
+        'BF16_CPU_FLAGS = ("amx_bf16", "avx512f")',
+        ("tests/cli/test_cli.py",),
+    ),
     # The validation loss of train_mar.py
     Mutation(
         "validation-disturbs-training-rng",

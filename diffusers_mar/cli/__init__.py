@@ -16,11 +16,20 @@ from __future__ import annotations
 import sys
 import traceback
 
+import torch
+
 from diffusers_mar.cli.commands import cmd_generate, cmd_info
 from diffusers_mar.cli.demo import cmd_demo
 from diffusers_mar.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 from diffusers_mar.cli.evaluate import cmd_evaluate
-from diffusers_mar.cli.model import label_text, load_pipeline, model_summary, parse_class_labels, recommended_sampling
+from diffusers_mar.cli.model import (
+    auto_dtype,
+    label_text,
+    load_pipeline,
+    model_summary,
+    parse_class_labels,
+    recommended_sampling,
+)
 from diffusers_mar.cli.outputs import save_image
 from diffusers_mar.cli.parser import build_parser
 
@@ -53,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        if getattr(args, "dtype", None) == "auto":  # resolved before the model loads, and said once
+            device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+            args.dtype, why = auto_dtype(device)
+            print(f"{args.parser.prog}: --dtype auto: {args.dtype} on {device} ({why})", file=sys.stderr)
         return COMMANDS[args.command](args)
     except CLIError as error:
         print(f"{args.parser.prog}: error: {error}", file=sys.stderr)

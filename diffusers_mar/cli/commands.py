@@ -142,5 +142,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         lines.append("  (no id2label: use class ids)")
     lines.append(f"recommended sampling, from {summary['recommended_sampling_source']}:")
     lines.extend(f"  {key}: {value}" for key, value in summary["recommended_sampling"].items())
+    lines.append("--dtype auto on this machine (generate, evaluate, demo; the default is float32, exact):")
+    lines.extend(f"  {device}: {dtype} ({why})" for device, (dtype, why) in summary["dtype_auto"].items())
     print("\n".join(lines))
     return EXIT_OK

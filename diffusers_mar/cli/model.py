@@ -19,6 +19,44 @@ from diffusers_mar.pipelines.pipeline_token_generator import TokenGeneratorPipel
 from diffusers_mar.pipelines.sampling_settings import _CALL_DEFAULTS, apply_sampling_preset
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = (*DTYPES, "auto")
+# CPU instructions that run bfloat16 matrix products natively (Linux /proc/cpuinfo flags): AVX-512 BF16 (Cooper Lake,
+# Zen 4 and later) and AMX (Sapphire Rapids and later). Without them oneDNN converts to float32 and bfloat16 is slower.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's instruction-set flags (Linux); empty where the file is missing."""
+    try:
+        with open(path) as file:
+            line = next((line for line in file if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def auto_dtype(device: str, flags: set[str] | None = None) -> tuple[str, str]:
+    """`--dtype auto`: `(dtype, why)` for `device`. bfloat16 where the hardware runs it natively (a CUDA GPU with
+    bfloat16 support; a CPU with one of `BF16_CPU_FLAGS`), float32 elsewhere. bfloat16 is not exact to the original
+    code (its samples differ from float32's, `docs/usage.md`): the default stays float32, and `auto` is the user's
+    choice of speed."""
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
+        return "float32", f"{torch.cuda.get_device_name(device)} has no bfloat16 support"
+    if device == "mps":
+        return "float32", "bfloat16 is not measured on Apple GPUs"
+    flags = cpu_flags() if flags is None else flags
+    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if found:
+        return "bfloat16", f"the CPU has native bfloat16 instructions ({', '.join(found)})"
+    return (
+        "float32",
+        f"the CPU has no native bfloat16 instructions (none of {', '.join(BF16_CPU_FLAGS)}; {capability})",
+    )
+
+
 # The class that loads a folder, by the `_class_name` of its model_index.json (editing pipelines load as their
 # family's generator); MARPipeline for any other name.
 FOLDER_CLASSES = {"ARPipeline": ARPipeline, "VARPipeline": VARPipeline, "VARInpaintPipeline": VARPipeline}
@@ -279,8 +317,10 @@ def model_summary(pipe: MARPipeline, model: str) -> dict:
             entry["parameters"] = sum(p.numel() for p in component.parameters())
         components[name] = entry
     settings, source = recommended_sampling(pipe)
+    devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    dtype_auto = {device: auto_dtype(device) for device in devices}  # what --dtype auto picks here, and why
     if isinstance(pipe, VARPipeline):
-        return _var_summary(pipe, model, components, settings, source)
+        return {**_var_summary(pipe, model, components, settings, source), "dtype_auto": dtype_auto}
     image_size = config.sample_size * pipe.vae_scale_factor if can_decode(pipe) else None
     image_channels = (vae.config.out_channels if vae is not None else config.in_channels) if can_decode(pipe) else None
     return {
@@ -305,6 +345,7 @@ def model_summary(pipe: MARPipeline, model: str) -> dict:
         "scheduler_config": {
             key: value for key, value in dict(pipe.scheduler.config).items() if not key.startswith("_")
         },
+        "dtype_auto": dtype_auto,
     }
 
 

@@ -10,7 +10,7 @@ import torch
 
 from diffusers_mar import DEFAULT_MODEL
 from diffusers_mar.cli.errors import EXIT_USAGE
-from diffusers_mar.cli.model import DTYPES
+from diffusers_mar.cli.model import DTYPE_CHOICES
 from diffusers_mar.image_grid import GRID_MIN_CELL
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 
@@ -211,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="image i uses torch.Generator seeded seed + i (default 0)"
     )
     generate.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    generate.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
+    generate.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="weights dtype (default float32, exact); auto: bfloat16 where the CPU or GPU runs it natively",
+    )
     generate.add_argument(
         "--num-threads",
         type=_num_threads,
@@ -274,7 +279,12 @@ def add_demo_parser(subparsers) -> None:
     )
     demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     demo.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    demo.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
+    demo.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="weights dtype (default float32, exact); auto: bfloat16 where the CPU or GPU runs it natively",
+    )
     demo.add_argument(
         "--num-threads", type=_num_threads, default="auto", metavar="N", help="CPU threads (as for generate)"
     )
@@ -318,7 +328,12 @@ def add_evaluate_parser(subparsers, model_help: str) -> None:
     )
     add_sampling_options(evaluate)
     add_preset_option(evaluate)
-    evaluate.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights dtype (default float32)")
+    evaluate.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="weights dtype (default float32, exact); auto: bfloat16 where the CPU or GPU runs it natively",
+    )
     evaluate.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
     evaluate.add_argument(
         "--num-threads", type=_num_threads, default="auto", metavar="N", help="CPU threads (as for generate)"

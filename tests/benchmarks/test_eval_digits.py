@@ -111,3 +111,24 @@ def test_digits_feature_extractor_gives_the_evaluators_features_and_logits(evalu
     rounded = np.round(real / 16 * 255) / 255 * 16  # the uint8 rounding of the images
     np.testing.assert_allclose(outputs["features"].numpy(), evaluator.features(rounded), rtol=1e-10)
     assert (outputs["logits"].numpy().argmax(axis=1) == evaluator.predict(rounded)).all()
+
+
+def test_the_dtype_option_runs_the_networks_in_bfloat16(tmp_path, monkeypatch):
+    # The pipeline the script evaluates is the one loaded in --dtype; the report names the dtype.
+    folder = tmp_path / "model"
+    make_tiny_pipeline().save_pretrained(folder)
+    seen = []
+    real = eval_digits.generate_digits
+
+    def spy(pipe, *args, **kwargs):
+        seen.append((pipe.transformer.dtype, pipe.diffusion_head.dtype))
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(eval_digits, "generate_digits", spy)
+    argv = [
+        "--model", str(folder), "--num-per-class", "2", "--guidance-scales", "1", "--num-inference-steps", "2",
+        "--num-diffusion-steps", "2", "--dtype", "bfloat16", "--output-json", str(tmp_path / "results.json"),
+    ]  # fmt: skip
+    assert eval_digits.main(argv) == 0
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert "bfloat16" in json.loads((tmp_path / "results.json").read_text())["machine"]

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, cli, threads
+from diffusers_mar.cli import model as cli_model
+from diffusers_mar.cli.model import auto_dtype, cpu_flags
 from diffusers_mar.threads import resolve_num_threads
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 
@@ -190,6 +192,43 @@ def test_dtype(clipped_model, tmp_path, dtype):
     in_float32 = [np.asarray(Image.open(tmp_path / "float32" / f"label-{label}-0.png")) for label in (0, 1)]
     assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
     assert not all(np.array_equal(a, f) for a, f in zip(actual, in_float32))
+
+
+def test_auto_dtype_picks_bfloat16_only_with_native_instructions(tmp_path):
+    assert auto_dtype("cpu", {"avx2", "avx512_bf16"}) == (
+        "bfloat16",
+        "the CPU has native bfloat16 instructions (avx512_bf16)",
+    )
+    assert auto_dtype("cpu", {"amx_bf16", "avx512_bf16"})[1].endswith("(amx_bf16, avx512_bf16)")
+    dtype, why = auto_dtype("cpu", {"avx2", "avx512f"})
+    assert dtype == "float32" and why.startswith("the CPU has no native bfloat16 instructions (none of amx_bf16")
+    assert auto_dtype("mps", set())[0] == "float32"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\nbugs\t: none\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16"}, "bfloat16"), ({"avx2"}, "float32")])
+def test_dtype_auto_generates_in_the_dtype_it_names(clipped_model, tmp_path, monkeypatch, capsys, flags, expected):
+    monkeypatch.setattr(cli_model, "cpu_flags", lambda: flags)
+    argv = ["--num-images-per-label", "1", "--output-dir", str(tmp_path / "auto"), "--dtype", "auto"]
+    assert generate(clipped_model, tmp_path / "auto.png", *argv) == 0
+    assert f"--dtype auto: {expected} on cpu (the CPU has" in capsys.readouterr().err
+    pipe = MARPipeline.from_pretrained(clipped_model).to(dtype=getattr(torch, expected))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    wanted = [np.asarray(image) for image in pipe([0, 1], generator=generators, output_type="pil").images]
+    made = [np.asarray(Image.open(tmp_path / "auto" / f"label-{label}-0.png")) for label in (0, 1)]
+    assert all(np.array_equal(a, e) for a, e in zip(made, wanted))
+
+
+def test_info_says_what_dtype_auto_picks_here(tiny_model, capsys, monkeypatch):
+    monkeypatch.setattr(cli_model, "cpu_flags", lambda: {"amx_bf16"})
+    assert cli.main(["info", "--model", str(tiny_model)]) == 0
+    out = capsys.readouterr().out
+    assert "--dtype auto on this machine" in out
+    assert "  cpu: bfloat16 (the CPU has native bfloat16 instructions (amx_bf16))" in out
 
 
 BAD_INPUTS = [
