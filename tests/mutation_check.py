@@ -543,6 +543,28 @@ MUTATIONS = [
         'BF16_CPU_FLAGS = ("amx_bf16", "avx512f")',
         ("tests/cli/test_cli.py",),
     ),
+    # The tokenizer's adversarial term
+    Mutation(
+        "vqgan-adaptive-weight-inverted",
+        "training/vqvae_loss.py",
+        "    weight = nll_grad.norm() / (generator_grad.norm() + 1e-4)",
+        "    weight = generator_grad.norm() / (nll_grad.norm() + 1e-4)",
+        (VQVAE_TRAIN_TESTS,),
+    ),
+    Mutation(
+        "vqgan-hinge-fake-sign",
+        "training/vqvae_loss.py",
+        "    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())",
+        "    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 - logits_fake).mean())",
+        (VQVAE_TRAIN_TESTS,),
+    ),
+    Mutation(
+        "vqgan-start-step",
+        "training/train_vqvae.py",
+        "adversarial = discriminator is not None and global_step >= args.adversarial_start",
+        "adversarial = discriminator is not None and global_step > args.adversarial_start",
+        (VQVAE_TRAIN_TESTS,),
+    ),
     # The validation loss of train_mar.py
     Mutation(
         "validation-disturbs-training-rng",

@@ -5,7 +5,7 @@
 
 FoundationVision/VAR did not release its tokenizer's training; the objective (`training/vqvae_loss.py`) follows its
 training-mode quantiser (`models/quant.py` `VectorQuantizer2.forward`: commitment and codebook terms with beta,
-straight-through) and the VQGAN recipe's reconstruction (L2 or L1) and optional perceptual (LPIPS) terms. Codebook
+straight-through) and the VQGAN recipe's reconstruction (L2 or L1) and optional perceptual (LPIPS) and adversarial (PatchGAN, hinge, adaptive weight) terms. Codebook
 health (usage, perplexity and dead codes per scale) is logged, and `--restart_dead_codes_every N` re-initialises dead
 codes from the residuals of the batch. Data, checkpoints, resume, EMA, logging, Ctrl-C and the one-run-per-folder
 rule are train_mar.py's (its helpers and `training/data.py`). The result is a `VARVQModel` folder in `--output_dir`
@@ -59,7 +59,15 @@ from training.train_mar import (
     setup_accelerator,
     stop_requested,
 )
-from training.vqvae_loss import CodebookStats, VQVAETrainingModule, restart_dead_codes, scale_hits
+from training.vqvae_loss import (
+    CodebookStats,
+    PatchDiscriminator,
+    VQVAETrainingModule,
+    adaptive_weight,
+    hinge_discriminator_loss,
+    restart_dead_codes,
+    scale_hits,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -121,7 +129,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--perceptual_weight", type=float, default=0.0, help="LPIPS (VGG) weight; needs `lpips` and a download."
     )
     objective.add_argument(
-        "--adversarial_weight", type=float, default=0.0, help="Not available in this version (refused when > 0)."
+        "--adversarial_weight",
+        type=float,
+        default=0.0,
+        help="Weight of VQGAN's adversarial term (a PatchGAN discriminator, hinge loss, adaptive weight; 0: off).",
+    )
+    objective.add_argument(
+        "--adversarial_start", type=int, default=0, help="First step of the adversarial term and discriminator."
+    )
+    objective.add_argument(
+        "--discriminator_layers", type=int, default=3, help="PatchGAN stride-2 layers (fewer for small images)."
+    )
+    objective.add_argument("--discriminator_channels", type=int, default=64)
+    objective.add_argument(
+        "--discriminator_learning_rate", type=float, default=None, help="Default: the tokenizer's learning rate."
     )
     objective.add_argument(
         "--restart_dead_codes_every",
@@ -205,18 +226,50 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--ema_decay must be in [0, 1]; got {args.ema_decay}.")
     if args.dataset_name == DIGITS and args.image_mode != "RGB":
         raise ValueError("--image_mode does not apply to digits (they are single-channel).")
+    check_adversarial_args(args)
     check_downloaded_terms(args)
     return args
+
+
+def check_adversarial_args(args: argparse.Namespace) -> None:
+    """The adversarial flags, before any work (the image size is checked against the layers once the model is
+    known, in `make_discriminator`)."""
+    if args.adversarial_weight < 0:
+        raise ValueError(f"--adversarial_weight must be >= 0; got {args.adversarial_weight}.")
+    if args.adversarial_start < 0:
+        raise ValueError(f"--adversarial_start must be >= 0; got {args.adversarial_start}.")
+    if args.discriminator_layers < 1 or args.discriminator_channels < 1:
+        raise ValueError(
+            f"--discriminator_layers and --discriminator_channels must be >= 1; got {args.discriminator_layers} "
+            f"and {args.discriminator_channels}."
+        )
+    if args.discriminator_learning_rate is not None and args.discriminator_learning_rate <= 0:
+        raise ValueError(f"--discriminator_learning_rate must be > 0; got {args.discriminator_learning_rate}.")
+    if args.adversarial_weight > 0 and args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "--adversarial_weight with --gradient_accumulation_steps > 1 is not supported: the generator's step "
+            "leaves gradients in the discriminator that its own step clears; use a larger --train_batch_size."
+        )
+
+
+def make_discriminator(args: argparse.Namespace, config) -> PatchDiscriminator | None:
+    """The PatchGAN discriminator of `--adversarial_weight` > 0, refused when its layers leave no patch of the
+    images."""
+    if args.adversarial_weight <= 0:
+        return None
+    side = PatchDiscriminator.output_size(config.sample_size, args.discriminator_layers)
+    if side < 1:
+        fits = max((n for n in range(1, 9) if PatchDiscriminator.output_size(config.sample_size, n) >= 1), default=0)
+        raise ValueError(
+            f"--discriminator_layers {args.discriminator_layers} leaves no patch of {config.sample_size}x"
+            f"{config.sample_size} images; use at most {fits}."
+        )
+    return PatchDiscriminator(config.in_channels, args.discriminator_channels, args.discriminator_layers)
 
 
 def check_downloaded_terms(args: argparse.Namespace) -> None:
     """The perceptual term needs weights from the network (torchvision's VGG16 through `lpips`): refuse it, with the
     reason, when they cannot be had, instead of training without it."""
-    if args.adversarial_weight > 0:
-        raise ValueError(
-            "--adversarial_weight: the adversarial (GAN) term is not available in this version of train_vqvae.py; "
-            "train without it (the reconstruction, commitment/codebook and perceptual terms are)."
-        )
     if args.perceptual_weight <= 0:
         return
     if huggingface_hub.constants.HF_HUB_OFFLINE:
@@ -318,7 +371,13 @@ def model_card(
         "training": f"{global_step} optimizer steps ({global_step / steps_per_epoch:.2f} epochs), global batch "
         f"{global_batch}",
         "losses": f"{args.reconstruction_loss} x {args.reconstruction_weight}, commitment beta {args.beta}, "
-        f"LPIPS x {args.perceptual_weight}",
+        f"LPIPS x {args.perceptual_weight}, adversarial x {args.adversarial_weight}"
+        + (
+            f" (PatchGAN of {args.discriminator_layers} layers from step {args.adversarial_start}, hinge loss, "
+            "adaptive weight)"
+            if args.adversarial_weight > 0
+            else ""
+        ),
         "final loss": final_loss,
         "dead-code restarts": f"{restarted} codes" + ("" if args.restart_dead_codes_every else " (off)"),
         "parameters": f"{sum(p.numel() for p in vqvae.parameters()):,}",
@@ -464,6 +523,7 @@ def main(args: argparse.Namespace) -> Path:
     ema_kwargs = {"use_ema_warmup": False, "min_decay": args.ema_decay, "update_after_step": -1}
     ema = EMAModel(vqvae.parameters(), decay=args.ema_decay, **ema_kwargs)
     stats = CodebookStats(config.patch_nums, config.num_vq_embeddings)
+    discriminator = make_discriminator(args, config)
 
     # 3. Data loader, optimizer, schedule
     train_dataloader = torch.utils.data.DataLoader(
@@ -491,6 +551,10 @@ def main(args: argparse.Namespace) -> Path:
     )
     set_seed(args.seed, device_specific=True)  # flips differ per process
     model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    d_optimizer = None
+    if discriminator is not None:  # VQGAN's Adam (0.5, 0.9) for the discriminator; saved in the checkpoints
+        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=0.0, betas=(0.5, 0.9))
+        discriminator, d_optimizer = accelerator.prepare(discriminator, d_optimizer)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(stats)
@@ -570,12 +634,34 @@ def main(args: argparse.Namespace) -> Path:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     output = model(pixels)
-                    accelerator.backward(output.loss)
+                    loss = output.loss
+                    adversarial = discriminator is not None and global_step >= args.adversarial_start
+                    if adversarial:  # the generator's term, at VQGAN's adaptive weight
+                        generator_loss = -discriminator(output.sample).mean()
+                        weight = adaptive_weight(output.nll, generator_loss, vqvae.decoder.conv_out.weight)
+                        loss = loss + args.adversarial_weight * weight * generator_loss
+                    accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if adversarial:  # the discriminator's step on the real images and the detached reconstructions
+                        d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's backward left
+                        for group in d_optimizer.param_groups:
+                            group["lr"] = (
+                                lr
+                                if args.discriminator_learning_rate is None
+                                else (lr * args.discriminator_learning_rate / base_lr)
+                            )
+                        # One call on both halves (the norm is per image): distributed data parallel expects one
+                        # forward per backward.
+                        logits = discriminator(torch.cat([pixels, output.sample.detach().to(pixels.dtype)]))
+                        logits_real, logits_fake = logits.chunk(2)
+                        d_loss = hinge_discriminator_loss(logits_real, logits_fake)
+                        accelerator.backward(d_loss)
+                        d_optimizer.step()
+                        d_optimizer.zero_grad(set_to_none=True)
                 hits = scale_hits(output.indices, config.num_vq_embeddings)
                 step_hits = hits if step_hits is None else step_hits + hits
                 candidates.append(torch.cat(output.residuals))
@@ -598,6 +684,17 @@ def main(args: argparse.Namespace) -> Path:
                     "reconstruction": output.reconstruction.item(),
                     "vq": output.vq.item(),
                     "perceptual": output.perceptual.item(),
+                    **(
+                        {
+                            "adversarial_weight": float(weight),
+                            "generator_loss": generator_loss.item(),
+                            "discriminator_loss": d_loss.item(),
+                            "logits_real": logits_real.mean().item(),
+                            "logits_fake": logits_fake.mean().item(),
+                        }
+                        if adversarial
+                        else {}
+                    ),
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "images_per_second": global_batch / elapsed,

@@ -9,7 +9,14 @@ the phi convolutions only):
     vq    = mean_k [ beta * mse(sg(f_hat_k), latents) + mse(f_hat_k, sg(latents)) ]   (commitment + codebook)
     z_q   = sg(f_hat_K - latents) + latents                                          (straight-through)
     x_hat = decoder(post_quant_conv(z_q))                                            (not clamped)
-    loss  = w_rec * |x - x_hat|_p + vq + w_lpips * LPIPS(x, x_hat)
+    nll   = w_rec * |x - x_hat|_p + w_lpips * LPIPS(x, x_hat)
+    loss  = nll + vq [+ lambda * w_adv * -mean(D(x_hat))   from --adversarial_start on]
+
+The adversarial term is the VQGAN recipe's: a PatchGAN discriminator `D` (`PatchDiscriminator`) trained with the hinge
+loss `mean(relu(1 - D(x))) + mean(relu(1 + D(sg(x_hat))))` by its own optimizer, and the generator term
+`-mean(D(x_hat))` scaled by the adaptive weight `lambda = |grad nll| / (|grad g| + 1e-4)` (gradients with respect to
+the decoder's last convolution, clamped to [0, 1e4], detached), so that it neither drowns nor vanishes next to the
+reconstruction.
 
 Codebook health (`CodebookStats`): each scale's code hits, averaged as the original's `ema_vocab_hit_SV` (copied at
 the first step, then decay 0.9 for 100 steps, then 0.99); a code is *dead* at a scale when its average hits fall
@@ -36,6 +43,7 @@ class VQLossOutput:
     """The scalar loss of a batch, its terms, and what the codebook statistics need."""
 
     loss: torch.Tensor
+    nll: torch.Tensor  # the weighted reconstruction + perceptual terms, with gradients (the adaptive weight's)
     reconstruction: torch.Tensor
     vq: torch.Tensor
     perceptual: torch.Tensor
@@ -104,10 +112,66 @@ class VQVAETrainingModule(nn.Module):
         perceptual = reconstruction.new_zeros(())
         if self.perceptual_weight > 0:
             perceptual = self.perceptual(sample.float(), pixels.float()).mean()
-        loss = self.reconstruction_weight * reconstruction + vq + self.perceptual_weight * perceptual
+        nll = self.reconstruction_weight * reconstruction + self.perceptual_weight * perceptual
         return VQLossOutput(
-            loss, reconstruction.detach(), vq.detach(), perceptual.detach(), indices, residuals, sample
+            nll + vq, nll, reconstruction.detach(), vq.detach(), perceptual.detach(), indices, residuals, sample
         )
+
+
+class PatchDiscriminator(nn.Module):
+    """VQGAN's PatchGAN discriminator (Isola et al. 2017, as taming-transformers' `NLayerDiscriminator`): a 4x4
+    convolution of stride 2 and LeakyReLU(0.2), `num_layers - 1` more of stride 2 with a norm, one of stride 1 with a
+    norm, and a 4x4 convolution to one logit per patch. GroupNorm replaces VQGAN's BatchNorm, so that a logit does not
+    depend on the rest of the batch (the same on one process or many); weights are initialised N(0, 0.02), as
+    VQGAN's `weights_init`."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"`num_layers` must be >= 1; got {num_layers}.")
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for n in range(1, num_layers + 1):
+            stride = 2 if n < num_layers else 1
+            wider = channels * min(2**n, 8)
+            layers += [
+                nn.Conv2d(width, wider, 4, stride, 1, bias=False),
+                nn.GroupNorm(32 if wider % 32 == 0 else 1, wider),
+            ]
+            layers.append(nn.LeakyReLU(0.2))
+            width = wider
+        layers.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.layers = nn.Sequential(*layers)
+        self.num_layers = num_layers
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def output_size(size: int, num_layers: int) -> int:
+        """The side of the logit map for images of side `size` (below 1: too many layers for the images)."""
+        for _ in range(num_layers):  # stride 2: (s + 2 - 4) // 2 + 1
+            size = (size - 2) // 2 + 1
+        return size - 1 - 1  # two convolutions of stride 1: s + 2 - 4 + 1 each
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """VQGAN's `hinge_d_loss`: `(mean(relu(1 - real)) + mean(relu(1 + fake))) / 2`."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_weight(nll: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's `calculate_adaptive_weight`: `|d nll / d W| / (|d g / d W| + 1e-4)` for the decoder's last weight `W`,
+    clamped to [0, 1e4] and detached (the graphs are kept for the backward of the total)."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    generator_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.norm() / (generator_grad.norm() + 1e-4)
+    return weight.clamp(0.0, 1e4).detach()
 
 
 class CodebookStats:

@@ -16,7 +16,10 @@ from training.train_mar import list_checkpoints
 from training.train_vqvae import parse_args
 from training.vqvae_loss import (
     CodebookStats,
+    PatchDiscriminator,
     VQVAETrainingModule,
+    adaptive_weight,
+    hinge_discriminator_loss,
     quantize_for_training,
     restart_dead_codes,
     scale_hits,
@@ -184,9 +187,63 @@ def test_downloaded_terms_are_refused_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "lpips", None)  # not installed
     with pytest.raises(ValueError, match="needs the `lpips` package"):
         parse_args([*base, "--perceptual_weight=1"])
-    with pytest.raises(ValueError, match="--adversarial_weight: the adversarial .* not available"):
-        parse_args([*base, "--adversarial_weight=0.1"])
     assert parse_args(base).perceptual_weight == 0.0
+
+
+def test_patch_discriminator_shapes_and_the_layers_that_fit():
+    assert PatchDiscriminator.output_size(256, 3) == 30  # pix2pix's 70x70 PatchGAN on 256 px: a 30x30 map
+    assert PatchDiscriminator.output_size(8, 1) == 2 and PatchDiscriminator.output_size(8, 2) == 0
+    for size, layers in ((256, 3), (8, 1), (16, 2)):
+        logits = PatchDiscriminator(1, 8, layers)(torch.randn(2, 1, size, size))
+        side = PatchDiscriminator.output_size(size, layers)
+        assert logits.shape == (2, 1, side, side)
+    # The norm is per image: one image's logits do not depend on the rest of the batch.
+    d = PatchDiscriminator(1, 32, 1)
+    images = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(d(images)[:1], d(images[:1]))
+
+
+def test_hinge_loss_and_adaptive_weight_against_hand_computations():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
+    # relu(1 - real) = 0, 0.5, 2 -> mean 0.8333; relu(1 + fake) = 0, 1, 2.5 -> mean 1.1667
+    torch.testing.assert_close(hinge_discriminator_loss(real, fake), torch.tensor(0.5 * (2.5 / 3 + 3.5 / 3)))
+    weight = torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True)
+    nll = (weight * torch.tensor([[3.0, 0.0], [4.0, 0.0]])).sum()  # gradient norm 5
+    generator = (weight * torch.tensor([[0.0, 1.0], [0.0, 0.0]])).sum() * 2  # gradient norm 2
+    value = adaptive_weight(nll, generator, weight)
+    torch.testing.assert_close(value, torch.tensor(5.0 / (2.0 + 1e-4)))
+    assert not value.requires_grad
+    tiny = (weight * 1e-9).sum()
+    assert adaptive_weight(nll, tiny, weight) == 1e4  # clamped
+
+
+def test_the_adversarial_term_trains_a_discriminator_from_its_start_step_and_resumes_exactly(tmp_path):
+    adversarial = ["--adversarial_weight=0.5", "--adversarial_start=2", "--discriminator_layers=1",
+                   "--discriminator_channels=8", "--checkpointing_steps=1"]  # fmt: skip
+    straight = run(tmp_path, "--max_train_steps=4", *adversarial, name="straight")
+
+    def discriminator(step, folder=straight):
+        return load_file(folder / f"checkpoint-{step}" / "model_1.safetensors")
+
+    start = discriminator(1)
+    assert all(torch.equal(start[k], discriminator(2)[k]) for k in start)  # no discriminator step before step 2
+    assert any(not torch.equal(start[k], discriminator(3)[k]) for k in start)  # its first step
+    card = (straight / "README.md").read_text()
+    assert "adversarial x 0.5 (PatchGAN of 1 layers from step 2, hinge loss, adaptive weight)" in card
+    # The adversarial term changes the tokenizer's training from its start on, not before.
+    plain = run(tmp_path, "--max_train_steps=3", "--checkpointing_steps=1", name="plain")
+    same = load_file(plain / "checkpoint-2" / "model.safetensors")
+    after = load_file(plain / "checkpoint-3" / "model.safetensors")
+    assert all(torch.equal(same[k], load_file(straight / "checkpoint-2" / "model.safetensors")[k]) for k in same)
+    assert any(not torch.equal(after[k], load_file(straight / "checkpoint-3" / "model.safetensors")[k]) for k in after)
+    # Resume: the discriminator and its optimizer are in the checkpoint.
+    run(tmp_path, "--max_train_steps=3", *adversarial, name="split")
+    resumed = run(tmp_path, "--max_train_steps=4", *adversarial, "--resume_from_checkpoint=latest", name="split")
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a = load_file(straight / "checkpoint-4" / name)
+        b = load_file(resumed / "checkpoint-4" / name)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name} {key}")
 
 
 def test_bad_arguments_fail_while_parsing(tmp_path):
@@ -196,11 +253,20 @@ def test_bad_arguments_fail_while_parsing(tmp_path):
         (["--dataset_name=digits", "--override=sample_size=16"], "sample_size"),
         (["--dataset_name=digits", "--model_config=vqvae-f99"], "--model_config"),
         (["--dataset_name=digits", "--restart_dead_codes_every=-1"], "restart_dead_codes_every"),
+        (["--dataset_name=digits", "--adversarial_weight=-1"], "--adversarial_weight must be >= 0"),
+        (["--dataset_name=digits", "--discriminator_layers=0"], "--discriminator_layers and"),
+        (
+            ["--dataset_name=digits", "--adversarial_weight=0.1", "--gradient_accumulation_steps=2"],
+            "not supported: the generator's step",
+        ),
         ([], "exactly one of"),
     ]
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
             parse_args([*base, *args])
+    with pytest.raises(ValueError, match="--discriminator_layers 3 leaves no patch of 8x8 images; use at most 1"):
+        train_vqvae.main(parse_args([*base, "--dataset_name=digits", "--adversarial_weight=0.1"]))
+    assert not (tmp_path / "x").exists()  # refused before any output
     with pytest.raises(ValueError, match="1-channel images but the data gives 3"):
         train_vqvae.main(parse_args([*base, f"--train_data_dir={_images(tmp_path)}", "--model_config=vqvae-digits"]))
 
