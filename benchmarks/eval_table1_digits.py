@@ -50,9 +50,12 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.benchmarking_utils import (  # noqa: E402
     DOCS_PATH,
     DigitsEvaluator,
+    format_spread,
     generate_digits,
+    interleaved,
     machine_description,
     recorded_command,
+    spread,
     update_titled_section,
 )
 from diffusers_mar import ARPipeline, MARPipeline, VARPipeline  # noqa: E402
@@ -204,6 +207,40 @@ def evaluate(folder: Path, name: str, evaluator: DigitsEvaluator, args: argparse
     return results
 
 
+def measure_speed(root: Path, patch_sizes: list[int], seed: int, args: argparse.Namespace) -> dict[tuple, dict]:
+    """Sampling speed on a quiet machine, apart from the quality runs (which share the CPU with trainings): each
+    variant's model of training seed `seed` makes the same 100 digits (guidance 1.5) in `--speed-repeats` rounds,
+    interleaved across the variants; `{(tokens, variant): spread of img/s}`."""
+    calls = {}
+    for patch_size in patch_sizes:
+        for name in TRAININGS:
+            folder = root / f"p{patch_size}-s{seed}-{name}"
+            if not (folder / "model_index.json").exists():
+                continue
+            pipeline_class = {"ar": ARPipeline, "mar": MARPipeline, "var": VARPipeline}[name.split("-")[0]]
+            pipe = pipeline_class.from_pretrained(folder)
+            pipe.set_progress_bar_config(disable=True)
+            tokens = (8 // patch_size) ** 2
+            num_tokens = pipe.transformer.num_tokens if name != "var" else pipe.transformer.config.patch_nums[-1] ** 2
+            for label, sampling in samplers(name, num_tokens).items():
+                if name != "var":
+                    sampling = {**sampling, "num_diffusion_steps": args.num_diffusion_steps}
+                labels = [i % 10 for i in range(100)]
+
+                def call(pipe=pipe, sampling=sampling, labels=labels):
+                    generator = torch.Generator().manual_seed(0)
+                    return pipe(labels, generator=generator, guidance_scale=1.5, output_type="np", **sampling)
+
+                calls[(tokens, label)] = call
+    for call in calls.values():  # warm-up
+        call()
+    rates: dict[tuple, list[float]] = {key: [] for key in calls}
+    for round_ in interleaved(calls, args.speed_repeats):
+        for key, (totals, _) in round_.items():
+            rates[key].append(100 / totals["total"])
+    return {key: spread(values) for key, values in rates.items()}
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """One line per (tokens, variant, guidance): mean and min-max over the training seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -248,6 +285,19 @@ def report(rows: list[dict], args: argparse.Namespace, argv: list[str] | None, e
             f"{format_stat(line['diversity_ratio'])} | {format_stat(line['images_per_second'], 0)} | "
             f"{format_stat(line['validation_loss'])} | {line['train_seconds']:.0f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def speed_table(speeds: dict[tuple, dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"Sampling speed on a quiet machine (one thread, the models of training seed {args.seeds[0]}, 100 digits at "
+        f"guidance 1.5, {args.speed_repeats} interleaved rounds after a warm-up, median (min-max)):",
+        "",
+        "| tokens | variant | img/s |",
+        "|---:|---|---|",
+    ]
+    for (tokens, variant), stats in sorted(speeds.items(), key=lambda item: (item[0][0], VARIANTS.index(item[0][1]))):
+        lines.append(f"| {tokens} | {variant} | {format_spread(stats, 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads of each training and of the evaluation")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (the evaluation runs beside them)")
     parser.add_argument("--curves", help="write the validation curves to this PNG")
+    parser.add_argument(
+        "--speed-repeats", type=int, default=0, help="then time sampling on a quiet machine in N interleaved rounds"
+    )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     for flag in ("steps", "tokenizer_steps", "batch_size", "num_per_class", "jobs", "threads", "validation_points"):
@@ -339,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             results_path.write_text(json.dumps(rows, indent=1, default=str))  # after each model: resumable
 
     text = report(rows, args, argv, evaluator)
+    if args.speed_repeats:
+        speeds = measure_speed(root, args.patch_sizes, args.seeds[0], args)
+        (root / "speed.json").write_text(json.dumps({f"{k[0]} {k[1]}": v for k, v in speeds.items()}, indent=1))
+        text += "\n" + speed_table(speeds, args)
     print(text)
     if args.curves:
         draw_curves(root, args.patch_sizes, args.seeds, Path(args.curves))
