@@ -8,41 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from diffusers_mar import MARPipeline
+from tests.training.test_train_mar import FAST as TRAIN_FAST
+from tests.training.test_train_mar import fresh_accelerate_state  # noqa: F401 (an autouse fixture)
 from training import train_mar
 from training.data import DigitsDataset
 from training.train_mar import VALIDATION_FILE, parse_args, split_validation, validation_loss
 
-FAST = [
-    "--dataset_name=digits",
-    "--train_batch_size=8",
-    "--max_train_samples=40",
-    "--lr_warmup_steps=2",
-    "--learning_rate=1e-3",
-    "--override=transformer.num_layers=1",
-    "--override=diffusion_head.model_channels=32",
-    "--diffusion_batch_mul=2",
-    "--report_to=none",
-    "--sample_steps=0",
-    "--num_sample_images=2",
-    "--sample_num_inference_steps=2",
-    "--sample_num_diffusion_steps=3",
-    "--ema_decay=0.9",
-]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    rng = torch.get_rng_state()
-    yield
-    torch.set_rng_state(rng)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# test_train_mar.py's few-second digits run (its fixture resets Accelerate's process-wide state around each test),
+# with an EMA that moves within a few steps.
+FAST = [*TRAIN_FAST, "--ema_decay=0.9"]
 
 
 def run(tmp_path, *extra, name="out"):
