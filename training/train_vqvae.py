@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training.*` imp
 import huggingface_hub
 import numpy as np
 import torch
-from accelerate import init_empty_weights
+from accelerate import Accelerator, init_empty_weights
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
@@ -265,6 +265,33 @@ def make_discriminator(args: argparse.Namespace, config) -> PatchDiscriminator |
             f"{config.sample_size} images; use at most {fits}."
         )
     return PatchDiscriminator(config.in_channels, args.discriminator_channels, args.discriminator_layers)
+
+
+def generator_term(discriminator: torch.nn.Module, output, vqvae: VARVQModel) -> tuple[torch.Tensor, dict]:
+    """VQGAN's generator term `lambda * -mean(D(x_hat))` (before `--adversarial_weight`), with its logs."""
+    generator_loss = -discriminator(output.sample).mean()
+    weight = adaptive_weight(output.nll, generator_loss, vqvae.decoder.conv_out.weight)
+    return weight * generator_loss, {"adversarial_weight": float(weight), "generator_loss": generator_loss.item()}
+
+
+def discriminator_step(
+    accelerator: Accelerator, discriminator, optimizer, pixels: torch.Tensor, sample: torch.Tensor, lr: float
+) -> dict:
+    """One step of the discriminator on the real images and the detached reconstructions (hinge loss); its logs."""
+    optimizer.zero_grad(set_to_none=True)  # drop what the generator's backward left in it
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # One call on both halves (the norm is per image): distributed data parallel expects one forward per backward.
+    logits_real, logits_fake = discriminator(torch.cat([pixels, sample.detach().to(pixels.dtype)])).chunk(2)
+    loss = hinge_discriminator_loss(logits_real, logits_fake)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "discriminator_loss": loss.item(),
+        "logits_real": logits_real.mean().item(),
+        "logits_fake": logits_fake.mean().item(),
+    }
 
 
 def check_downloaded_terms(args: argparse.Namespace) -> None:
@@ -637,9 +664,8 @@ def main(args: argparse.Namespace) -> Path:
                     loss = output.loss
                     adversarial = discriminator is not None and global_step >= args.adversarial_start
                     if adversarial:  # the generator's term, at VQGAN's adaptive weight
-                        generator_loss = -discriminator(output.sample).mean()
-                        weight = adaptive_weight(output.nll, generator_loss, vqvae.decoder.conv_out.weight)
-                        loss = loss + args.adversarial_weight * weight * generator_loss
+                        term, adversarial_logs = generator_term(discriminator, output, vqvae)
+                        loss = loss + args.adversarial_weight * term
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients:
@@ -647,21 +673,16 @@ def main(args: argparse.Namespace) -> Path:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if adversarial:  # the discriminator's step on the real images and the detached reconstructions
-                        d_optimizer.zero_grad(set_to_none=True)  # drop what the generator's backward left
-                        for group in d_optimizer.param_groups:
-                            group["lr"] = (
-                                lr
-                                if args.discriminator_learning_rate is None
-                                else (lr * args.discriminator_learning_rate / base_lr)
+                        scale = (
+                            1.0
+                            if args.discriminator_learning_rate is None
+                            else args.discriminator_learning_rate / base_lr
+                        )
+                        adversarial_logs.update(
+                            discriminator_step(
+                                accelerator, discriminator, d_optimizer, pixels, output.sample, lr * scale
                             )
-                        # One call on both halves (the norm is per image): distributed data parallel expects one
-                        # forward per backward.
-                        logits = discriminator(torch.cat([pixels, output.sample.detach().to(pixels.dtype)]))
-                        logits_real, logits_fake = logits.chunk(2)
-                        d_loss = hinge_discriminator_loss(logits_real, logits_fake)
-                        accelerator.backward(d_loss)
-                        d_optimizer.step()
-                        d_optimizer.zero_grad(set_to_none=True)
+                        )
                 hits = scale_hits(output.indices, config.num_vq_embeddings)
                 step_hits = hits if step_hits is None else step_hits + hits
                 candidates.append(torch.cat(output.residuals))
@@ -684,17 +705,7 @@ def main(args: argparse.Namespace) -> Path:
                     "reconstruction": output.reconstruction.item(),
                     "vq": output.vq.item(),
                     "perceptual": output.perceptual.item(),
-                    **(
-                        {
-                            "adversarial_weight": float(weight),
-                            "generator_loss": generator_loss.item(),
-                            "discriminator_loss": d_loss.item(),
-                            "logits_real": logits_real.mean().item(),
-                            "logits_fake": logits_fake.mean().item(),
-                        }
-                        if adversarial
-                        else {}
-                    ),
+                    **(adversarial_logs if adversarial else {}),
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "images_per_second": global_batch / elapsed,
