@@ -58,9 +58,11 @@ def test_cache_equals_no_cache_in_images_and_in_every_step_condition(order, guid
     (cached, cached_conditions), (plain, plain_conditions) = runs[True], runs[False]
     assert cached_conditions.shape == (16, 4 if guidance_scale != 1.0 else 2, 1, 16)
     # float32 rounding only: the cached step attends over the filled rows, the full pass over all with a causal mask.
+    # The rounding compounds through the tokens each step samples (guidance 3 scales it by 3): on an AVX2 CPU the
+    # conditions differed by up to 3.4e-5 (1e-5 held on AVX-512), hence 1e-4; a wrong cache is off by ~1e-1.
     assert cached_conditions.abs().amax() > 0.1
-    torch.testing.assert_close(cached_conditions, plain_conditions, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached_conditions, plain_conditions, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-4)
     assert cached.abs().amin() > 0  # every token made
 
 
