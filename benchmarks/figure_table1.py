@@ -3,7 +3,8 @@
     python benchmarks/figure_table1.py --output-root table1-digits --output docs/images/table1_digits_p1.png
 
 Each row samples the digits 0 to 9 once with guidance 1.5, 50 diffusion steps and seed 0, with the variant's sampler
-(AR raster and AR anneal in raster order, AR random in random orders; MAR at one token per step and at L / 4 steps).
+(AR raster and AR anneal in raster order, AR random in random orders; MAR at one token per step and at L / 4 steps;
+VAR over its scales), for the variants whose folders exist.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_mar import ARPipeline, MARPipeline  # noqa: E402
+from diffusers_mar import ARPipeline, MARPipeline, VARPipeline  # noqa: E402
 from diffusers_mar.image_grid import make_grid  # noqa: E402
 
 
@@ -30,20 +31,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     root = Path(args.output_root)
     rows, names = [], []
-    for name in ("ar-raster", "ar-random", "ar-anneal", "mar"):
+    for name in ("ar-raster", "ar-random", "ar-anneal", "mar", "var"):
         folder = root / f"p{args.patch_size}-s{args.seed}-{name}"
-        pipe = (ARPipeline if name.startswith("ar") else MARPipeline).from_pretrained(folder)
+        if not (folder / "model_index.json").exists():
+            continue
+        pipeline_class = {"ar": ARPipeline, "mar": MARPipeline, "var": VARPipeline}[name.split("-")[0]]
+        pipe = pipeline_class.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
-        num_tokens = pipe.transformer.num_tokens
-        samplers = {name: {"order": "random" if name == "ar-random" else "raster"}}
+        samplers = {name: {"order": "random" if name == "ar-random" else "raster", "num_diffusion_steps": 50}}
         if name == "mar":
+            num_tokens = pipe.transformer.num_tokens
             samplers = {
-                "mar, 1 token/step": {"num_inference_steps": num_tokens},
-                f"mar, {num_tokens // 4} steps": {"num_inference_steps": max(1, num_tokens // 4)},
+                "mar, 1 token/step": {"num_inference_steps": num_tokens, "num_diffusion_steps": 50},
+                f"mar, {num_tokens // 4} steps": {
+                    "num_inference_steps": max(1, num_tokens // 4),
+                    "num_diffusion_steps": 50,
+                },
             }
+        if name == "var":
+            samplers = {"var": {}}
         for label, sampling in samplers.items():
             generator = torch.Generator().manual_seed(0)
-            images = pipe(list(range(10)), generator=generator, guidance_scale=1.5, num_diffusion_steps=50, **sampling)
+            images = pipe(list(range(10)), generator=generator, guidance_scale=1.5, **sampling)
             rows.append(images.images)
             names.append(label)
     make_grid(rows, names, scale=4).save(args.output)
