@@ -269,12 +269,13 @@ def report(rows: list[dict], args: argparse.Namespace, argv: list[str] | None, e
         f"{args.batch_size}, lr 1e-3 (warm-up {max(1, args.steps // 10)} steps), EMA 0.999 with warm-up, "
         f"`diffusion_batch_mul` {args.diffusion_batch_mul} (AR, MAR), {args.validation_fraction:.0%} of the digits "
         f"held out for the validation loss; training seeds {args.seeds}. Sampling: {args.num_per_class} images per "
-        f"digit, {args.num_diffusion_steps} diffusion steps (AR, MAR), sampling seed 0, one thread. Fréchet floor "
-        f"(real vs real) {evaluator.frechet_floor:.3f}. Each cell: mean over the seeds (min-max).",
+        f"digit, {args.num_diffusion_steps} diffusion steps (AR, MAR), sampling seed 0, one thread; img/s (shared) is "
+        f"timed beside the trainings, the speed table below on a quiet machine. Fréchet floor (real vs real) "
+        f"{evaluator.frechet_floor:.3f}. Each cell: mean over the seeds (min-max).",
         "",
         f"Command: `{recorded_command(__file__, argv)}`",
         "",
-        "| tokens | variant | seeds | parameters | guidance | accuracy | Fréchet | diversity | img/s | "
+        "| tokens | variant | seeds | parameters | guidance | accuracy | Fréchet | diversity | img/s (shared) | "
         "final val. loss | train s |",
         "|---:|---|---:|---:|---:|---|---|---|---|---|---:|",
     ]
@@ -315,8 +316,9 @@ def draw_curves(root: Path, patch_sizes: list[int], seeds: list[int], path: Path
             left, top = column * width, row * (height + margin)
             curves = []
             for seed in seeds:
-                file = root / f"p{patch_size}-s{seed}-{name}" / "validation_loss.json"
-                if file.exists():
+                folder = root / f"p{patch_size}-s{seed}-{name}"
+                file = folder / "validation_loss.json"
+                if file.exists() and (folder / "model_index.json").exists():  # finished runs only
                     curves.append(json.loads(file.read_text()))
             draw.text((left + 5, top + 2), f"{(8 // patch_size) ** 2} tokens, {name}", fill="black")
             if not curves:
@@ -362,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--speed-repeats", type=int, default=0, help="then time sampling on a quiet machine in N interleaved rounds"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="train and evaluate nothing: report the results.json there is"
+    )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     for flag in ("steps", "tokenizer_steps", "batch_size", "num_per_class", "jobs", "threads", "validation_points"):
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = DigitsEvaluator()
 
     runs = [(p, s, name) for p in args.patch_sizes for s in args.seeds for name in args.variants]
-    runs = [run for run in runs if ((8 // run[0]) ** 2, run[1], run[2]) not in done]
+    runs = [run for run in runs if ((8 // run[0]) ** 2, run[1], run[2]) not in done and not args.report_only]
     for patch_size in {p for p, _, name in runs if name == "var"}:  # before the VAR runs that need it
         train_tokenizer(patch_size, args)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
