@@ -58,7 +58,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     spread,
     update_titled_section,
 )
-from diffusers_mar import ARPipeline, MARPipeline, VARPipeline  # noqa: E402
+from diffusers_mar.cli import load_pipeline  # noqa: E402
 
 SECTION = "Table 1 in miniature: causal AR, MAR and VAR on digits (benchmarks/eval_table1_digits.py)"
 TRAININGS = {
@@ -174,8 +174,7 @@ def samplers(name: str, num_tokens: int) -> dict[str, dict]:
 
 
 def evaluate(folder: Path, name: str, evaluator: DigitsEvaluator, args: argparse.Namespace) -> list[dict]:
-    pipeline_class = {"ar": ARPipeline, "mar": MARPipeline, "var": VARPipeline}[name.split("-")[0]]
-    pipe = pipeline_class.from_pretrained(folder)
+    pipe = load_pipeline(str(folder))  # the class its model_index.json names
     pipe.set_progress_bar_config(disable=True)
     networks = [pipe.transformer, getattr(pipe, "diffusion_head", None)]
     parameters = sum(p.numel() for m in networks if m is not None for p in m.parameters())
@@ -217,8 +216,7 @@ def measure_speed(root: Path, patch_sizes: list[int], seed: int, args: argparse.
             folder = root / f"p{patch_size}-s{seed}-{name}"
             if not (folder / "model_index.json").exists():
                 continue
-            pipeline_class = {"ar": ARPipeline, "mar": MARPipeline, "var": VARPipeline}[name.split("-")[0]]
-            pipe = pipeline_class.from_pretrained(folder)
+            pipe = load_pipeline(str(folder))
             pipe.set_progress_bar_config(disable=True)
             tokens = (8 // patch_size) ** 2
             num_tokens = pipe.transformer.num_tokens if name != "var" else pipe.transformer.config.patch_nums[-1] ** 2

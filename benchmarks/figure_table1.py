@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_mar import ARPipeline, MARPipeline, VARPipeline  # noqa: E402
+from diffusers_mar.cli import load_pipeline  # noqa: E402
 from diffusers_mar.image_grid import make_grid  # noqa: E402
 
 
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = root / f"p{args.patch_size}-s{args.seed}-{name}"
         if not (folder / "model_index.json").exists():
             continue
-        pipeline_class = {"ar": ARPipeline, "mar": MARPipeline, "var": VARPipeline}[name.split("-")[0]]
-        pipe = pipeline_class.from_pretrained(folder)
+        pipe = load_pipeline(str(folder))  # the class its model_index.json names
         pipe.set_progress_bar_config(disable=True)
         samplers = {name: {"order": "random" if name == "ar-random" else "raster", "num_diffusion_steps": 50}}
         if name == "mar":
