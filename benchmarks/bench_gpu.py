@@ -88,9 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--settings: each must be OUTERxDIFFUSION with positive integers, e.g. 64x100; got {args.settings}"
         )
-    for name in ("repeats",):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if min(args.batch_sizes) < 1 or args.budget_s <= 0:
         parser.error("--batch-sizes must be >= 1 and --budget-s > 0")
     if args.dry_run and args.original_repo is not None:

@@ -173,17 +173,22 @@ def samplers(name: str, num_tokens: int) -> dict[str, dict]:
     return {name: {"order": "random" if name == "ar-random" else "raster"}}
 
 
+def folder_samplers(name: str, pipe, num_diffusion_steps: int) -> dict[str, dict]:
+    """`samplers` for a loaded folder: AR and MAR rows also get the diffusion head's step count (VAR has no head)."""
+    if name == "var":
+        return samplers(name, 0)
+    rows = samplers(name, pipe.transformer.num_tokens)
+    return {label: {**sampling, "num_diffusion_steps": num_diffusion_steps} for label, sampling in rows.items()}
+
+
 def evaluate(folder: Path, name: str, evaluator: DigitsEvaluator, args: argparse.Namespace) -> list[dict]:
     pipe = load_pipeline(str(folder))  # the class its model_index.json names
     pipe.set_progress_bar_config(disable=True)
     networks = [pipe.transformer, getattr(pipe, "diffusion_head", None)]
     parameters = sum(p.numel() for m in networks if m is not None for p in m.parameters())
-    num_tokens = pipe.transformer.num_tokens if name != "var" else pipe.transformer.config.patch_nums[-1] ** 2
     curve = json.loads((folder / "validation_loss.json").read_text())
     results = []
-    for label, sampling in samplers(name, num_tokens).items():
-        if name != "var":
-            sampling = {**sampling, "num_diffusion_steps": args.num_diffusion_steps}
+    for label, sampling in folder_samplers(name, pipe, args.num_diffusion_steps).items():
         for guidance in args.guidance_scales:
             images, labels, seconds = generate_digits(
                 pipe, args.num_per_class, seed=0, guidance_scale=guidance, **sampling
@@ -219,10 +224,7 @@ def measure_speed(root: Path, patch_sizes: list[int], seed: int, args: argparse.
             pipe = load_pipeline(str(folder))
             pipe.set_progress_bar_config(disable=True)
             tokens = (8 // patch_size) ** 2
-            num_tokens = pipe.transformer.num_tokens if name != "var" else pipe.transformer.config.patch_nums[-1] ** 2
-            for label, sampling in samplers(name, num_tokens).items():
-                if name != "var":
-                    sampling = {**sampling, "num_diffusion_steps": args.num_diffusion_steps}
+            for label, sampling in folder_samplers(name, pipe, args.num_diffusion_steps).items():
                 labels = [i % 10 for i in range(100)]
 
                 def call(pipe=pipe, sampling=sampling, labels=labels):

@@ -1089,8 +1089,9 @@ def batch_latents(batch: dict, vae, random_flip: bool, device: torch.device) -> 
 @torch.no_grad()
 def validation_loss(module: torch.nn.Module, loader, vae, device: torch.device) -> float:
     """The training loss on the held-out images, averaged per image, in eval mode (no dropout or label drop), with
-    the module's weights as they are (the caller swaps in the EMA weights). Its randomness (masks, orders, noise, label drop) is the same at every call
-    (`VALIDATION_SEED`) and leaves the training's generators where they were, so a resume stays exact."""
+    the module's weights as they are (the caller swaps in the EMA weights). Its randomness (masks, orders, noise) is
+    the same at every call (`VALIDATION_SEED`) and leaves the training's generators where they were, so a resume
+    stays exact."""
     devices = [device] if device.type == "cuda" else []
     total, count, was_training = 0.0, 0, module.training
     module.eval()  # no dropout, no label drop: the loss of the class-conditional model
@@ -1107,13 +1108,19 @@ def validation_loss(module: torch.nn.Module, loader, vae, device: torch.device) 
     return total / count
 
 
-def record_validation(output_dir: Path, step: int, epoch: float, loss: float) -> list[dict]:
-    """Append `loss` at `step` to `validation_loss.json` in the output folder (atomically; entries of later steps,
-    left by a run this one resumed before them, are dropped); the curve so far."""
+def load_validation_curve(output_dir: Path, last_step: int) -> list[dict]:
+    """The points of `validation_loss.json` in the output folder up to `last_step` (later ones were left by a run that
+    this one resumed before them); empty when there is none."""
     path = output_dir / VALIDATION_FILE
     curve = json.loads(path.read_text()) if path.exists() else []
-    curve = [entry for entry in curve if entry["step"] < step] + [{"step": step, "epoch": epoch, "loss": loss}]
-    atomic_write(path, lambda file: file.write(json.dumps(curve, indent=1).encode()))
+    return [entry for entry in curve if entry["step"] <= last_step]
+
+
+def record_validation(output_dir: Path, step: int, epoch: float, loss: float) -> list[dict]:
+    """Append `loss` at `step` to `validation_loss.json` in the output folder (atomically, replacing the points from
+    `step` on); the curve so far."""
+    curve = load_validation_curve(output_dir, step - 1) + [{"step": step, "epoch": epoch, "loss": loss}]
+    atomic_write(output_dir / VALIDATION_FILE, lambda file: file.write(json.dumps(curve, indent=1).encode()))
     return curve
 
 
@@ -1531,9 +1538,8 @@ def main(args: argparse.Namespace) -> Path:
     if args.resume_from_checkpoint is not None:
         global_step, losses = load_checkpoint(accelerator, args.resume_from_checkpoint, output_dir, emas, global_batch)
         recent.extend(losses)
-        curve_path = output_dir / VALIDATION_FILE
-        if validation_loader is not None and curve_path.exists():
-            validation_curve = [e for e in json.loads(curve_path.read_text()) if e["step"] <= global_step]
+        if validation_loader is not None:
+            validation_curve = load_validation_curve(output_dir, global_step)
     first_epoch = global_step // steps_per_epoch
     resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 

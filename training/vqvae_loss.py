@@ -137,12 +137,11 @@ class PatchDiscriminator(nn.Module):
             layers += [
                 nn.Conv2d(width, wider, 4, stride, 1, bias=False),
                 nn.GroupNorm(32 if wider % 32 == 0 else 1, wider),
+                nn.LeakyReLU(0.2),
             ]
-            layers.append(nn.LeakyReLU(0.2))
             width = wider
         layers.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.layers = nn.Sequential(*layers)
-        self.num_layers = num_layers
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0.0, 0.02)

@@ -48,9 +48,9 @@ def auto_dtype(device: str, flags: set[str] | None = None) -> tuple[str, str]:
         return "float32", "bfloat16 is not measured on Apple GPUs"
     flags = cpu_flags() if flags is None else flags
     found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
-    capability = torch.backends.cpu.get_cpu_capability()
     if found:
         return "bfloat16", f"the CPU has native bfloat16 instructions ({', '.join(found)})"
+    capability = torch.backends.cpu.get_cpu_capability()
     return (
         "float32",
         f"the CPU has no native bfloat16 instructions (none of {', '.join(BF16_CPU_FLAGS)}; {capability})",
