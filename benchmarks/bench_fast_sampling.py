@@ -13,11 +13,16 @@ the repository root):
 
     python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 8 --repeats 3 --settings exact fast
     python benchmarks/bench_fast_sampling.py --model shipped --batch-size 100 --threads 1 --repeats 5
+    python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 1 --settings fast fast+int8
+
+A setting with `+int8` runs on a copy of the pipeline with its linear layers quantized to dynamic int8
+(`diffusers_mar.quantization`), the same weights before quantization.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.benchmarking_utils import (  # noqa: E402
     PRESET_MODELS,
+    Timer,
     check_preset_or_folder,
     format_spread,
     interleaved,
@@ -41,11 +47,16 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     write_outputs,
 )
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS  # noqa: E402
+from diffusers_mar.quantization import quantize_int8  # noqa: E402
+
+INT8_SUFFIX = "+int8"  # a setting run on a copy of the pipeline quantized with `diffusers_mar.quantization`
 
 
 def setting_arguments(name: str, sampling_defaults: dict, guidance_scale: float | None) -> dict:
     """`pipe(...)` arguments of a setting: `exact` (the pipeline's sampling defaults, the paper's for a folder without
-    stored ones) or a `sampling_preset` name, both at `guidance_scale` (None: the pipeline's)."""
+    stored ones) or a `sampling_preset` name, both at `guidance_scale` (None: the pipeline's); a `+int8` suffix
+    (run on the int8 copy) does not change them."""
+    name = name.removesuffix(INT8_SUFFIX)
     guidance = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     if name == "exact":
         return {**sampling_defaults, **guidance}
@@ -65,15 +76,23 @@ def split_seconds(totals: dict[str, float], num_images: int) -> dict:
 
 
 def run(args: argparse.Namespace, pipe) -> list[dict]:
-    timer = pipeline_timer(pipe)
+    # `+int8` settings run on a copy with the same weights, quantized; one timer sees both pipelines' sections.
+    pipes = {False: pipe}
+    if any(name.endswith(INT8_SUFFIX) for name in args.settings):
+        pipes[True] = quantize_int8(copy.deepcopy(pipe))
+    timer = Timer()
+    for each in pipes.values():
+        pipeline_timer(each, timer)
     labels = [i % pipe.transformer.config.num_classes for i in range(args.batch_size)]
     for name in args.settings:
-        if name != "exact":
-            pipe(labels, output_type="latent", **setting_arguments(name, pipe.sampling_defaults, args.guidance_scale))
+        if name.removesuffix(INT8_SUFFIX) != "exact":
+            arguments = setting_arguments(name, pipe.sampling_defaults, args.guidance_scale)
+            pipes[name.endswith(INT8_SUFFIX)](labels, output_type="latent", **arguments)
     calls = {}  # the warm-up calls above are not timed
     for name in args.settings:
         arguments = setting_arguments(name, pipe.sampling_defaults, args.guidance_scale)
-        calls[name] = lambda arguments=arguments: pipe(
+        setting_pipe = pipes[name.endswith(INT8_SUFFIX)]
+        calls[name] = lambda arguments=arguments, each=setting_pipe: each(
             labels, generator=torch.Generator().manual_seed(0), output_type="latent", **arguments
         )
     rounds = []
@@ -118,14 +137,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--guidance-scale", type=float, help="default: 3.0 for a preset, the folder's otherwise")
-    parser.add_argument("--settings", nargs="+", default=["exact", "fast"], help="`exact` and preset names.")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["exact", "fast"],
+        help="`exact` and preset names; `NAME+int8`: that setting on the pipeline quantized to int8 (CPU).",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--output-json", type=Path)
     parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.settings if name != "exact" and name not in SAMPLING_PRESETS]
+    bases = ("exact", *SAMPLING_PRESETS)
+    unknown = [name for name in args.settings if name.removesuffix(INT8_SUFFIX) not in bases]
     if unknown:
-        parser.error(f"--settings must be `exact` or among {sorted(SAMPLING_PRESETS)}; got {unknown}")
+        parser.error(
+            f"--settings must be `exact` or among {sorted(SAMPLING_PRESETS)}, each optionally with `{INT8_SUFFIX}` "
+            f"(the pipeline quantized to int8, CPU); got {unknown}"
+        )
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats must be >= 1")
     check_preset_or_folder(parser, args.model)

@@ -47,6 +47,8 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     spread,
     write_outputs,
 )
+from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS  # noqa: E402
+from diffusers_mar.quantization import quantize_int8  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-diffusion-steps", type=int, nargs="+")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "int8"],
+        help="ours: the weights' dtype, or int8 (float32 with dynamic int8 linears, `diffusers_mar.quantization`, "
+        "CPU); the official code runs float32 (bfloat16: under CUDA autocast, as its evaluation does).",
+    )
+    parser.add_argument(
+        "--ours-preset",
+        choices=sorted(SAMPLING_PRESETS),
+        help="ours samples with this `sampling_preset` (its own steps); the official code with the steps given.",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument(
         "--repeats",
@@ -91,12 +104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_diffusion_steps = args.num_diffusion_steps or ([25, 100] if on_gpu else [25])
     if (args.worker in ("official", "check") or args.check_equal) and args.original_repo is None:
         parser.error("--check-equal and the official timings need --original-repo.")
+    if args.dtype == "int8" and args.device != "cpu":
+        parser.error("--dtype int8 runs on the CPU only; use --device cpu.")
     return args
 
 
 def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
-    device, dtype = args.device, getattr(torch, args.dtype)
-    pipe = load_ours(args, device, dtype)
+    device = args.device
+    pipe = load_ours(args, device, torch.float32 if args.dtype == "int8" else getattr(torch, args.dtype))
+    if args.dtype == "int8":
+        quantize_int8(pipe)
     timer = Timer(device)
     call = ours_call(args, pipe, timer, batch_size, steps, diffusion_steps)
     result = _timed_calls(args, device, timer, call)
@@ -230,6 +247,7 @@ def run_check(args: argparse.Namespace) -> dict:
 
 def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     shared = ["--guidance-scale", str(args.guidance_scale)] + ([] if args.warmup else ["--no-warmup"])
+    shared += ["--ours-preset", args.ours_preset] if args.ours_preset else []
     return spawn_worker(__file__, args, worker, [*shared, *extra])
 
 
@@ -321,10 +339,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup
         else "Time and peak memory of the first call in a fresh process (`--no-warmup`)"
     )
+    variant = ", ".join(
+        [f"ours in {args.dtype}"] * (args.dtype != "float32")
+        + [f"ours with `sampling_preset={args.ours_preset!r}`"] * bool(args.ours_preset)
+    )
     section = (
-        f"## Sampling speed: ours vs official ({args.model})\n\nMachine: {machine}. Guidance "
-        f"{args.guidance_scale} (linear). {timing}. {args.repeats} runs of each implementation per setting, "
-        "interleaved; median (min-max), ratios per interleaved pair.\n"
+        f"## Sampling speed: ours vs official ({args.model}{': ' + variant if variant else ''})\n\nMachine: {machine}. "
+        f"Guidance {args.guidance_scale} (linear). {timing}. {args.repeats} runs of each implementation per setting, "
+        "interleaved; median (min-max), ratios per interleaved pair."
+        + (" The steps are the official code's; ours uses the preset's own." if args.ours_preset else "")
+        + (" The official code runs float32." if args.dtype == "int8" else "")
+        + "\n"
     )
     section += f"Command: `{command}`\n\n{_table(rows, have_official)}\n"
     profile = rows[0]["ours"].pop("profile", None) if rows else None
@@ -336,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if check:
         section += f"\nEquality: replaying the official draws ({check['setting']}), max |ours - official| / max |official| = {check['max_relative_difference']:.1e}.\n"
-    write_outputs(args, section, {"rows": rows, "check": check, "machine": machine}, section_markers("bench_sampling"))
+    markers = section_markers("bench_sampling" + (f" {variant}" if variant else ""))
+    write_outputs(args, section, {"rows": rows, "check": check, "machine": machine}, markers)
     return 0
 
 

@@ -350,6 +350,8 @@ def ours_call(
         "guidance_scale": args.guidance_scale,
         "output_type": "latent",
     }
+    if getattr(args, "ours_preset", None):  # the preset's own steps (bench_sampling.py --ours-preset)
+        call = {"sampling_preset": args.ours_preset, "guidance_scale": args.guidance_scale, "output_type": "latent"}
     return lambda: pipe(labels, generator=torch.Generator().manual_seed(0), **call)
 
 

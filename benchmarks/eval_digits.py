@@ -57,6 +57,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     write_outputs,
 )
 from diffusers_mar import DEFAULT_MODEL  # noqa: E402
+from diffusers_mar.quantization import quantize_int8  # noqa: E402
 
 DEFAULT_SECTION = "Digits quality (benchmarks/eval_digits.py)"
 
@@ -119,7 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="generation seed (the classifier always uses 0)")
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the networks' dtype (default float32)"
+        "--dtype",
+        choices=("float32", "bfloat16", "int8"),
+        default="float32",
+        help="the networks' dtype (default float32); int8: float32 with dynamic int8 linear layers",
     )
     args = parser.parse_args(argv)
     check_common_arguments(parser, args)
@@ -130,7 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_digits_pipeline(args.model, args.dtype)
+    pipe = load_digits_pipeline(args.model, "float32" if args.dtype == "int8" else args.dtype)
+    num_parameters = sum(p.numel() for m in (pipe.transformer, pipe.diffusion_head) for p in m.parameters())
+    if args.dtype == "int8":  # after counting: the int8 layers' packed weights are not parameters
+        quantize_int8(pipe)
     set_head_scheduler(pipe, args.scheduler, args.timestep_spacing)
     recommended = pipe.sampling_defaults
     steps = recommended["num_inference_steps"]
@@ -173,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     context = {
         "model": public_argv([args.model])[0] if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",
-        "num_parameters": sum(p.numel() for p in pipe.transformer.parameters())
-        + sum(p.numel() for p in pipe.diffusion_head.parameters()),
+        "num_parameters": num_parameters,
         "machine": machine_description(dtype=args.dtype, threads=args.threads),
         "command": recorded_command(__file__, argv),
     }

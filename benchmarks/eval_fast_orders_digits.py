@@ -8,7 +8,8 @@ model: 64 outer steps x 100 head steps). Each candidate is a comma-separated lis
   `linear-25-5`), `order` (`random`, `raster`, `checkerboard`), `outer` (`outer_schedule`: `cosine`, `skeleton`),
   `gcache` / `fcache` (`guidance_cache_interval` / `feature_cache_interval`), `preset` (`sampling_preset`),
   `scheduler` (`ddpm`, `ddim`, `dpm` = DPM-Solver++, optionally `-SPACING`, e.g. `-leading`: the head's scheduler,
-  built from the folder's scheduler config), `guidance` (`guidance_scale`).
+  built from the folder's scheduler config), `guidance` (`guidance_scale`), `dtype` (`float32`, the default, or
+  `int8`: the setting runs on a copy of the pipeline quantized with `diffusers_mar.quantization.quantize_int8`).
 
 e.g. `steps=8,diffusion=linear-25-5,order=checkerboard,outer=skeleton`. Every setting generates `--num-per-class`
 images of each digit for each seed in `--seeds` (in batches of `--batch-size`), interleaved: each seed runs every
@@ -30,6 +31,7 @@ search for a fast setting of the shipped model (docs/benchmarks.md, "Fast settin
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -59,6 +61,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     write_outputs,
 )
 from diffusers_mar import DEFAULT_MODEL  # noqa: E402
+from diffusers_mar.quantization import quantize_int8  # noqa: E402
 
 DEFAULT_SECTION = "Orders, step schedules and caches (benchmarks/eval_fast_orders_digits.py)"
 KEYS = {
@@ -71,14 +74,17 @@ KEYS = {
     "preset": "sampling_preset",
     "guidance": "guidance_scale",
     "scheduler": "scheduler",
+    "dtype": "dtype",
 }
+DTYPES = ("float32", "int8")
 INT_KEYS = ("steps", "gcache", "fcache")
 METRICS = ("accuracy", "frechet_distance", "frechet_ratio", "diversity_ratio", "near_copy_fraction")
 
 
 def parse_candidate(text: str) -> dict:
-    """`KEY=VALUE,...` -> `{"name": text, "arguments": {...}, "scheduler": (name, spacing)}` (ValueError if bad)."""
-    arguments, scheduler = {}, ("ddpm", None)
+    """`KEY=VALUE,...` -> `{"name": text, "arguments": {...}, "scheduler": (name, spacing), "int8": bool}`
+    (ValueError if bad)."""
+    arguments, scheduler, int8 = {}, ("ddpm", None), False
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in KEYS:
@@ -91,13 +97,17 @@ def parse_candidate(text: str) -> dict:
                     f"got {value!r}"
                 )
             scheduler = (name, spacing or None)
+        elif key == "dtype":
+            if value not in DTYPES:
+                raise ValueError(f"dtype must be one of {DTYPES}; got {value!r}")
+            int8 = value == "int8"
         elif key in INT_KEYS or (key == "diffusion" and value.isdigit()):
             arguments[KEYS[key]] = int(value)
         elif key == "guidance":
             arguments[KEYS[key]] = float(value)
         else:
             arguments[KEYS[key]] = value
-    return {"name": text or "default", "arguments": arguments, "scheduler": scheduler}
+    return {"name": text or "default", "arguments": arguments, "scheduler": scheduler, "int8": int8}
 
 
 def run_setting(pipe, base_config, timer: Timer, setting: dict, seed: int, args) -> dict:
@@ -215,14 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_digits_pipeline(args.model)
     base_config = pipe.scheduler.config
     sampling = pipe.sampling_defaults
-    reference = {"name": "default", "arguments": {}, "scheduler": ("ddpm", None)}
+    reference = {"name": "default", "arguments": {}, "scheduler": ("ddpm", None), "int8": False}
     settings = [reference, *args.settings]
-    evaluator, timer = DigitsEvaluator(), pipeline_timer(pipe)
+    # `dtype=int8` settings run on a quantized copy (the same weights before quantization); one timer for both.
+    pipes = {False: pipe}
+    if any(setting["int8"] for setting in settings):
+        pipes[True] = quantize_int8(copy.deepcopy(pipe))
+    evaluator, timer = DigitsEvaluator(), Timer()
+    for each in pipes.values():
+        pipeline_timer(each, timer)
     runs = {setting["name"]: [] for setting in settings}
     for seed in args.seeds:  # interleaved: each seed runs every setting in turn
         for setting in settings:
             try:
-                runs[setting["name"]].append(run_setting(pipe, base_config, timer, setting, seed, args))
+                setting_pipe = pipes[setting["int8"]]
+                runs[setting["name"]].append(run_setting(setting_pipe, base_config, timer, setting, seed, args))
             except ValueError as error:  # the pipeline's check of the arguments (e.g. more steps than tokens)
                 print(f"eval_fast_orders_digits: error: {setting['name']}: {error}", file=sys.stderr)
                 return 2

@@ -594,6 +594,41 @@ MUTATIONS = [
         "prog_si, prog_wp = self.stage",
         (VAR_LOSS_TESTS,),
     ),
+    Mutation(
+        "int8-quantizes-the-projections",
+        "diffusers_mar/quantization.py",
+        "    count = _quantize_children(model, keep=FLOAT32_LINEARS)",
+        "    count = _quantize_children(model)",
+        ("tests/test_quantization.py",),
+    ),
+    Mutation(
+        "int8-modulation-wrong-block",
+        "diffusers_mar/quantization.py",
+        "            return self.blocks[block](y)",
+        "            return self.blocks[block - 1](y)",
+        ("tests/test_quantization.py",),
+    ),
+    Mutation(
+        "int8-save-not-refused",
+        "diffusers_mar/pipelines/pipeline_token_generator.py",
+        '        quantized = [name for name, model in self.components.items() if getattr(model, "int8_quantized", False)]',
+        "        quantized = []",
+        ("tests/test_quantization.py",),
+    ),
+    Mutation(
+        "dtype-auto-no-int8",
+        "diffusers_mar/cli/model.py",
+        '    if "avx2" in flags and "x86" in torch.backends.quantized.supported_engines:',
+        "    if False:",
+        ("tests/cli/test_cli.py",),
+    ),
+    Mutation(
+        "cli-int8-not-quantized",
+        "diffusers_mar/cli/model.py",
+        '        if dtype == "int8":',
+        "        if False:",
+        ("tests/cli/test_cli.py",),
+    ),
 ]
 
 

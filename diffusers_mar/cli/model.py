@@ -17,9 +17,11 @@ from diffusers_mar.cli.errors import EXIT_FAILURE, CLIError
 from diffusers_mar.hub import hub_unreachable_reason
 from diffusers_mar.pipelines.pipeline_token_generator import TokenGeneratorPipeline
 from diffusers_mar.pipelines.sampling_settings import _CALL_DEFAULTS, apply_sampling_preset
+from diffusers_mar.quantization import quantize_int8
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = (*DTYPES, "auto")
+# int8: float32 weights with the linear layers quantized to dynamic int8 after loading (CPU only; quantization.py).
+DTYPE_CHOICES = (*DTYPES, "int8", "auto")
 # CPU instructions that run bfloat16 matrix products natively (Linux /proc/cpuinfo flags): AVX-512 BF16 (Cooper Lake,
 # Zen 4 and later) and AMX (Sapphire Rapids and later). Without them oneDNN converts to float32 and bfloat16 is slower.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -37,9 +39,11 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
 
 def auto_dtype(device: str, flags: set[str] | None = None) -> tuple[str, str]:
     """`--dtype auto`: `(dtype, why)` for `device`. bfloat16 where the hardware runs it natively (a CUDA GPU with
-    bfloat16 support; a CPU with one of `BF16_CPU_FLAGS`), float32 elsewhere. bfloat16 is not exact to the original
-    code (its samples differ from float32's, `docs/usage.md`): the default stays float32, and `auto` is the user's
-    choice of speed."""
+    bfloat16 support; a CPU with one of `BF16_CPU_FLAGS`); on an x86 CPU without them but with AVX2, int8 (float32
+    with dynamic int8 linear layers: `diffusers_mar.quantization`; MAR-B sampled 1.8-2.2x faster than in float32 at
+    kept digits quality, `docs/benchmarks.md`); float32 elsewhere. Neither is exact to the original code (their
+    samples differ from float32's, `docs/usage.md`): the default stays float32, and `auto` is the user's choice of
+    speed."""
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return "bfloat16", f"{torch.cuda.get_device_name(device)} supports bfloat16"
@@ -51,10 +55,10 @@ def auto_dtype(device: str, flags: set[str] | None = None) -> tuple[str, str]:
     if found:
         return "bfloat16", f"the CPU has native bfloat16 instructions ({', '.join(found)})"
     capability = torch.backends.cpu.get_cpu_capability()
-    return (
-        "float32",
-        f"the CPU has no native bfloat16 instructions (none of {', '.join(BF16_CPU_FLAGS)}; {capability})",
-    )
+    reason = f"the CPU has no native bfloat16 instructions (none of {', '.join(BF16_CPU_FLAGS)}; {capability})"
+    if "avx2" in flags and "x86" in torch.backends.quantized.supported_engines:
+        return "int8", f"{reason}; int8 linear layers run there (AVX2), faster than float32"
+    return "float32", reason
 
 
 # The class that loads a folder, by the `_class_name` of its model_index.json (editing pipelines load as their
@@ -130,7 +134,9 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> To
                 f"{model!r} holds a {type(pipe).__name__}, not a MARPipeline, an ARPipeline or a VARPipeline",
                 "--model",
             )
-        pipe.to(device=device, dtype=DTYPES[dtype])
+        pipe.to(device=device, dtype=DTYPES.get(dtype, torch.float32))
+        if dtype == "int8":
+            quantize_int8(pipe)
     except CLIError:
         raise
     except Exception as error:  # diffusers reports a missing or unreachable Hub repository as OSError/ValueError

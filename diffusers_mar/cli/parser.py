@@ -14,6 +14,11 @@ from diffusers_mar.cli.model import DTYPE_CHOICES
 from diffusers_mar.image_grid import GRID_MIN_CELL
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS
 
+DTYPE_HELP = (
+    "weights dtype (default float32, exact); int8: float32 with dynamic int8 linear layers (CPU only); "
+    "auto: bfloat16 where the CPU or GPU runs it natively, else int8 on an AVX2 CPU, else float32"
+)
+
 EPILOG = """\
 exit codes:
   0  success
@@ -215,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPE_CHOICES,
         default="float32",
-        help="weights dtype (default float32, exact); auto: bfloat16 where the CPU or GPU runs it natively",
+        help=DTYPE_HELP,
     )
     generate.add_argument(
         "--num-threads",
@@ -283,7 +288,7 @@ def add_demo_parser(subparsers) -> None:
         "--dtype",
         choices=DTYPE_CHOICES,
         default="float32",
-        help="weights dtype (default float32, exact); auto: bfloat16 where the CPU or GPU runs it natively",
+        help=DTYPE_HELP,
     )
     demo.add_argument(
         "--num-threads", type=_num_threads, default="auto", metavar="N", help="CPU threads (as for generate)"
@@ -332,7 +337,7 @@ def add_evaluate_parser(subparsers, model_help: str) -> None:
         "--dtype",
         choices=DTYPE_CHOICES,
         default="float32",
-        help="weights dtype (default float32, exact); auto: bfloat16 where the CPU or GPU runs it natively",
+        help=DTYPE_HELP,
     )
     evaluate.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is available")
     evaluate.add_argument(

@@ -12,8 +12,11 @@ keep none in float32, and `DiffusionPipeline.from_pipe` casts every model, so ea
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+
+from diffusers import ModelMixin
 
 SHOWN_GROUPS = 8  # key groups quoted per kind in the error; the count covers the rest
 
@@ -65,8 +68,9 @@ class _NoEmptyFloat32ListWarning(logging.Filter):
 
 
 class StrictLoadingMixin:
-    """Put before `ModelMixin` in the bases: `from_pretrained` fails on missing or unexpected weight keys, and `to`
-    casts without diffusers' warning about an empty list of float32 modules (see the module docstring)."""
+    """Put before `ModelMixin` in the bases: `from_pretrained` fails on missing or unexpected weight keys, `to`
+    casts without diffusers' warning about an empty list of float32 modules (see the module docstring), and
+    `save_pretrained` refuses a model quantized to int8 (`diffusers_mar.quantization`)."""
 
     def to(self, *args, **kwargs):
         logger, quiet = logging.getLogger("diffusers.models.modeling_utils"), _NoEmptyFloat32ListWarning()
@@ -75,6 +79,14 @@ class StrictLoadingMixin:
             return super().to(*args, **kwargs)
         finally:
             logger.removeFilter(quiet)
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(self, "int8_quantized", False):  # diffusers_mar.quantization.quantize_int8
+            raise ValueError(
+                f"This {type(self).__name__} is quantized to int8 (`quantize_int8`), which cannot be saved; save the "
+                "float32 model, and quantize it after loading."
+            )
+        return super().save_pretrained(*args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):
@@ -86,3 +98,8 @@ class StrictLoadingMixin:
         source = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         check_loading_info(cls.__name__, source.rstrip(os.sep), loading_info)
         return (model, loading_info) if output_loading_info else model
+
+
+# DiffusionPipeline.save_pretrained passes `variant`, `safe_serialization`, ... only to a save_pretrained whose
+# signature names them: the override above must show ModelMixin's.
+StrictLoadingMixin.save_pretrained.__signature__ = inspect.signature(ModelMixin.save_pretrained)

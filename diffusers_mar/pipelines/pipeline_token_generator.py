@@ -133,7 +133,14 @@ class TokenGeneratorPipeline(DiffusionPipeline):
         return self._interrupt
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`DiffusionPipeline.save_pretrained`, keeping the model card (`README.md`) of the folder loaded from."""
+        """`DiffusionPipeline.save_pretrained`, keeping the model card (`README.md`) of the folder loaded from. A pipeline
+        quantized with `diffusers_mar.quantization.quantize_int8` is refused before anything is written."""
+        quantized = [name for name, model in self.components.items() if getattr(model, "int8_quantized", False)]
+        if quantized:
+            raise ValueError(
+                f"This pipeline's {', '.join(quantized)} is quantized to int8 (`quantize_int8`), which cannot be saved; "
+                "save the float32 pipeline, and quantize it after loading."
+            )
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_model_card(self.config.get("_name_or_path"), save_directory)
 

@@ -23,7 +23,12 @@ def test_settings_are_the_pipeline_defaults_or_a_preset():
 def test_unknown_settings_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench_fast_sampling.parse_args(["--settings", "exact", "turbo"])
-    assert "--settings must be `exact` or among ['fast', 'fast-ddpm']" in capsys.readouterr().err
+    assert "--settings must be `exact` or among ['fast', 'fast-ddpm'], each optionally with `+int8`" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        bench_fast_sampling.parse_args(["--settings", "exact", "fast+int4"])
+    assert bench_fast_sampling.parse_args(["--settings", "fast", "fast+int8", "exact+int8"]).settings[1] == "fast+int8"
 
 
 def test_rounds_time_every_setting_and_split_the_time():
@@ -55,3 +60,25 @@ def test_models_are_presets_or_pipeline_folders(tmp_path, capsys):
     assert "--model must be one of ('mar-base', 'mar-large', 'mar-huge'), `shipped` or a pipeline folder" in (
         capsys.readouterr().err
     )
+
+
+def test_int8_settings_run_on_a_quantized_copy():
+    pipe = make_tiny_pipeline(clip_sample=True)
+    pipe.set_progress_bar_config(disable=True)
+    args = argparse.Namespace(settings=["fast", "fast+int8"], batch_size=2, repeats=1, guidance_scale=2.0)
+    assert bench_fast_sampling.setting_arguments("fast+int8", PAPER_SAMPLING, 2.0) == {
+        "guidance_scale": 2.0,
+        "sampling_preset": "fast",
+    }
+    calls = []
+    original = bench_fast_sampling.quantize_int8
+    bench_fast_sampling.quantize_int8 = lambda copy: calls.append(copy) or original(copy)
+    try:
+        with torch.no_grad():
+            rounds = bench_fast_sampling.run(args, pipe)
+    finally:
+        bench_fast_sampling.quantize_int8 = original
+    assert len(calls) == 1 and calls[0] is not pipe and calls[0].transformer.int8_quantized
+    assert not getattr(pipe.transformer, "int8_quantized", False)  # the float32 settings keep float32
+    for name in ("fast", "fast+int8"):
+        assert rounds[0][name]["head_seconds"] > 0 and rounds[0][name]["transformer_seconds"] > 0

@@ -60,3 +60,41 @@ def test_repeats_are_summarised_by_median_and_spread():
     }
     line = bench_sampling._table([row], have_official=True).splitlines()[-1]
     assert "2.000 (1.000-3.000)" in line and "1.20 (1.10-1.30)x" in line and "1.00 (0.90-1.10)x" in line
+
+
+def test_int8_quantizes_ours_only_on_the_cpu(monkeypatch, capsys):
+    import pytest
+    import torch
+
+    from tests.testing_utils import make_tiny_pipeline
+
+    tiny, asked = make_tiny_pipeline(clip_sample=True), []
+    monkeypatch.setattr(bench_sampling, "load_ours", lambda args, device, dtype: asked.append(dtype) or tiny)
+    args = bench_sampling.parse_args(["--device", "cpu", "--dtype", "int8", "--no-warmup"])
+    result = bench_sampling.run_ours(args, 1, 2, 2)
+    assert asked == [torch.float32] and tiny.transformer.int8_quantized and tiny.diffusion_head.int8_quantized
+    assert result["images_per_second"] > 0
+    with pytest.raises(SystemExit):
+        bench_sampling.parse_args(["--device", "cuda", "--dtype", "int8"])
+    assert "--dtype int8 runs on the CPU only" in capsys.readouterr().err
+
+
+def test_ours_preset_replaces_ours_steps_only():
+    import argparse
+
+    import torch
+
+    from benchmarks.benchmarking_utils import ours_call
+    from tests.testing_utils import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(clip_sample=True)
+
+    def sample(**settings):
+        generator = torch.Generator().manual_seed(0)
+        return pipe([0, 1], generator=generator, guidance_scale=2.0, output_type="latent", **settings).images
+
+    timed = ours_call(argparse.Namespace(guidance_scale=2.0, ours_preset="fast"), pipe, Timer("cpu"), 2, 16, 10)()
+    assert torch.equal(timed.images, sample(sampling_preset="fast"))
+    exact = ours_call(argparse.Namespace(guidance_scale=2.0, ours_preset=None), pipe, Timer("cpu"), 2, 16, 10)()
+    assert torch.equal(exact.images, sample(num_inference_steps=16, num_diffusion_steps=10))
+    assert not torch.equal(timed.images, exact.images)

@@ -132,3 +132,25 @@ def test_the_dtype_option_runs_the_networks_in_bfloat16(tmp_path, monkeypatch):
     assert eval_digits.main(argv) == 0
     assert seen == [(torch.bfloat16, torch.bfloat16)]
     assert "bfloat16" in json.loads((tmp_path / "results.json").read_text())["machine"]
+
+
+def test_the_dtype_option_int8_quantizes_after_counting_the_parameters(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    tiny = make_tiny_pipeline()
+    tiny.save_pretrained(folder)
+    expected = sum(p.numel() for m in (tiny.transformer, tiny.diffusion_head) for p in m.parameters())
+    seen = []
+    real = eval_digits.generate_digits
+
+    def spy(pipe, *args, **kwargs):
+        seen.append((pipe.transformer.int8_quantized, pipe.diffusion_head.int8_quantized))
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(eval_digits, "generate_digits", spy)
+    argv = [
+        "--model", str(folder), "--num-per-class", "2", "--guidance-scales", "1", "--num-inference-steps", "2",
+        "--num-diffusion-steps", "2", "--dtype", "int8", "--output-json", str(tmp_path / "results.json"),
+    ]  # fmt: skip
+    assert eval_digits.main(argv) == 0
+    assert seen == [(True, True)]
+    assert json.loads((tmp_path / "results.json").read_text())["num_parameters"] == expected

@@ -28,9 +28,35 @@ def test_a_candidate_maps_to_pipeline_arguments_and_a_head_scheduler():
     }
 
 
-@pytest.mark.parametrize("text", ["steps", "speed=2", "scheduler=euler", "scheduler=dpm-sideways"])
+def test_dtype_int8_runs_the_setting_on_a_quantized_copy(tmp_path, monkeypatch):
+    assert parse_candidate("preset=fast,dtype=int8") == {
+        "name": "preset=fast,dtype=int8",
+        "arguments": {"sampling_preset": "fast"},
+        "scheduler": ("ddpm", None),
+        "int8": True,
+    }
+    assert not parse_candidate("preset=fast,dtype=float32")["int8"]
+    folder = tmp_path / "model"
+    make_tiny_pipeline(clip_sample=True).save_pretrained(folder)
+    seen = []
+    real = eval_fast_orders_digits.run_setting
+
+    def spy(pipe, base_config, timer, setting, seed, args):
+        seen.append((setting["name"], getattr(pipe.transformer, "int8_quantized", False)))
+        return real(pipe, base_config, timer, setting, seed, args)
+
+    monkeypatch.setattr(eval_fast_orders_digits, "run_setting", spy)
+    argv = [
+        "--model", str(folder), "--num-per-class", "2", "--seeds", "0",
+        "--candidates", "steps=2,diffusion=2", "steps=2,diffusion=2,dtype=int8",
+    ]  # fmt: skip
+    assert eval_fast_orders_digits.main(argv) == 0
+    assert seen == [("default", False), ("steps=2,diffusion=2", False), ("steps=2,diffusion=2,dtype=int8", True)]
+
+
+@pytest.mark.parametrize("text", ["steps", "speed=2", "scheduler=euler", "scheduler=dpm-sideways", "dtype=int4"])
 def test_bad_candidates_are_refused(text):
-    with pytest.raises(ValueError, match="KEY=VALUE|scheduler must be one of"):
+    with pytest.raises(ValueError, match="KEY=VALUE|scheduler must be one of|dtype must be one of"):
         parse_candidate(text)
 
 

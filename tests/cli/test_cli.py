@@ -17,6 +17,7 @@ from PIL import Image
 from diffusers_mar import MARDDPMScheduler, MARDiffusionHead, MARPipeline, MARTransformer2DModel, cli, threads
 from diffusers_mar.cli import model as cli_model
 from diffusers_mar.cli.model import auto_dtype, cpu_flags
+from diffusers_mar.quantization import quantize_int8
 from diffusers_mar.threads import resolve_num_threads
 from tests.testing_utils import REPO_ROOT, make_tiny_pipeline
 
@@ -194,6 +195,28 @@ def test_dtype(clipped_model, tmp_path, dtype):
     assert not all(np.array_equal(a, f) for a, f in zip(actual, in_float32))
 
 
+def test_dtype_int8_generates_with_the_quantized_pipeline(clipped_model, tmp_path):
+    for name in ("int8", "float32"):
+        argv = ["--num-images-per-label", "1", "--output-dir", str(tmp_path / name), "--dtype", name]
+        assert generate(clipped_model, tmp_path / f"{name}.png", *argv) == 0
+    pipe = quantize_int8(MARPipeline.from_pretrained(clipped_model))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    expected = [np.asarray(image) for image in pipe([0, 1], generator=generators, output_type="pil").images]
+    actual = [np.asarray(Image.open(tmp_path / "int8" / f"label-{label}-0.png")) for label in (0, 1)]
+    in_float32 = [np.asarray(Image.open(tmp_path / "float32" / f"label-{label}-0.png")) for label in (0, 1)]
+    assert all(np.array_equal(a, e) for a, e in zip(actual, expected))
+    assert not all(np.array_equal(a, f) for a, f in zip(actual, in_float32))
+
+
+def test_dtype_int8_is_refused_off_the_cpu(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # evaluate's device: cuda when there is one
+    argv = ["evaluate", "--model", str(tiny_model), "--output-dir", str(tmp_path / "out"), "--dtype", "int8"]
+    assert cli.main(argv) == 2
+    assert "--dtype int8 runs on the CPU only (got device cuda)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_auto_dtype_picks_bfloat16_only_with_native_instructions(tmp_path):
     assert auto_dtype("cpu", {"avx2", "avx512_bf16"}) == (
         "bfloat16",
@@ -201,6 +224,9 @@ def test_auto_dtype_picks_bfloat16_only_with_native_instructions(tmp_path):
     )
     assert auto_dtype("cpu", {"amx_bf16", "avx512_bf16"})[1].endswith("(amx_bf16, avx512_bf16)")
     dtype, why = auto_dtype("cpu", {"avx2", "avx512f"})
+    assert dtype == "int8" and why.startswith("the CPU has no native bfloat16 instructions (none of amx_bf16")
+    assert why.endswith("int8 linear layers run there (AVX2), faster than float32")
+    dtype, why = auto_dtype("cpu", {"sse4_2"})
     assert dtype == "float32" and why.startswith("the CPU has no native bfloat16 instructions (none of amx_bf16")
     assert auto_dtype("mps", set())[0] == "float32"
     cpuinfo = tmp_path / "cpuinfo"
@@ -209,13 +235,16 @@ def test_auto_dtype_picks_bfloat16_only_with_native_instructions(tmp_path):
     assert cpu_flags(str(tmp_path / "missing")) == set()
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx512_bf16"}, "bfloat16"), ({"avx2"}, "float32")])
+@pytest.mark.parametrize(
+    "flags, expected", [({"avx512_bf16"}, "bfloat16"), ({"avx2"}, "int8"), ({"sse4_2"}, "float32")]
+)
 def test_dtype_auto_generates_in_the_dtype_it_names(clipped_model, tmp_path, monkeypatch, capsys, flags, expected):
     monkeypatch.setattr(cli_model, "cpu_flags", lambda: flags)
     argv = ["--num-images-per-label", "1", "--output-dir", str(tmp_path / "auto"), "--dtype", "auto"]
     assert generate(clipped_model, tmp_path / "auto.png", *argv) == 0
     assert f"--dtype auto: {expected} on cpu (the CPU has" in capsys.readouterr().err
-    pipe = MARPipeline.from_pretrained(clipped_model).to(dtype=getattr(torch, expected))
+    pipe = MARPipeline.from_pretrained(clipped_model)
+    pipe = quantize_int8(pipe) if expected == "int8" else pipe.to(dtype=getattr(torch, expected))
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
     wanted = [np.asarray(image) for image in pipe([0, 1], generator=generators, output_type="pil").images]
