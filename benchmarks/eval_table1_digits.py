@@ -27,7 +27,10 @@ curves are drawn with `--curves PNG`.
         --write-docs --curves docs/images/table1_curves.png
 
 The script can be stopped and started again with the same `--output-root`: finished trainings (a folder with
-`model_index.json`) and evaluations (`results.json`) are reused.
+`model_index.json`) and evaluations (`results.json`) are reused. `--results-from FILE` adds the rows of an earlier
+run for the models the output root lacks (neither trained nor evaluated again): `benchmarks/results/table1_digits.json`
+holds the rows of the table in `docs/benchmarks.md`, so that a partial rerun (another seed, one layout) reports the
+whole table.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
 from diffusers_mar.cli import load_pipeline  # noqa: E402
 
 SECTION = "Table 1 in miniature: causal AR, MAR and VAR on digits (benchmarks/eval_table1_digits.py)"
+# The speed table has its own section: a report of saved results (`--report-only`, `--results-from`) without
+# `--speed-repeats` leaves it as it is.
+SPEED_SECTION = "Table 1 in miniature: sampling speed of the models on a quiet machine"
 TRAININGS = {
     "ar-raster": ["--model_family=ar", "--order=raster"],
     "ar-random": ["--model_family=ar", "--order=random"],
@@ -71,6 +77,16 @@ TRAININGS = {
 # The tokenizer of each layout (patch size): overrides of training/configs/vqvae-digits.json.
 TOKENIZERS = {2: [], 1: ["--override=ch_mult=[1]", "--override=patch_nums=[1,2,4,6,8]"]}
 VARIANTS = ["ar-raster", "ar-random", "ar-anneal", "mar-1-per-step", "mar-few", "var"]
+
+
+def earlier_rows(path: Path | None, rows: list[dict]) -> list[dict]:
+    """The rows of `path` (a results.json) for the (tokens, seed, trained model) that `rows` do not have."""
+    if path is None:
+        return []
+    if not path.is_file():
+        raise SystemExit(f"--results-from: no such file: {path}")
+    have = {(row["tokens"], row["seed"], row["trained"]) for row in rows}
+    return [row for row in json.loads(path.read_text()) if (row["tokens"], row["seed"], row["trained"]) not in have]
 
 
 def run_logged(command: list[str], log: Path, threads: int) -> None:
@@ -367,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="train and evaluate nothing: report the results.json there is"
     )
+    parser.add_argument(
+        "--results-from",
+        type=Path,
+        help="rows of an earlier run (its results.json, e.g. benchmarks/results/table1_digits.json) for the models "
+        "the output root has not evaluated: they are not trained again, and they are reported",
+    )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     for flag in ("steps", "tokenizer_steps", "batch_size", "num_per_class", "jobs", "threads", "validation_points"):
@@ -379,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     results_path = root / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    rows += earlier_rows(args.results_from, rows)
     done = {(row["tokens"], row["seed"], row["trained"]) for row in rows}
     evaluator = DigitsEvaluator()
 
@@ -396,16 +419,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"tokens": tokens, "seed": seed, "trained": name, "train_seconds": seconds, **result})
             results_path.write_text(json.dumps(rows, indent=1, default=str))  # after each model: resumable
 
-    text = report(rows, args, argv, evaluator)
+    text, speed_text = report(rows, args, argv, evaluator), None
     if args.speed_repeats:
         speeds = measure_speed(root, args.patch_sizes, args.seeds[0], args)
         (root / "speed.json").write_text(json.dumps({f"{k[0]} {k[1]}": v for k, v in speeds.items()}, indent=1))
-        text += "\n" + speed_table(speeds, args)
-    print(text)
+        speed_text = f"Machine: {machine_description(threads=1)}. Command: `{recorded_command(__file__, argv)}`\n\n"
+        speed_text += speed_table(speeds, args)
+    print(text + (f"\n{speed_text}" if speed_text else ""))
     if args.curves:
         draw_curves(root, args.patch_sizes, args.seeds, Path(args.curves))
     if args.write_docs:
         update_titled_section(DOCS_PATH, SECTION, text)
+        if speed_text:
+            update_titled_section(DOCS_PATH, SPEED_SECTION, speed_text)
     return 0
 
 

@@ -113,28 +113,10 @@ def test_digits_feature_extractor_gives_the_evaluators_features_and_logits(evalu
     assert (outputs["logits"].numpy().argmax(axis=1) == evaluator.predict(rounded)).all()
 
 
-def test_the_dtype_option_runs_the_networks_in_bfloat16(tmp_path, monkeypatch):
-    # The pipeline the script evaluates is the one loaded in --dtype; the report names the dtype.
-    folder = tmp_path / "model"
-    make_tiny_pipeline().save_pretrained(folder)
-    seen = []
-    real = eval_digits.generate_digits
-
-    def spy(pipe, *args, **kwargs):
-        seen.append((pipe.transformer.dtype, pipe.diffusion_head.dtype))
-        return real(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(eval_digits, "generate_digits", spy)
-    argv = [
-        "--model", str(folder), "--num-per-class", "2", "--guidance-scales", "1", "--num-inference-steps", "2",
-        "--num-diffusion-steps", "2", "--dtype", "bfloat16", "--output-json", str(tmp_path / "results.json"),
-    ]  # fmt: skip
-    assert eval_digits.main(argv) == 0
-    assert seen == [(torch.bfloat16, torch.bfloat16)]
-    assert "bfloat16" in json.loads((tmp_path / "results.json").read_text())["machine"]
-
-
-def test_the_dtype_option_int8_quantizes_after_counting_the_parameters(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_the_dtype_option_sets_the_networks_the_script_evaluates(tmp_path, monkeypatch, dtype):
+    # The pipeline the script evaluates is the one loaded in --dtype (int8: quantized after counting the parameters,
+    # whose packed int8 weights are not parameters); the report names the dtype.
     folder = tmp_path / "model"
     tiny = make_tiny_pipeline()
     tiny.save_pretrained(folder)
@@ -143,14 +125,18 @@ def test_the_dtype_option_int8_quantizes_after_counting_the_parameters(tmp_path,
     real = eval_digits.generate_digits
 
     def spy(pipe, *args, **kwargs):
-        seen.append((pipe.transformer.int8_quantized, pipe.diffusion_head.int8_quantized))
+        if dtype == "int8":
+            seen.append((pipe.transformer.int8_quantized, pipe.diffusion_head.int8_quantized))
+        else:
+            seen.append((pipe.transformer.dtype, pipe.diffusion_head.dtype))
         return real(pipe, *args, **kwargs)
 
     monkeypatch.setattr(eval_digits, "generate_digits", spy)
     argv = [
         "--model", str(folder), "--num-per-class", "2", "--guidance-scales", "1", "--num-inference-steps", "2",
-        "--num-diffusion-steps", "2", "--dtype", "int8", "--output-json", str(tmp_path / "results.json"),
+        "--num-diffusion-steps", "2", "--dtype", dtype, "--output-json", str(tmp_path / "results.json"),
     ]  # fmt: skip
     assert eval_digits.main(argv) == 0
-    assert seen == [(True, True)]
-    assert json.loads((tmp_path / "results.json").read_text())["num_parameters"] == expected
+    assert seen == [(True, True) if dtype == "int8" else (torch.bfloat16, torch.bfloat16)]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert dtype in results["machine"] and results["num_parameters"] == expected

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from benchmarks import eval_table1_digits as table1
+from benchmarks.benchmarking_utils import titled_section_markers
 
 
 def row(variant, seed, accuracy, guidance=1.5, tokens=16):
@@ -36,6 +37,37 @@ def test_each_trained_model_gives_its_rows_samplers():
     assert table1.samplers("ar-random", 16) == {"ar-random": {"order": "random"}}
     assert table1.samplers("ar-anneal", 16) == {"ar-anneal": {"order": "raster"}}  # trained to end on raster
     assert table1.samplers("var", 16) == {"var": {}}
+
+
+def test_earlier_rows_fill_only_the_models_the_run_lacks(tmp_path):
+    earlier = [
+        {**row("ar-raster", 0, 0.9), "trained": "ar-raster"},
+        {**row("ar-raster", 1, 0.8), "trained": "ar-raster"},
+        {**row("mar-few", 0, 0.7), "trained": "mar"},
+    ]
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    have = [{**row("ar-raster", 1, 0.5), "trained": "ar-raster"}]
+    assert table1.earlier_rows(path, have) == [earlier[0], earlier[2]]
+    assert table1.earlier_rows(None, have) == []
+    with pytest.raises(SystemExit, match="--results-from: no such file"):
+        table1.earlier_rows(tmp_path / "missing.json", have)
+
+
+def test_report_only_reports_the_earlier_rows_and_keeps_the_speed_section(tmp_path, capsys, monkeypatch):
+    earlier = [{**row("ar-raster", seed, 0.9 - seed / 10), "trained": "ar-raster"} for seed in (0, 1, 2)]
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    docs = tmp_path / "benchmarks.md"
+    start, end = titled_section_markers(table1.SPEED_SECTION)
+    docs.write_text(f"# Benchmarks\n\n{start}\n## {table1.SPEED_SECTION}\n\nmeasured speeds\n{end}\n")
+    monkeypatch.setattr(table1, "DOCS_PATH", docs)
+    argv = ["--output-root", str(tmp_path / "root"), "--report-only", "--write-docs"]
+    assert table1.main([*argv, "--results-from", str(tmp_path / "earlier.json")]) == 0
+    line = "| 16 | ar-raster | 3 | 1,000 | 1.5 | 0.800 (0.700-0.900) |"
+    assert line in capsys.readouterr().out
+    text = docs.read_text()
+    assert line in text and f"## {table1.SECTION}" in text
+    assert "measured speeds" in text  # no --speed-repeats: the speed section is left as it was
 
 
 @pytest.mark.slow
