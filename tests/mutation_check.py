@@ -623,6 +623,20 @@ MUTATIONS = [
         ("tests/cli/test_cli.py",),
     ),
     Mutation(
+        "bench-sampling-int8-not-quantized",
+        "benchmarks/bench_sampling.py",
+        "        quantize_int8(pipe)",
+        "        pass",
+        ("tests/benchmarks/test_bench_sampling.py",),
+    ),
+    Mutation(
+        "table1-earlier-rows-replace-the-run",
+        "benchmarks/eval_table1_digits.py",
+        'if (row["tokens"], row["seed"], row["trained"]) not in have]',
+        "]",
+        ("tests/benchmarks/test_eval_table1_digits.py",),
+    ),
+    Mutation(
         "cli-int8-not-quantized",
         "diffusers_mar/cli/model.py",
         '        if dtype == "int8":',
