@@ -22,7 +22,6 @@ A setting with `+int8` runs on a copy of the pipeline with its linear layers qua
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -34,20 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.benchmarking_utils import (  # noqa: E402
     PRESET_MODELS,
-    Timer,
     check_preset_or_folder,
     format_spread,
     interleaved,
     load_preset_or_folder,
     machine_description,
-    pipeline_timer,
     recorded_command,
     section_markers,
     spread,
+    timed_pipelines,
     write_outputs,
 )
 from diffusers_mar.pipelines.sampling_settings import SAMPLING_PRESETS  # noqa: E402
-from diffusers_mar.quantization import quantize_int8  # noqa: E402
 
 INT8_SUFFIX = "+int8"  # a setting run on a copy of the pipeline quantized with `diffusers_mar.quantization`
 
@@ -76,13 +73,8 @@ def split_seconds(totals: dict[str, float], num_images: int) -> dict:
 
 
 def run(args: argparse.Namespace, pipe) -> list[dict]:
-    # `+int8` settings run on a copy with the same weights, quantized; one timer sees both pipelines' sections.
-    pipes = {False: pipe}
-    if any(name.endswith(INT8_SUFFIX) for name in args.settings):
-        pipes[True] = quantize_int8(copy.deepcopy(pipe))
-    timer = Timer()
-    for each in pipes.values():
-        pipeline_timer(each, timer)
+    # `+int8` settings run on a quantized copy with the same weights; one timer sees both pipelines' sections.
+    pipes, timer = timed_pipelines(pipe, any(name.endswith(INT8_SUFFIX) for name in args.settings))
     labels = [i % pipe.transformer.config.num_classes for i in range(args.batch_size)]
     for name in args.settings:
         if name.removesuffix(INT8_SUFFIX) != "exact":

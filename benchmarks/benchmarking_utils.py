@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -122,6 +123,20 @@ def pipeline_timer(pipe: MARPipeline, timer: Timer | None = None) -> Timer:
     for method in ("compute_modulation", "forward_with_modulation", "forward_with_condition_embedding"):
         setattr(head, method, timer.wrap("head", getattr(head, method)))
     return timer
+
+
+def timed_pipelines(pipe: MARPipeline, int8: bool) -> tuple[dict[bool, MARPipeline], Timer]:
+    """`{False: pipe}`, with `{True: an int8 copy}` when `int8` (`quantize_int8` of a deep copy: the same weights
+    before quantization), and one `pipeline_timer` that sees the sections of both."""
+    from diffusers_mar.quantization import quantize_int8
+
+    pipes = {False: pipe}
+    if int8:
+        pipes[True] = quantize_int8(copy.deepcopy(pipe))
+    timer = Timer()
+    for each in pipes.values():
+        pipeline_timer(each, timer)
+    return pipes, timer
 
 
 def spread(values: list[float]) -> dict:

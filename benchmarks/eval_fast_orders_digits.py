@@ -31,7 +31,6 @@ search for a fast setting of the shipped model (docs/benchmarks.md, "Fast settin
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -53,15 +52,14 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     head_scheduler,
     load_digits_pipeline,
     machine_description,
-    pipeline_timer,
     public_argv,
     recorded_command,
     reports_cli_errors,
+    timed_pipelines,
     to_digit_scale,
     write_outputs,
 )
 from diffusers_mar import DEFAULT_MODEL  # noqa: E402
-from diffusers_mar.quantization import quantize_int8  # noqa: E402
 
 DEFAULT_SECTION = "Orders, step schedules and caches (benchmarks/eval_fast_orders_digits.py)"
 KEYS = {
@@ -228,12 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = {"name": "default", "arguments": {}, "scheduler": ("ddpm", None), "int8": False}
     settings = [reference, *args.settings]
     # `dtype=int8` settings run on a quantized copy (the same weights before quantization); one timer for both.
-    pipes = {False: pipe}
-    if any(setting["int8"] for setting in settings):
-        pipes[True] = quantize_int8(copy.deepcopy(pipe))
-    evaluator, timer = DigitsEvaluator(), Timer()
-    for each in pipes.values():
-        pipeline_timer(each, timer)
+    pipes, timer = timed_pipelines(pipe, any(setting["int8"] for setting in settings))
+    evaluator = DigitsEvaluator()
     runs = {setting["name"]: [] for setting in settings}
     for seed in args.seeds:  # interleaved: each seed runs every setting in turn
         for setting in settings:

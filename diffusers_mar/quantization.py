@@ -46,7 +46,7 @@ class Int8AdaLNModulation(nn.Module):
 
     def __init__(self, modulation: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = modulation.in_features, modulation.out_features
+        self.out_features = modulation.out_features
         self.block_rows = list(modulation.block_rows)
         blocks = []
         for rows in self.block_rows:
@@ -63,32 +63,37 @@ class Int8AdaLNModulation(nn.Module):
         return torch.cat([layer(y) for layer in self.blocks], dim=-1)
 
 
-def _quantize_children(module: nn.Module, keep: tuple[str, ...] = ()) -> int:
+def _quantize_children(module: nn.Module, keep: tuple[str, ...] = ()) -> None:
     """Replace the plain `nn.Linear` layers below `module` (and its AdaLN modulation), except its children named in
-    `keep`; the number replaced."""
+    `keep`."""
     from diffusers_mar.models.diffusion_head_mar import MARAdaLNModulation
 
-    count = 0
     for name, child in module.named_children():
         if name in keep:
             continue
         if isinstance(child, MARAdaLNModulation):
             setattr(module, name, Int8AdaLNModulation(child))
-            count += 1
         elif type(child) is nn.Linear:
             setattr(module, name, _quantize_linear(child))
-            count += 1
         else:
-            count += _quantize_children(child)
-    return count
+            _quantize_children(child)
 
 
-def quantize_model_int8(model: nn.Module) -> int:
-    """Quantize the linear layers of one float32 CPU model in place (module docstring); the number replaced."""
-    count = _quantize_children(model, keep=FLOAT32_LINEARS)
+def quantize_model_int8(model: nn.Module) -> None:
+    """Quantize the linear layers of one float32 CPU model in place (module docstring)."""
+    _quantize_children(model, keep=FLOAT32_LINEARS)
     model.int8_quantized = True
     model.eval()
-    return count
+
+
+def refuse_saving_int8(names: list[str], subject: str) -> None:
+    """The save refusal of `save_pretrained` (pipeline and model): a `ValueError` when `names` (the quantized models)
+    is not empty."""
+    if names:
+        raise ValueError(
+            f"{subject} {', '.join(names)} is quantized to int8 (`quantize_int8`), which cannot be saved; save the "
+            "float32 one, and quantize it after loading."
+        )
 
 
 def quantize_int8(pipe):

@@ -597,8 +597,8 @@ MUTATIONS = [
     Mutation(
         "int8-quantizes-the-projections",
         "diffusers_mar/quantization.py",
-        "    count = _quantize_children(model, keep=FLOAT32_LINEARS)",
-        "    count = _quantize_children(model)",
+        "    _quantize_children(model, keep=FLOAT32_LINEARS)",
+        "    _quantize_children(model)",
         ("tests/test_quantization.py",),
     ),
     Mutation(

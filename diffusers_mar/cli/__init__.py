@@ -62,14 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-        if getattr(args, "dtype", None) == "auto":  # resolved before the model loads, and said once
-            args.dtype, why = auto_dtype(device)
-            print(f"{args.parser.prog}: --dtype auto: {args.dtype} on {device} ({why})", file=sys.stderr)
-        if getattr(args, "dtype", None) == "int8" and device != "cpu":
-            raise CLIError(
-                f"--dtype int8 runs on the CPU only (got device {device}); use float32 or bfloat16 there", "--dtype"
-            )
+        if getattr(args, "dtype", None) in ("auto", "int8"):  # resolved and checked before the model loads
+            device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+            if args.dtype == "auto":  # said once
+                args.dtype, why = auto_dtype(device)
+                print(f"{args.parser.prog}: --dtype auto: {args.dtype} on {device} ({why})", file=sys.stderr)
+            if args.dtype == "int8" and device != "cpu":
+                raise CLIError(
+                    f"--dtype int8 runs on the CPU only (got device {device}); use float32 or bfloat16 there",
+                    "--dtype",
+                )
         return COMMANDS[args.command](args)
     except CLIError as error:
         print(f"{args.parser.prog}: error: {error}", file=sys.stderr)

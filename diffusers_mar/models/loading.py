@@ -18,6 +18,8 @@ import os
 
 from diffusers import ModelMixin
 
+from diffusers_mar.quantization import refuse_saving_int8
+
 SHOWN_GROUPS = 8  # key groups quoted per kind in the error; the count covers the rest
 
 
@@ -81,11 +83,7 @@ class StrictLoadingMixin:
             logger.removeFilter(quiet)
 
     def save_pretrained(self, *args, **kwargs):
-        if getattr(self, "int8_quantized", False):  # diffusers_mar.quantization.quantize_int8
-            raise ValueError(
-                f"This {type(self).__name__} is quantized to int8 (`quantize_int8`), which cannot be saved; save the "
-                "float32 model, and quantize it after loading."
-            )
+        refuse_saving_int8([type(self).__name__] if getattr(self, "int8_quantized", False) else [], "This")
         return super().save_pretrained(*args, **kwargs)
 
     @classmethod

@@ -21,6 +21,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from diffusers_mar.pipelines.model_card import copy_model_card
 from diffusers_mar.pipelines.sampling_settings import check_sampling_settings, resolve_sampling_settings
+from diffusers_mar.quantization import refuse_saving_int8
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -136,11 +137,7 @@ class TokenGeneratorPipeline(DiffusionPipeline):
         """`DiffusionPipeline.save_pretrained`, keeping the model card (`README.md`) of the folder loaded from. A pipeline
         quantized with `diffusers_mar.quantization.quantize_int8` is refused before anything is written."""
         quantized = [name for name, model in self.components.items() if getattr(model, "int8_quantized", False)]
-        if quantized:
-            raise ValueError(
-                f"This pipeline's {', '.join(quantized)} is quantized to int8 (`quantize_int8`), which cannot be saved; "
-                "save the float32 pipeline, and quantize it after loading."
-            )
+        refuse_saving_int8(quantized, "This pipeline's")
         super().save_pretrained(save_directory, *args, **kwargs)
         copy_model_card(self.config.get("_name_or_path"), save_directory)
 

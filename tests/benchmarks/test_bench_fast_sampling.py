@@ -9,6 +9,7 @@ import torch
 
 from benchmarks import bench_fast_sampling
 from benchmarks.benchmarking_utils import load_preset_or_folder
+from diffusers_mar import quantization
 from diffusers_mar.pipelines.sampling_settings import PAPER_SAMPLING
 from tests.testing_utils import make_tiny_pipeline
 
@@ -71,13 +72,13 @@ def test_int8_settings_run_on_a_quantized_copy():
         "sampling_preset": "fast",
     }
     calls = []
-    original = bench_fast_sampling.quantize_int8
-    bench_fast_sampling.quantize_int8 = lambda copy: calls.append(copy) or original(copy)
+    original = quantization.quantize_int8
+    quantization.quantize_int8 = lambda copy: calls.append(copy) or original(copy)
     try:
         with torch.no_grad():
             rounds = bench_fast_sampling.run(args, pipe)
     finally:
-        bench_fast_sampling.quantize_int8 = original
+        quantization.quantize_int8 = original
     assert len(calls) == 1 and calls[0] is not pipe and calls[0].transformer.int8_quantized
     assert not getattr(pipe.transformer, "int8_quantized", False)  # the float32 settings keep float32
     for name in ("fast", "fast+int8"):
