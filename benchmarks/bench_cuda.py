@@ -164,7 +164,7 @@ def random_pipeline(model: str, dtype: torch.dtype) -> MARPipeline:
     with torch.device("cuda"):
         transformer = MARTransformer2DModel.from_config(preset["transformer"])
         head = MARDiffusionHead.from_config(preset["diffusion_head"])
-    pipe = MARPipeline(transformer.eval(), head.eval(), MARDDPMScheduler()).to(dtype=dtype)
+    pipe = MARPipeline(transformer.eval(), head.eval(), MARDDPMScheduler(), token_space="latent").to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,13 +7,15 @@ rest), in one process with the same weights. The settings alternate (exact, pres
 kernels and is not timed (the exact default's first-call costs are a small share of its minutes). Reported: median
 (min-max) over the rounds, and the speed-up of each round's pair.
 
-`--model` is a preset (`mar-base`, ...: random weights) or a pipeline folder (`shipped`: the digits model inside the
-package); `exact` is the folder's recommended settings, for a preset the paper's 64 x 100 steps, DDPM. Usage (from
-the repository root):
+`--model` is a preset (`mar-base`, ...: random weights; `ar-base`, ...: a causal AR `ARPipeline` with random weights,
+settings `exact` and `exact+int8` only) or a pipeline folder (`shipped`: the digits model inside the package);
+`exact` is the folder's recommended settings, for a MAR preset the paper's 64 x 100 steps, DDPM, for an AR preset one
+token per step with 100 head steps. Usage (from the repository root):
 
     python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 8 --repeats 3 --settings exact fast
     python benchmarks/bench_fast_sampling.py --model shipped --batch-size 100 --threads 1 --repeats 5
     python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 1 --settings fast fast+int8
+    python benchmarks/bench_fast_sampling.py --model ar-base --batch-size 1 --settings exact exact+int8
 
 A setting with `+int8` runs on a copy of the pipeline with its linear layers quantized to dynamic int8
 (`diffusers_mar.quantization`), the same weights before quantization.
@@ -32,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.benchmarking_utils import (  # noqa: E402
+    AR_PRESET_MODELS,
     PRESET_MODELS,
     check_preset_or_folder,
     format_spread,
@@ -125,7 +128,9 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mar-base", help=f"one of {PRESET_MODELS}, `shipped` or a folder")
+    parser.add_argument(
+        "--model", default="mar-base", help=f"one of {PRESET_MODELS + AR_PRESET_MODELS}, `shipped` or a folder"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--guidance-scale", type=float, help="default: 3.0 for a preset, the folder's otherwise")
@@ -148,7 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats must be >= 1")
-    check_preset_or_folder(parser, args.model)
+    check_preset_or_folder(parser, args.model, ar=True)
+    if args.model in AR_PRESET_MODELS and {name.removesuffix(INT8_SUFFIX) for name in args.settings} != {"exact"}:
+        parser.error(f"--settings for an AR preset: `exact` and `exact{INT8_SUFFIX}` (its pipeline has no presets)")
     if args.guidance_scale is None and args.model in PRESET_MODELS:
         args.guidance_scale = 3.0
     return args
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     command = recorded_command(__file__, argv)
     section = (
         f"## Sampling presets on {args.model}, batch {args.batch_size} (benchmarks/bench_fast_sampling.py)\n\nMachine: {machine}. Batch "
-        f"{args.batch_size}, {'random weights' if args.model in PRESET_MODELS else 'trained weights'}, {args.repeats} rounds (settings alternating in one process), median "
+        f"{args.batch_size}, {'random weights' if args.model in PRESET_MODELS + AR_PRESET_MODELS else 'trained weights'}, {args.repeats} rounds (settings alternating in one process), median "
         f"(min-max); speed-up against `{args.settings[0]}` per round. Command: `{command}` "
         f"({time.perf_counter() - start:.0f} s in all).\n\n{table(rows)}\n"
     )

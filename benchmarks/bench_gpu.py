@@ -142,7 +142,7 @@ class Models:
             eager = self.ours[dtype]
             head = copy.deepcopy(eager.diffusion_head)
             head.compile(backend=self.args.compile_backend, **self._mode())
-            pipe = MARPipeline(eager.transformer, head, eager.scheduler)
+            pipe = MARPipeline(eager.transformer, head, eager.scheduler, token_space=eager.config.token_space)
             pipe.set_sampling_defaults(**eager.sampling_defaults)  # the eager pipeline's settings, folder's included
             pipe.set_progress_bar_config(disable=True)
             self.compiled[dtype] = pipe

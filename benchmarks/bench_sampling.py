@@ -4,8 +4,9 @@ Both run the same weights (a random initialisation of a preset in the original l
 and the same settings, side by side in one run; each measurement runs in a fresh subprocess so that peak memory is its
 own. Each process makes the same call twice: peak memory is measured on the first call and time on the second, so
 one-off costs (oneDNN generates kernels per matrix shape on first use, allocator growth, CUDA kernel loading) are
-left out for both; `--no-warmup` times the first call. Reports images/s, peak memory, the ratio, and where the time
-goes (encoder, decoder, diffusion head + scheduler).
+left out for both; `--no-warmup` times the first call. `--harness in-process` runs both in this one process instead
+(a long-lived process: a warm-up call each, then the order alternating round by round). Reports images/s, peak
+memory, the ratio, and where the time goes (encoder, decoder, diffusion head + scheduler).
 
     pip install timm==0.9.12 --no-deps      # the official code's only extra dependency (torchvision is stubbed)
     python benchmarks/bench_sampling.py --original-repo /path/to/LTH14/mar [--model mar-base] [--write-docs]
@@ -40,6 +41,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     measure_memory,
     official_call,
     original_model,
+    ours_cache_arguments,
     ours_call,
     recorded_command,
     section_markers,
@@ -72,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(SAMPLING_PRESETS),
         help="ours samples with this `sampling_preset` (its own steps); the official code with the steps given.",
     )
+    for name, what in (("guidance", "the unconditional half of guidance"), ("feature", "the encoder's features")):
+        parser.add_argument(
+            f"--ours-{name}-cache-interval",
+            type=int,
+            help=f"ours reuses {what} for this many outer steps (`{name}_cache_interval`); the official code has none.",
+        )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument(
         "--repeats",
@@ -79,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="Runs of each implementation per setting, interleaved (official, ours, official, ...); the table gives "
         "the median and the spread (min-max), the speed-up that of the per-pair ratios.",
+    )
+    parser.add_argument(
+        "--harness",
+        default="fresh",
+        choices=["fresh", "in-process"],
+        help="fresh (default): every run in a fresh process, with its peak memory; in-process: both implementations "
+        "in this one process, one untimed warm-up call each, then the rounds with the order alternating (no memory).",
     )
     parser.add_argument("--check-equal", action="store_true", help="Replay the official draws through ours.")
     parser.add_argument(
@@ -106,14 +121,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--check-equal and the official timings need --original-repo.")
     if args.dtype == "int8" and args.device != "cpu":
         parser.error("--dtype int8 runs on the CPU only; use --device cpu.")
+    for name in ("guidance", "feature"):
+        interval = getattr(args, f"ours_{name}_cache_interval")
+        if interval is not None and interval < 1:
+            parser.error(f"--ours-{name}-cache-interval must be >= 1")
+    if args.harness == "in-process" and args.original_repo is None:
+        parser.error("--harness in-process times ours against the official code: it needs --original-repo.")
+    if args.harness == "in-process" and args.profile_step is not None:
+        parser.error("--profile-step profiles a fresh process: use it with --harness fresh.")
     return args
+
+
+def load_timed_ours(args: argparse.Namespace):
+    """Ours in `--dtype` (int8: float32 weights, then `quantize_int8`)."""
+    pipe = load_ours(args, args.device, torch.float32 if args.dtype == "int8" else getattr(torch, args.dtype))
+    return quantize_int8(pipe) if args.dtype == "int8" else pipe
+
+
+def load_timed_official(args: argparse.Namespace, diffusion_steps: int) -> torch.nn.Module:
+    model = original_model(args, args.model, diffusion_steps)
+    model.load_state_dict(load_file(str(args.weights)), strict=True)
+    return model.to(args.device)
 
 
 def run_ours(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     device = args.device
-    pipe = load_ours(args, device, torch.float32 if args.dtype == "int8" else getattr(torch, args.dtype))
-    if args.dtype == "int8":
-        quantize_int8(pipe)
+    pipe = load_timed_ours(args)
     timer = Timer(device)
     call = ours_call(args, pipe, timer, batch_size, steps, diffusion_steps)
     result = _timed_calls(args, device, timer, call)
@@ -165,14 +198,38 @@ class _OuterStepProfiler:
 
 def run_official(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     device = args.device
-    model = original_model(args, args.model, diffusion_steps)
-    model.load_state_dict(load_file(str(args.weights)), strict=True)
-    model.to(device)
+    model = load_timed_official(args, diffusion_steps)
     timer = Timer(device)
     result = _timed_calls(args, device, timer, official_call(args, model, timer, batch_size, steps))
-    totals = dict(timer.totals)
-    totals["transformer"] = totals.get("encoder", 0.0) + totals.get("decoder", 0.0)
-    return _summarise(totals, batch_size, result)
+    return _summarise(_official_totals(timer.totals), batch_size, result)
+
+
+def _official_totals(totals: dict[str, float]) -> dict[str, float]:
+    return {**totals, "transformer": totals.get("encoder", 0.0) + totals.get("decoder", 0.0)}
+
+
+def run_in_process(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
+    """Both implementations in this one process (`--harness in-process`): one untimed warm-up call each (none with
+    `--no-warmup`), then
+    `--repeats` rounds, the official code first in even rounds and ours first in odd ones, so that each follows
+    itself and the other alike. `{"ours": runs, "official": runs, "sequence": [[name, seconds], ...]}`, a run being
+    the wall time and sections of one call; no peak memory (this process holds both models)."""
+    timers = {"official": Timer(args.device), "ours": Timer(args.device)}
+    official = load_timed_official(args, diffusion_steps)
+    calls = {
+        "official": official_call(args, official, timers["official"], batch_size, steps),
+        "ours": ours_call(args, load_timed_ours(args), timers["ours"], batch_size, steps, diffusion_steps),
+    }
+    for call in calls.values() if args.warmup else ():
+        call()
+    result: dict = {"ours": [], "official": [], "sequence": []}
+    for repeat in range(args.repeats):
+        for name in ("official", "ours") if repeat % 2 == 0 else ("ours", "official"):
+            totals, _ = timers[name].time(calls[name])
+            totals = _official_totals(totals) if name == "official" else totals
+            result[name].append(_summarise(totals, batch_size, {}))
+            result["sequence"].append([name, totals["total"]])
+    return result
 
 
 def _summarise(totals: dict[str, float], batch_size: int, result: dict) -> dict:
@@ -248,6 +305,9 @@ def run_check(args: argparse.Namespace) -> dict:
 def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     shared = ["--guidance-scale", str(args.guidance_scale)] + ([] if args.warmup else ["--no-warmup"])
     shared += ["--ours-preset", args.ours_preset] if args.ours_preset else []
+    for name in ("guidance", "feature"):
+        interval = getattr(args, f"ours_{name}_cache_interval")
+        shared += [f"--ours-{name}-cache-interval", str(interval)] if interval else []
     return spawn_worker(__file__, args, worker, [*shared, *extra])
 
 
@@ -257,7 +317,8 @@ def summarise_runs(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, (int, float)):
             summary[key] = float(np.median([run[key] for run in runs]))
-    summary["spread"] = {key: spread([run[key] for run in runs]) for key in ("images_per_second", "peak_memory_mb")}
+    keys = [key for key in ("images_per_second", "peak_memory_mb") if key in runs[0]]
+    summary["spread"] = {key: spread([run[key] for run in runs]) for key in keys}
     return summary
 
 
@@ -277,16 +338,42 @@ def _table(rows: list[dict], have_official: bool) -> str:
     for row in rows:
         ours, official = row["ours"], row.get("official")
         line = f"| {row['batch_size']} | {row['steps']} x {row['diffusion_steps']} | "
-        line += f"{format_spread(ours['spread']['images_per_second'], 3)} | {format_spread(ours['spread']['peak_memory_mb'], 0)} |"
+        line += f"{format_spread(ours['spread']['images_per_second'], 3)} | {_memory(ours['spread'], 0)} |"
         if official:
             line += f" {format_spread(official['spread']['images_per_second'], 3)} |"
-            line += f" {format_spread(official['spread']['peak_memory_mb'], 0)} |"
-            line += f" {format_spread(row['speedup'], 2)}x | {format_spread(row['memory_ratio'], 2)}x |"
+            line += f" {_memory(official['spread'], 0)} |"
+            line += f" {format_spread(row['speedup'], 2)}x | {_memory(row, 2, 'memory_ratio')} |"
         line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**ours)
         if official:
             line += " {encoder_seconds:.1f} / {decoder_seconds:.1f} / {head_seconds:.1f} |".format(**official)
         lines.append(line)
     return "\n".join(lines)
+
+
+def _memory(stats: dict, digits: int, key: str = "peak_memory_mb") -> str:
+    """The median (min-max) of `stats[key]`, `x` after a ratio; "n/a" where not measured (`--harness in-process`)."""
+    if key not in stats:
+        return "n/a"
+    return format_spread(stats[key], digits) + ("x" if key == "memory_ratio" else "")
+
+
+def measure_setting(
+    args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int, profile: bool = False
+) -> dict:
+    """The runs of one setting: `{"ours": runs, "official": runs}` (no "official" without `--original-repo`), by
+    the chosen harness; in fresh processes interleaved official, ours, official, ..., the last run of ours profiled
+    when `profile` (and `--profile-step`)."""
+    if args.harness == "in-process":
+        return run_in_process(args, batch_size, steps, diffusion_steps)
+    setting = ["--batch-sizes", str(batch_size), "--num-inference-steps", str(steps)]
+    setting += ["--num-diffusion-steps", str(diffusion_steps)]
+    runs: dict = {"ours": []} | ({"official": []} if args.original_repo is not None else {})
+    for repeat in range(args.repeats):
+        if "official" in runs:
+            runs["official"].append(_spawn(args, "official", setting))
+        last = profile and args.profile_step is not None and repeat == args.repeats - 1
+        runs["ours"].append(_spawn(args, "ours", setting + (["--profile-step", str(args.profile_step)] * last)))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,23 +397,17 @@ def main(argv: list[str] | None = None) -> int:
         for steps in args.num_inference_steps:
             for diffusion_steps in args.num_diffusion_steps:
                 for batch_size in args.batch_sizes:
-                    setting = ["--batch-sizes", str(batch_size), "--num-inference-steps", str(steps)]
-                    setting += ["--num-diffusion-steps", str(diffusion_steps)]
                     row = {"batch_size": batch_size, "steps": steps, "diffusion_steps": diffusion_steps}
-                    runs = {"ours": [], "official": []}
-                    for repeat in range(args.repeats):
-                        if have_official:
-                            runs["official"].append(_spawn(args, "official", setting))
-                        profile = args.profile_step is not None and not rows and repeat == args.repeats - 1
-                        extra = ["--profile-step", str(args.profile_step)] if profile else []
-                        runs["ours"].append(_spawn(args, "ours", setting + extra))
+                    runs = measure_setting(args, batch_size, steps, diffusion_steps, profile=not rows)
                     row["ours"] = summarise_runs(runs["ours"])
                     if have_official:
+                        pairs = list(zip(runs["ours"], runs["official"]))
                         row["official"] = summarise_runs(runs["official"])
-                        ratios = [o["images_per_second"] / f["images_per_second"] for o, f in zip(*runs.values())]
-                        row["speedup"] = spread(ratios)
-                        memory = [o["peak_memory_mb"] / f["peak_memory_mb"] for o, f in zip(*runs.values())]
-                        row["memory_ratio"] = spread(memory)
+                        row["speedup"] = spread([o["images_per_second"] / f["images_per_second"] for o, f in pairs])
+                        if args.harness == "fresh":
+                            row["memory_ratio"] = spread([o["peak_memory_mb"] / f["peak_memory_mb"] for o, f in pairs])
+                        else:
+                            row["sequence"] = runs["sequence"]
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         check = _spawn(args, "check", []) if args.check_equal else None
@@ -339,9 +420,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup
         else "Time and peak memory of the first call in a fresh process (`--no-warmup`)"
     )
+    if args.harness == "in-process":
+        timing = (
+            "Both implementations in one process (`--harness in-process`): "
+            + ("one untimed warm-up call each, then " if args.warmup else "no warm-up call (`--no-warmup`), then ")
+            + "the rounds, the official code first in even rounds and ours first in odd ones; no peak memory"
+        )
     variant = ", ".join(
-        [f"ours in {args.dtype}"] * (args.dtype != "float32")
+        ["in one process"] * (args.harness == "in-process")
+        + [f"ours in {args.dtype}"] * (args.dtype != "float32")
         + [f"ours with `sampling_preset={args.ours_preset!r}`"] * bool(args.ours_preset)
+        + [f"`{key}={value}`" for key, value in ours_cache_arguments(args).items()]
     )
     section = (
         f"## Sampling speed: ours vs official ({args.model}{': ' + variant if variant else ''})\n\nMachine: {machine}. "

@@ -11,6 +11,7 @@ the per-round ratio, the peak memory, and the largest difference between the two
     python benchmarks/bench_var.py --original-repo path/to/VAR [--model var-d16] [--batch-sizes 1 8] \
         [--repeats 3] [--write-docs]
 
+`--dtype int8` runs ours with dynamic int8 linear layers (the official code stays float32).
 Defaults: CPU, float32, the folder's recommended settings (guidance 2.5 = cfg 1.5, top-k 900, top-p 0.96).
 `--tiny` runs a two-block model at 4 scales (for the test suite).
 """
@@ -56,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (each: ours and the official, interleaved)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="g_seed of the official call, the generator's seed")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "int8"],
+        help="ours: float32, or int8 (its transformer's linear layers dynamic int8, `diffusers_mar.quantization`; "
+        "the tokenizer stays float32); the official code runs float32",
+    )
     parser.add_argument("--output-json", help="write all results to this JSON file")
     parser.add_argument("--write-docs", action="store_true", help="update the VAR section of docs/benchmarks.md")
     parser.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
@@ -120,6 +128,10 @@ def worker(args: argparse.Namespace) -> dict:
         vqvae, transformer = build_var_models(vae_sd, var_sd, list(sizes["patch_nums"]))
         pipe = VARPipeline(transformer, vqvae)
         pipe.set_progress_bar_config(disable=True)
+        if args.dtype == "int8":
+            from diffusers_mar.quantization import quantize_int8
+
+            quantize_int8(pipe)
 
         def call():
             return pipe(
@@ -157,7 +169,8 @@ def worker(args: argparse.Namespace) -> dict:
 def _spawn(args: argparse.Namespace, name: str, batch: int, weights: Path) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--weights", str(weights), "--batch-size", str(batch)]
     command += ["--original-repo", str(args.original_repo), "--model", args.model, "--seed", str(args.seed)]
-    command += (["--tiny"] if args.tiny else []) + (["--threads", str(args.threads)] if args.threads else [])
+    command += ["--dtype", args.dtype] + (["--tiny"] if args.tiny else [])
+    command += ["--threads", str(args.threads)] if args.threads else []
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     results = {
-        "machine": machine_description("cpu", "float32", args.threads),
+        "machine": machine_description("cpu", args.dtype, args.threads),
         "model": "tiny" if args.tiny else args.model,
     }
     rows = []
@@ -201,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     results["rows"] = rows
     model = "tiny (2 blocks, 4 scales)" if args.tiny else f"{args.model}, random weights"
+    int8 = args.dtype == "int8"
     report = (
-        f"### VAR sampling: `VARPipeline` against the official `autoregressive_infer_cfg`\n\n"
-        f"{model}; cfg 1.5 (`guidance_scale=2.5`), top-k 900, top-p 0.96, one seed for both; {results['machine']}. "
+        f"### VAR sampling: `VARPipeline`{' in int8' * int8} against the official `autoregressive_infer_cfg`\n\n"
+        + (
+            "Ours with its transformer's linear layers in dynamic int8 (`quantize_int8`), the official code in "
+            "float32: the image difference is int8's, not a parity check. " * int8
+        )  # fmt: skip
+        + f"{model}; cfg 1.5 (`guidance_scale=2.5`), top-k 900, top-p 0.96, one seed for both; {results['machine']}. "
         f"{args.repeats} rounds, ours and the official interleaved (order alternating), each call in a fresh process, "
         "first call timed; median (min-max). Memory: peak resident set above the loaded weights.\n\n"
         "| batch | ours img/s | official img/s | ratio (ours / official) | ours peak MB | official peak MB | "
@@ -217,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['max_image_difference']:.1e} |\n"
         )
     report += f"\nCommand: `{recorded_command(__file__, argv, checkout='path/to/VAR')}`"
-    write_outputs(args, report, results, section_markers("bench_var") if args.write_docs else None)
+    markers = section_markers("bench_var" + " int8" * int8)
+    write_outputs(args, report, results, markers if args.write_docs else None)
     return 0
 
 

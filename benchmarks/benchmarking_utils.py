@@ -37,6 +37,8 @@ from diffusers import SchedulerMixin
 import diffusers_mar
 from diffusers_mar import (
     DEFAULT_MODEL,
+    ARPipeline,
+    ARTransformer2DModel,
     MARDDPMScheduler,
     MARDiffusionHead,
     MARInpaintPipeline,
@@ -252,6 +254,7 @@ def update_titled_section(path: str | Path, title: str, body: str) -> None:
 
 ORIGINAL_FACTORIES = {"mar-base": "mar_base", "mar-large": "mar_large", "mar-huge": "mar_huge"}
 PRESET_MODELS = ("mar-base", "mar-large", "mar-huge")
+AR_PRESET_MODELS = ("ar-base", "ar-large", "ar-huge")  # `load_preset_or_folder`: random weights, `ARPipeline`
 
 
 def spawn_worker(script: str, args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
@@ -323,22 +326,27 @@ def load_ours(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MARP
     transformer, head = transformer.to_empty(device="cpu"), head.to_empty(device="cpu")
     transformer.load_state_dict(transformer_sd, strict=True)
     head.load_state_dict(head_sd, strict=True)
-    pipe = MARPipeline(transformer.eval(), head.eval(), MARDDPMScheduler()).to(device=device, dtype=dtype)
+    pipe = MARPipeline(transformer.eval(), head.eval(), MARDDPMScheduler(), token_space="latent").to(
+        device=device, dtype=dtype
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def check_preset_or_folder(parser: argparse.ArgumentParser, model: str) -> None:
-    """Refuse (argparse's exit 2) a `--model` that `load_preset_or_folder` cannot load."""
-    if model not in PRESET_MODELS and model != "shipped" and not Path(model).is_dir():
-        parser.error(f"--model must be one of {PRESET_MODELS}, `shipped` or a pipeline folder; got {model!r}")
+def check_preset_or_folder(parser: argparse.ArgumentParser, model: str, ar: bool = False) -> None:
+    """Refuse (argparse's exit 2) a `--model` that `load_preset_or_folder` cannot load (AR presets only if `ar`)."""
+    presets = PRESET_MODELS + (AR_PRESET_MODELS if ar else ())
+    if model not in presets and model != "shipped" and not Path(model).is_dir():
+        parser.error(f"--model must be one of {presets}, `shipped` or a pipeline folder; got {model!r}")
 
 
-def load_preset_or_folder(model: str) -> MARPipeline:
-    """The model to time: a preset with random weights in the original layout, converted, or a pipeline folder
-    (`shipped`: the digits model inside the package)."""
+def load_preset_or_folder(model: str) -> MARPipeline | ARPipeline:
+    """The model to time: a MAR preset with random weights in the original layout, converted; an AR preset
+    (`ar-base`, ...) with random weights; or a pipeline folder (`shipped`: the digits model inside the package)."""
     import tempfile
 
+    if model in AR_PRESET_MODELS:
+        return random_ar_pipeline(model)
     if model not in PRESET_MODELS:
         pipe = MARPipeline.from_pretrained(DEFAULT_MODEL if model == "shipped" else model)
         pipe.set_progress_bar_config(disable=True)
@@ -347,6 +355,23 @@ def load_preset_or_folder(model: str) -> MARPipeline:
         weights = Path(tmp) / "weights.safetensors"
         make_original_weights(argparse.Namespace(model=model, original_repo=None), weights)
         return load_ours(argparse.Namespace(model=model, weights=weights), "cpu", torch.float32)
+
+
+def random_ar_pipeline(model: str) -> ARPipeline:
+    """An `ARPipeline` of an AR preset with random weights (seed 0), in float32 on the CPU; the head's output and
+    AdaLN layers (zero at initialisation) perturbed as `make_original_weights` does, so every path computes."""
+    preset = get_preset_config(model)
+    torch.manual_seed(0)
+    transformer = ARTransformer2DModel.from_config(preset["transformer"]).eval()
+    head = MARDiffusionHead.from_config(preset["diffusion_head"]).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for value in head.state_dict().values():
+            if value.is_floating_point():
+                value.add_(torch.randn(value.shape, generator=generator) * 0.02)
+    pipe = ARPipeline(transformer, head, MARDDPMScheduler(), token_space="latent")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def ours_call(
@@ -367,7 +392,15 @@ def ours_call(
     }
     if getattr(args, "ours_preset", None):  # the preset's own steps (bench_sampling.py --ours-preset)
         call = {"sampling_preset": args.ours_preset, "guidance_scale": args.guidance_scale, "output_type": "latent"}
+    call |= ours_cache_arguments(args)
     return lambda: pipe(labels, generator=torch.Generator().manual_seed(0), **call)
+
+
+def ours_cache_arguments(args: argparse.Namespace) -> dict[str, int]:
+    """The cache intervals ours is asked for (bench_sampling.py `--ours-guidance-cache-interval`, `--ours-feature-
+    cache-interval`) as `MARPipeline.__call__` arguments; none given: {}."""
+    names = ("guidance_cache_interval", "feature_cache_interval")
+    return {name: getattr(args, f"ours_{name}") for name in names if getattr(args, f"ours_{name}", None)}
 
 
 def official_call(

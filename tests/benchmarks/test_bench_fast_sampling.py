@@ -58,9 +58,8 @@ def test_models_are_presets_or_pipeline_folders(tmp_path, capsys):
     assert pipe.transformer.num_tokens == 16 and pipe.sampling_defaults["num_inference_steps"] == 16
     with pytest.raises(SystemExit):
         bench_fast_sampling.parse_args(["--model", str(tmp_path / "missing")])
-    assert "--model must be one of ('mar-base', 'mar-large', 'mar-huge'), `shipped` or a pipeline folder" in (
-        capsys.readouterr().err
-    )
+    presets = "('mar-base', 'mar-large', 'mar-huge', 'ar-base', 'ar-large', 'ar-huge')"
+    assert f"--model must be one of {presets}, `shipped` or a pipeline folder" in capsys.readouterr().err
 
 
 def test_int8_settings_run_on_a_quantized_copy():
@@ -83,3 +82,28 @@ def test_int8_settings_run_on_a_quantized_copy():
     assert not getattr(pipe.transformer, "int8_quantized", False)  # the float32 settings keep float32
     for name in ("fast", "fast+int8"):
         assert rounds[0][name]["head_seconds"] > 0 and rounds[0][name]["transformer_seconds"] > 0
+
+
+def test_ar_presets_time_the_exact_setting_in_float32_and_int8(monkeypatch, capsys):
+    """`--model ar-base`: an `ARPipeline` with random weights (its head perturbed off its zero initialisation), timed
+    exact and exact+int8 only; a preset setting is refused, since the AR pipeline has none."""
+    from benchmarks import benchmarking_utils
+    from diffusers_mar import ARPipeline
+    from tests.testing_utils import TINY_AR_TRANSFORMER_CONFIG, TINY_PIXEL_HEAD_CONFIG
+
+    args = bench_fast_sampling.parse_args(["--model", "ar-base", "--settings", "exact", "exact+int8"])
+    assert args.guidance_scale is None  # the preset pipeline's own
+    with pytest.raises(SystemExit):
+        bench_fast_sampling.parse_args(["--model", "ar-base", "--settings", "exact", "fast"])
+    assert "--settings for an AR preset: `exact` and `exact+int8`" in capsys.readouterr().err
+
+    tiny = {"transformer": TINY_AR_TRANSFORMER_CONFIG, "diffusion_head": TINY_PIXEL_HEAD_CONFIG}
+    monkeypatch.setattr(benchmarking_utils, "get_preset_config", lambda name: tiny if name == "ar-base" else None)
+    pipe = load_preset_or_folder("ar-base")
+    assert isinstance(pipe, ARPipeline) and pipe.config.token_space == "latent"
+    assert pipe.diffusion_head.proj_out.weight.abs().min() > 0  # zero-initialised in the model, perturbed here
+    args.batch_size, args.repeats = 1, 1
+    pipe.set_sampling_defaults(num_diffusion_steps=2)
+    with torch.no_grad():
+        (round_,) = bench_fast_sampling.run(args, pipe)
+    assert round_["exact"]["head_seconds"] > 0 and round_["exact+int8"]["transformer_seconds"] > 0

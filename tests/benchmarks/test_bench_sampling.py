@@ -98,3 +98,82 @@ def test_ours_preset_replaces_ours_steps_only():
     exact = ours_call(argparse.Namespace(guidance_scale=2.0, ours_preset=None), pipe, Timer("cpu"), 2, 16, 10)()
     assert torch.equal(exact.images, sample(num_inference_steps=16, num_diffusion_steps=10))
     assert not torch.equal(timed.images, exact.images)
+    args = bench_sampling.parse_args(
+        ["--ours-preset", "fast", "--ours-guidance-cache-interval", "2", "--guidance-scale", "2"]
+    )
+    cached = ours_call(args, pipe, Timer("cpu"), 2, 16, 10)()
+    assert torch.equal(cached.images, sample(sampling_preset="fast", guidance_cache_interval=2))
+    assert not torch.equal(cached.images, timed.images)
+    args = bench_sampling.parse_args(["--ours-feature-cache-interval", "3", "--ours-guidance-cache-interval", "2"])
+    assert bench_sampling.ours_cache_arguments(args) == {"guidance_cache_interval": 2, "feature_cache_interval": 3}
+
+
+def test_cache_intervals_below_one_are_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench_sampling.parse_args(["--ours-feature-cache-interval", "0"])
+    assert "--ours-feature-cache-interval must be >= 1" in capsys.readouterr().err
+
+
+def test_in_process_harness_warms_up_once_then_alternates_the_order(monkeypatch, tmp_path):
+    """One untimed call of each, then rounds official-ours, ours-official, ...; the official time split into encoder
+    and decoder, a run per call, and the speed-up of the table taken pair by pair."""
+    argv = ["--device", "cpu", "--original-repo", str(tmp_path), "--repeats", "3", "--harness", "in-process"]
+    args = bench_sampling.parse_args(argv)
+    args.weights = tmp_path / "weights.safetensors"
+    calls = []
+
+    def fake_call(name, timer, seconds, sections):
+        def call():
+            calls.append(name)
+            for section in sections:
+                timer.start(section)
+            time.sleep(seconds)
+            for section in sections:
+                timer.stop(section)
+
+        return call
+
+    monkeypatch.setattr(bench_sampling, "load_timed_official", lambda args, steps: "official model")
+    monkeypatch.setattr(bench_sampling, "load_timed_ours", lambda args: "ours pipeline")
+    monkeypatch.setattr(
+        bench_sampling, "official_call", lambda a, model, timer, b, s: fake_call("official", timer, 0.04, ["encoder"])
+    )
+    monkeypatch.setattr(
+        bench_sampling, "ours_call", lambda a, pipe, timer, b, s, d: fake_call("ours", timer, 0.02, ["transformer"])
+    )
+    runs = bench_sampling.measure_setting(args, 2, 4, 5)
+    assert calls == ["official", "ours"] + ["official", "ours", "ours", "official", "official", "ours"]
+    assert [name for name, _ in runs["sequence"]] == calls[2:]
+    assert len(runs["ours"]) == len(runs["official"]) == 3
+    official, ours = runs["official"][0], runs["ours"][0]
+    assert official["encoder_seconds"] >= 0.04 and official["decoder_seconds"] < 0.01
+    assert ours["decoder_seconds"] >= 0.02 and ours["head_seconds"] < 0.01
+    assert "peak_memory_mb" not in ours and 30 < ours["images_per_second"] < 100
+    summary = bench_sampling.summarise_runs(runs["ours"])
+    assert "peak_memory_mb" not in summary["spread"]
+
+    calls.clear()
+    args = bench_sampling.parse_args(["--original-repo", str(tmp_path), "--harness", "in-process", "--no-warmup"])
+    args.repeats, args.weights = 1, tmp_path / "weights.safetensors"
+    bench_sampling.measure_setting(args, 1, 2, 3)
+    assert calls == ["official", "ours"]
+
+
+def test_in_process_table_has_no_memory(monkeypatch):
+    stats = spread([1.0, 2.0, 3.0])
+    side = {"spread": {"images_per_second": stats}, "encoder_seconds": 1.0, "decoder_seconds": 2.0, "head_seconds": 3}
+    row = {"batch_size": 1, "steps": 16, "diffusion_steps": 25, "ours": side, "official": side, "speedup": stats}
+    line = bench_sampling._table([row], have_official=True).splitlines()[-1]
+    assert line.count("n/a") == 3 and "2.00 (1.00-3.00)x" in line
+
+
+def test_in_process_harness_needs_the_official_code_and_no_profile(capsys):
+    import pytest
+
+    for extra in ([], ["--original-repo", "x", "--profile-step", "1"]):
+        with pytest.raises(SystemExit):
+            bench_sampling.parse_args(["--harness", "in-process", *extra])
+    err = capsys.readouterr().err
+    assert "--harness in-process times ours against the official code" in err and "--profile-step profiles" in err
