@@ -15,7 +15,8 @@ token per step with 100 head steps. Usage (from the repository root):
     python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 8 --repeats 3 --settings exact fast
     python benchmarks/bench_fast_sampling.py --model shipped --batch-size 100 --threads 1 --repeats 5
     python benchmarks/bench_fast_sampling.py --model mar-base --batch-size 1 --settings fast fast+int8
-    python benchmarks/bench_fast_sampling.py --model ar-base --batch-size 1 --settings exact exact+int8
+    python benchmarks/bench_fast_sampling.py --model ar-base --batch-size 1 --settings exact exact+int8 \
+        --num-diffusion-steps 25
 
 A setting with `+int8` runs on a copy of the pipeline with its linear layers quantized to dynamic int8
 (`diffusers_mar.quantization`), the same weights before quantization.
@@ -140,6 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["exact", "fast"],
         help="`exact` and preset names; `NAME+int8`: that setting on the pipeline quantized to int8 (CPU).",
     )
+    parser.add_argument(
+        "--num-diffusion-steps",
+        type=int,
+        help="head steps of the `exact` setting (default: the pipeline's; the presets keep their own)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--output-json", type=Path)
     parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
@@ -151,8 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--settings must be `exact` or among {sorted(SAMPLING_PRESETS)}, each optionally with `{INT8_SUFFIX}` "
             f"(the pipeline quantized to int8, CPU); got {unknown}"
         )
-    if args.batch_size < 1 or args.repeats < 1:
-        parser.error("--batch-size and --repeats must be >= 1")
+    if min(args.batch_size, args.repeats, 1 if args.num_diffusion_steps is None else args.num_diffusion_steps) < 1:
+        parser.error("--batch-size, --repeats and --num-diffusion-steps must be >= 1")
     check_preset_or_folder(parser, args.model, ar=True)
     if args.model in AR_PRESET_MODELS and {name.removesuffix(INT8_SUFFIX) for name in args.settings} != {"exact"}:
         parser.error(f"--settings for an AR preset: `exact` and `exact{INT8_SUFFIX}` (its pipeline has no presets)")
@@ -167,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pipe = load_preset_or_folder(args.model)
+    if args.num_diffusion_steps:
+        pipe.set_sampling_defaults(num_diffusion_steps=args.num_diffusion_steps)
     rows = summarise(args, run(args, pipe), pipe.sampling_defaults)
     machine = machine_description()
     command = recorded_command(__file__, argv)
     section = (
-        f"## Sampling presets on {args.model}, batch {args.batch_size} (benchmarks/bench_fast_sampling.py)\n\nMachine: {machine}. Batch "
+        f"## {'Causal AR sampling' if args.model in AR_PRESET_MODELS else 'Sampling presets'} on {args.model}, batch "
+        f"{args.batch_size} (benchmarks/bench_fast_sampling.py)\n\nMachine: {machine}. Batch "
         f"{args.batch_size}, {'random weights' if args.model in PRESET_MODELS + AR_PRESET_MODELS else 'trained weights'}, {args.repeats} rounds (settings alternating in one process), median "
         f"(min-max); speed-up against `{args.settings[0]}` per round. Command: `{command}` "
         f"({time.perf_counter() - start:.0f} s in all).\n\n{table(rows)}\n"

@@ -91,11 +91,15 @@ def test_ar_presets_time_the_exact_setting_in_float32_and_int8(monkeypatch, caps
     from diffusers_mar import ARPipeline
     from tests.testing_utils import TINY_AR_TRANSFORMER_CONFIG, TINY_PIXEL_HEAD_CONFIG
 
-    args = bench_fast_sampling.parse_args(["--model", "ar-base", "--settings", "exact", "exact+int8"])
-    assert args.guidance_scale is None  # the preset pipeline's own
+    argv = ["--model", "ar-base", "--settings", "exact", "exact+int8", "--num-diffusion-steps", "2"]
+    args = bench_fast_sampling.parse_args(argv)
+    assert args.guidance_scale is None and args.num_diffusion_steps == 2  # the preset pipeline's own guidance
     with pytest.raises(SystemExit):
         bench_fast_sampling.parse_args(["--model", "ar-base", "--settings", "exact", "fast"])
     assert "--settings for an AR preset: `exact` and `exact+int8`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_fast_sampling.parse_args(["--num-diffusion-steps", "0"])
+    assert "--num-diffusion-steps must be >= 1" in capsys.readouterr().err
 
     tiny = {"transformer": TINY_AR_TRANSFORMER_CONFIG, "diffusion_head": TINY_PIXEL_HEAD_CONFIG}
     monkeypatch.setattr(benchmarking_utils, "get_preset_config", lambda name: tiny if name == "ar-base" else None)
