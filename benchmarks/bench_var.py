@@ -162,6 +162,7 @@ def worker(args: argparse.Namespace) -> dict:
         images = call()
         result["seconds"] = time.perf_counter() - start
     result["images_per_second"] = batch / result["seconds"]
+    result["int8"] = args.worker == "ours" and bool(getattr(pipe.transformer, "int8_quantized", False))
     torch.save(images.float().cpu(), args.weights / f"images_{args.worker}_{batch}.pt")
     return result
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ours_peak_memory_mb": spread([r["peak_memory_mb"] for r in runs["ours"]]),
                 "official_peak_memory_mb": spread([r["peak_memory_mb"] for r in runs["official"]]),
                 "max_image_difference": (ours - official).abs().max().item(),
+                "ours_int8": all(run["int8"] for run in runs["ours"]),
             }
             rows.append(row)
     results["rows"] = rows
