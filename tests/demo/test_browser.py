@@ -75,7 +75,12 @@ def app(browser, tmp_path_factory):
     env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     command = [sys.executable, "-m", "diffusers_mar.cli", "demo", "--port", str(free_port())]
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        # Ctrl-C's default action, as in a terminal: a suite started in the background (`cmd &` without job
+        # control) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt in the demo.
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
         while "Ctrl-C stops it" not in log.read_text():
             if process.poll() is not None or time.monotonic() > deadline:
