@@ -212,9 +212,8 @@ def _official_totals(totals: dict[str, float]) -> dict[str, float]:
 
 def run_in_process(args: argparse.Namespace, batch_size: int, steps: int, diffusion_steps: int) -> dict:
     """Both implementations in this one process (`--harness in-process`): one untimed warm-up call each (none with
-    `--no-warmup`), then
-    `--repeats` rounds, the official code first in even rounds and ours first in odd ones, so that each follows
-    itself and the other alike. `{"ours": runs, "official": runs, "sequence": [[name, seconds], ...]}`, a run being
+    `--no-warmup`), then `--repeats` rounds, the official code first in even rounds and ours first in odd ones, so
+    that each follows itself and the other alike. `{"ours": runs, "official": runs, "sequence": [[name, seconds], ...]}`, a run being
     the wall time and sections of one call; no peak memory (this process holds both models)."""
     timers = {"official": Timer(args.device), "ours": Timer(args.device)}
     official = load_timed_official(args, diffusion_steps)
@@ -307,9 +306,8 @@ def run_check(args: argparse.Namespace) -> dict:
 def _spawn(args: argparse.Namespace, worker: str, extra: list[str]) -> dict:
     shared = ["--guidance-scale", str(args.guidance_scale)] + ([] if args.warmup else ["--no-warmup"])
     shared += ["--ours-preset", args.ours_preset] if args.ours_preset else []
-    for name in ("guidance", "feature"):
-        interval = getattr(args, f"ours_{name}_cache_interval")
-        shared += [f"--ours-{name}-cache-interval", str(interval)] if interval else []
+    for key, value in ours_cache_arguments(args).items():
+        shared += [f"--ours-{key.replace('_', '-')}", str(value)]
     return spawn_worker(__file__, args, worker, [*shared, *extra])
 
 
@@ -408,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                         row["speedup"] = spread([o["images_per_second"] / f["images_per_second"] for o, f in pairs])
                         if args.harness == "fresh" and args.dtype != "int8":
                             row["memory_ratio"] = spread([o["peak_memory_mb"] / f["peak_memory_mb"] for o, f in pairs])
-                        else:
+                        if "sequence" in runs:
                             row["sequence"] = runs["sequence"]
                     rows.append(row)
                     print(json.dumps(row), flush=True)

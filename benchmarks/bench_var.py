@@ -132,6 +132,7 @@ def worker(args: argparse.Namespace) -> dict:
             from diffusers_mar.quantization import quantize_int8
 
             quantize_int8(pipe)
+        result["int8"] = bool(getattr(pipe.transformer, "int8_quantized", False))
 
         def call():
             return pipe(
@@ -162,7 +163,6 @@ def worker(args: argparse.Namespace) -> dict:
         images = call()
         result["seconds"] = time.perf_counter() - start
     result["images_per_second"] = batch / result["seconds"]
-    result["int8"] = args.worker == "ours" and bool(getattr(pipe.transformer, "int8_quantized", False))
     torch.save(images.float().cpu(), args.weights / f"images_{args.worker}_{batch}.pt")
     return result
 

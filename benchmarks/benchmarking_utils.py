@@ -26,7 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,12 +287,17 @@ def make_original_weights(args: argparse.Namespace, path: Path) -> None:
         transformer = MARTransformer2DModel.from_config(preset["transformer"])
         head = MARDiffusionHead.from_config(preset["diffusion_head"])
         state_dict = convert_diffusers_to_mar_state_dict(transformer.state_dict(), head.state_dict())
-    # The original zero-initialises the head's AdaLN and output layers; random values keep every path busy.
-    generator = torch.Generator().manual_seed(1)
-    for key, value in state_dict.items():
-        if key.startswith("diffloss."):
-            value.add_(torch.randn(value.shape, generator=generator) * 0.02)
+    perturb_head_weights(value for key, value in state_dict.items() if key.startswith("diffloss."))
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+
+
+def perturb_head_weights(tensors: Iterable[torch.Tensor]) -> None:
+    """Add N(0, 0.02) noise (generator seed 1, in the given order) to a diffusion head's tensors in place: the
+    original zero-initialises the head's AdaLN and output layers, and random values keep every path busy."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for value in tensors:
+            value.add_(torch.randn(value.shape, generator=generator) * 0.02)
 
 
 def original_model(
@@ -364,11 +369,7 @@ def random_ar_pipeline(model: str) -> ARPipeline:
     torch.manual_seed(0)
     transformer = ARTransformer2DModel.from_config(preset["transformer"]).eval()
     head = MARDiffusionHead.from_config(preset["diffusion_head"]).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for value in head.state_dict().values():
-            if value.is_floating_point():
-                value.add_(torch.randn(value.shape, generator=generator) * 0.02)
+    perturb_head_weights(head.state_dict().values())
     pipe = ARPipeline(transformer, head, MARDDPMScheduler(), token_space="latent")
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -569,6 +570,18 @@ def head_scheduler(config, name: str, timestep_spacing: str | None = None) -> Sc
 def set_head_scheduler(pipe: MARPipeline, name: str, timestep_spacing: str | None = None) -> None:
     """Replace `pipe.scheduler` by `head_scheduler(pipe.scheduler.config, name, timestep_spacing)`."""
     pipe.scheduler = head_scheduler(pipe.scheduler.config, name, timestep_spacing)
+
+
+def quality_misses(result: dict, reference: dict, max_accuracy_drop: float, max_frechet_increase: float) -> list[str]:
+    """What a setting's digits metrics miss against the reference's (the rule of the digits speed-quality tables):
+    "accuracy" if more than `max_accuracy_drop` lower, "Fréchet" if more than `max_frechet_increase` (a fraction)
+    higher; [] when the quality is kept."""
+    misses = []
+    if result["accuracy"] < reference["accuracy"] - max_accuracy_drop:
+        misses.append("accuracy")
+    if result["frechet_distance"] > (1 + max_frechet_increase) * reference["frechet_distance"]:
+        misses.append("Fréchet")
+    return misses
 
 
 def generate_digits(

@@ -33,6 +33,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     generate_digits,
     load_digits_pipeline,
     machine_description,
+    quality_misses,
     recorded_command,
     reports_cli_errors,
     write_outputs,
@@ -110,13 +111,8 @@ def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> list[dic
         rows.append(row)
     reference = rows[0]
     for row in rows[1:]:
-        failed = []
-        if row["accuracy"] < reference["accuracy"] - args.max_accuracy_drop:
-            failed.append("accuracy")
-        if row["frechet_distance"] > reference["frechet_distance"] * (1 + args.max_frechet_increase):
-            failed.append("Fréchet")
-        row["quality_kept"] = not failed
-        row["failed"] = failed
+        row["failed"] = quality_misses(row, reference, args.max_accuracy_drop, args.max_frechet_increase)
+        row["quality_kept"] = not row["failed"]
     return rows
 
 

@@ -53,6 +53,7 @@ from benchmarks.benchmarking_utils import (  # noqa: E402
     load_digits_pipeline,
     machine_description,
     public_argv,
+    quality_misses,
     recorded_command,
     reports_cli_errors,
     timed_pipelines,
@@ -244,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         result["misses"] = []
         if args.min_speedup and result["images_per_second"] < args.min_speedup * reference_result["images_per_second"]:
             result["misses"].append("speed")
-        if result["accuracy"] < reference_result["accuracy"] - args.max_accuracy_drop:
-            result["misses"].append("accuracy")
-        if result["frechet_distance"] > (1 + args.max_frechet_increase) * reference_result["frechet_distance"]:
-            result["misses"].append("Fréchet")
+        result["misses"] += quality_misses(result, reference_result, args.max_accuracy_drop, args.max_frechet_increase)
         result["kept"] = not result["misses"]
     context = {
         "model": public_argv([args.model])[0] if args.model != DEFAULT_MODEL else "diffusers_mar.DEFAULT_MODEL",

@@ -181,3 +181,28 @@ def test_in_process_harness_needs_the_official_code_and_no_profile(capsys):
             bench_sampling.parse_args(["--harness", "in-process", *extra])
     err = capsys.readouterr().err
     assert "--harness in-process times ours against the official code" in err and "--profile-step profiles" in err
+
+
+def test_main_reports_int8_fresh_runs_without_memory_and_keeps_the_in_process_sequence(monkeypatch, tmp_path, capsys):
+    """The rows `main` builds: fresh int8 runs have no peak memory (no memory ratio, no call sequence); in-process
+    runs keep their call sequence."""
+    import json
+
+    def fake_runs(args, batch_size, steps, diffusion_steps, profile=False):
+        run = {"images_per_second": 2.0, "encoder_seconds": 1.0, "decoder_seconds": 1.0, "head_seconds": 1.0}
+        official = {**run, "images_per_second": 1.0, "peak_memory_mb": 50.0}
+        ours = {**run, "peak_memory_mb": None} if args.dtype == "int8" else {**run, "peak_memory_mb": 40.0}
+        runs = {"ours": [ours] * args.repeats, "official": [official] * args.repeats}
+        return runs | ({"sequence": [["official", 1.0], ["ours", 0.5]]} if args.harness == "in-process" else {})
+
+    monkeypatch.setattr(bench_sampling, "make_original_weights", lambda args, path: None)
+    monkeypatch.setattr(bench_sampling, "measure_setting", fake_runs)
+    common = ["--original-repo", str(tmp_path), "--device", "cpu", "--batch-sizes", "1", "--repeats", "2"]
+    assert bench_sampling.main([*common, "--dtype", "int8", "--output-json", str(tmp_path / "a.json")]) == 0
+    (row,) = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert "memory_ratio" not in row and "sequence" not in row and row["speedup"]["median"] == 2.0
+    assert "| 1 | 16 x 25 | 2.000 (2.000-2.000) | n/a |" in capsys.readouterr().out
+    argv = [*common, "--harness", "in-process", "--output-json", str(tmp_path / "b.json")]
+    assert bench_sampling.main(argv) == 0
+    (row,) = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert row["sequence"] == [["official", 1.0], ["ours", 0.5]] and "memory_ratio" not in row
